@@ -1,0 +1,19 @@
+"""gradcam_jax: Grad-CAM and its relatives for any JAX model, as pure jit-compiled functions.
+
+Split a model at a layer with a *tap* (``linen_tap``, ``nnx_tap``, ``equinox_tap``,
+``split_tap``), then explain with ``grad_cam`` / ``cam``: one forward pass per batch gives the
+activation and its gradient, whatever the number of classes explained.
+"""
+
+from . import methods, postprocess
+from ._adapters import equinox_tap, linen_layers, linen_tap, nnx_tap
+from ._core import Grads, activations_and_grads
+from ._explain import cam, grad_cam
+from ._tap import Edit, Tap, as_tap, split_tap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tap", "Edit", "as_tap", "split_tap", "linen_tap", "linen_layers", "nnx_tap", "equinox_tap",
+    "activations_and_grads", "Grads", "grad_cam", "cam", "methods", "postprocess",
+]

@@ -1,0 +1,320 @@
+"""Adapters: build a :class:`~gradcam_jax.Tap` from Flax Linen, Flax NNX and Equinox models.
+
+None of them edits the user's model. Framework imports happen inside the functions, so
+``import gradcam_jax`` needs neither Flax nor Equinox.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from ._tap import Edit, Tap
+
+__all__ = ["linen_tap", "nnx_tap", "equinox_tap", "linen_layers"]
+
+
+def _check_array_output(out, where: str):
+    if not isinstance(out, jax.Array) and not hasattr(out, "shape"):
+        raise TypeError(
+            f"The layer {where} returns {type(out).__name__}, not an array. Tap a layer whose "
+            f"output is a single array (for example a sub-layer of this one)."
+        )
+
+
+def _list_layers(paths):
+    shown = ", ".join(p or "<root>" for p in paths[:60])
+    more = f", ... ({len(paths) - 60} more)" if len(paths) > 60 else ""
+    return shown + more
+
+
+# --------------------------------------------------------------------------------------------
+# Flax Linen
+# --------------------------------------------------------------------------------------------
+
+
+def _linen_scores(out, apply_kwargs):
+    # apply(..., mutable=[...]) returns (output, updated_state): the scores are the output.
+    if apply_kwargs.get("mutable", False) not in (False, None):
+        return out[0]
+    return out
+
+
+def linen_layers(module, variables, x, **apply_kwargs) -> "list[str]":
+    """The module paths of every layer called on ``x``, in call order (repeats kept).
+
+    Use it to find the ``layer=`` for :func:`linen_tap`.
+    """
+    import flax.linen as nn
+
+    paths = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            paths.append("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    def run(variables, x):
+        with nn.intercept_methods(interceptor):
+            module.apply(variables, x, **apply_kwargs)
+        return None
+
+    jax.eval_shape(run, variables, x)
+    return [p for p in paths if p]
+
+
+def linen_tap(module, variables, layer: str, *, call: Optional[int] = None, method: str = "__call__",
+              **apply_kwargs) -> Tap:
+    """Split a Flax Linen module at the layer whose module path is ``layer``.
+
+    The layer is found with ``flax.linen.intercept_methods``: the model is not edited and no
+    state is kept. ``layer`` is the module path joined with ``"/"``, e.g. ``"stage4/block2"``
+    or ``"Conv_3"`` (see :func:`linen_layers` for the list).
+
+    Args:
+      module: the ``flax.linen.Module``.
+      variables: its variables, as passed to ``module.apply``.
+      layer: the module path of the layer to tap.
+      call: which call of the layer to tap when the layer is called more than once (0 is the
+        first). By default a layer called twice is an error.
+      method: the layer's method whose output is tapped (``"__call__"``).
+      **apply_kwargs: passed to ``module.apply`` (``train=False``, ``method=...``,
+        ``mutable=...``; with ``mutable`` the scores are the first output).
+
+    Returns:
+      A :class:`~gradcam_jax.Tap`; its parameters are ``variables``.
+
+    Raises (when the tap is first run or traced):
+      ValueError: the layer was not called (the message lists the layers that were, in order),
+        or it was called several times and ``call`` was not given.
+    """
+    if not isinstance(layer, str):
+        raise TypeError(f"linen_tap: layer must be a module path string like 'stage4/block2'; got {layer!r}.")
+    layer = layer.strip("/")
+    import flax.linen as nn
+
+    def apply(variables, x, edit):
+        paths = []
+        hits = []
+        taken = []
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name != method:
+                return out
+            path = "/".join(context.module.path)
+            paths.append(path)
+            if path != layer:
+                return out
+            index = len(hits)
+            hits.append(index)
+            if call is None or call == index:
+                _check_array_output(out, repr(layer))
+                taken.append(out)
+                if edit is not None:
+                    out = edit(out)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            scores = _linen_scores(module.apply(variables, x, **apply_kwargs), apply_kwargs)
+
+        if not hits:
+            raise ValueError(
+                f"linen_tap: layer {layer!r} was not called. Layers called, in order: "
+                f"{_list_layers([p for p in paths if p])}."
+            )
+        if call is None and len(hits) > 1:
+            raise ValueError(
+                f"linen_tap: layer {layer!r} was called {len(hits)} times in one forward pass (a "
+                f"shared or recurrent layer). Pick one call with linen_tap(..., call=i), "
+                f"0 <= i < {len(hits)}."
+            )
+        if call is not None and not taken:
+            raise ValueError(
+                f"linen_tap: call={call} asked for, but layer {layer!r} was called only "
+                f"{len(hits)} time(s); use 0 <= call < {len(hits)}."
+            )
+        return scores, taken[0]
+
+    return Tap(apply, variables, layer)
+
+
+# --------------------------------------------------------------------------------------------
+# Flax NNX
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_path(root, path: str):
+    obj = root
+    for part in path.split("."):
+        if part.isdigit() or (part.startswith("-") and part[1:].isdigit()):
+            obj = obj[int(part)]
+        else:
+            if not hasattr(obj, part):
+                children = [n for n in dir(obj) if not n.startswith("_")]
+                raise ValueError(
+                    f"nnx_tap: {type(obj).__name__} has no attribute {part!r} (in layer path "
+                    f"{path!r}). Its attributes: {', '.join(children[:40])}."
+                )
+            obj = getattr(obj, part)
+    return obj
+
+
+class _Recorder:
+    """Calls the wrapped layer, applies the edit, records the output. Lives only in a copy."""
+
+    def __init__(self, inner, edit, sink, label):
+        self.inner = inner
+        self.edit = edit
+        self.sink = sink
+        self.label = label
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        _check_array_output(out, self.label)
+        self.sink.append(out)
+        return self.edit(out) if self.edit is not None else out
+
+
+def _nnx_swap(root, target, replacement):
+    """Replace every reference to ``target`` inside the object graph of ``root``."""
+    from flax import nnx
+
+    found = 0
+    for path, node in list(nnx.iter_graph(root)):
+        if not path or node is not target:
+            continue
+        parent = root
+        for part in path[:-1]:
+            parent = parent[part] if isinstance(part, int) or not hasattr(parent, str(part)) else getattr(parent, part)
+        last = path[-1]
+        if isinstance(last, int) or not hasattr(parent, str(last)):
+            parent[last] = replacement
+        else:
+            object.__setattr__(parent, last, replacement)
+        found += 1
+    return found
+
+
+def nnx_tap(model, layer: Union[str, Callable[[Any], Any]]) -> Tap:
+    """Split a Flax NNX model at a submodule.
+
+    Args:
+      model: an ``nnx.Module``; ``model(x) -> scores``.
+      layer: a dotted attribute path (``"backbone.stage4"``, list items by index:
+        ``"layers.3"``) or a callable picking the submodule (``lambda m: m.backbone.stage4``).
+
+    The model is split once with ``nnx.split``; each run merges a fresh copy and swaps the
+    submodule for a recorder inside that copy, so the user's model is never edited. The tap's
+    parameters are the model's state (a pytree), so explainers can be jitted and
+    differentiated with respect to them.
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    if isinstance(layer, str):
+        label = layer
+
+        def pick(m):
+            return _resolve_path(m, layer)
+    elif callable(layer):
+        label = getattr(layer, "__name__", "layer")
+        pick = layer
+    else:
+        raise TypeError(f"nnx_tap: layer must be a dotted path or a callable; got {layer!r}.")
+    # Fail early on a bad path.
+    pick(model)
+
+    def apply(state, x, edit):
+        m = nnx.merge(graphdef, state)
+        sub = pick(m)
+        sink = []
+        if _nnx_swap(m, sub, _Recorder(sub, edit, sink, repr(label))) == 0:
+            raise ValueError(f"nnx_tap: the layer {label!r} is not a submodule reachable from the model.")
+        scores = m(x)
+        if not sink:
+            raise ValueError(f"nnx_tap: the layer {label!r} was not called by the model's forward pass.")
+        if len(sink) > 1:
+            raise ValueError(
+                f"nnx_tap: the layer {label!r} was called {len(sink)} times in one forward pass; tap "
+                f"a layer that is called once."
+            )
+        return scores, sink[0]
+
+    return Tap(apply, state, label)
+
+
+# --------------------------------------------------------------------------------------------
+# Equinox
+# --------------------------------------------------------------------------------------------
+
+
+def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
+                channels_first: bool = True) -> Tap:
+    """Split an Equinox model at the submodule that ``where`` picks (as in ``eqx.tree_at``).
+
+    Args:
+      model: an ``eqx.Module``; called on one example unless ``batched=True``.
+      where: picks the submodule, e.g. ``lambda m: m.layers[-3]``.
+      batched: the model takes the whole batch. By default (Equinox's convention) it takes one
+        example and the tap ``vmap``\\ s it over the batch.
+      channels_first: the model takes and returns channels-first images, as
+        ``eqx.nn.Conv2d`` does: the tap transposes the library's ``(B, H, W, C)`` input to
+        ``(B, C, H, W)`` and the activation back to channels-last. Use ``False`` for a model
+        that is channels-last already.
+    """
+    import equinox as eqx
+
+    if not callable(where):
+        raise TypeError("equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2].")
+
+    class _EqxRecorder(eqx.Module):
+        inner: Any
+        edit: Any
+        sink: Any = eqx.field(static=True)
+
+        def __call__(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            _check_array_output(out, "picked by where")
+            self.sink.append(out)
+            return self.edit(out) if self.edit is not None else out
+
+    def to_model(x):
+        return jnp.moveaxis(x, -1, 1 if batched else 0) if channels_first and x.ndim >= 3 else x
+
+    def to_library(a):
+        if channels_first and a.ndim >= (4 if batched else 3):
+            return jnp.moveaxis(a, 1 if batched else 0, -1)
+        return a
+
+    def from_library(a):
+        if channels_first and a.ndim >= (4 if batched else 3):
+            return jnp.moveaxis(a, -1, 1 if batched else 0)
+        return a
+
+    def one(model, x, edit):
+        sink = []
+        if edit is not None:
+            edit = Edit(edit.kind, from_library(edit.value))
+        wrapped = eqx.tree_at(where, model, replace_fn=lambda sub: _EqxRecorder(sub, edit, sink))
+        scores = wrapped(to_model(x))
+        if not sink:
+            raise ValueError("equinox_tap: the submodule picked by `where` was not called by the model.")
+        if len(sink) > 1:
+            raise ValueError(
+                f"equinox_tap: the submodule picked by `where` was called {len(sink)} times; tap one "
+                f"that is called once."
+            )
+        return scores, to_library(sink[0])
+
+    def apply(model, x, edit):
+        if batched:
+            return one(model, x, edit)
+        if edit is None:
+            return jax.vmap(lambda xi: one(model, xi, None))(x)
+        kind = edit.kind
+        return jax.vmap(lambda xi, vi: one(model, xi, Edit(kind, vi)))(x, edit.value)
+
+    return Tap(apply, model, "equinox")

@@ -1,0 +1,174 @@
+"""Taps: a model split at one layer.
+
+A tap is the only thing the explainers need from a model. Called as ``tap(x, delta)`` it runs
+the model once and returns ``(scores, activation)``, where the chosen layer's output ``A`` was
+replaced by ``A + delta`` on its way to the rest of the network. Differentiating the scores
+with respect to ``delta`` at ``delta = 0`` gives ``dA`` — so one ``jax.vjp`` yields both
+tensors every class-activation method needs.
+
+Internally a tap is ``apply(params, x, edit) -> (scores, A)``, where ``edit`` maps the layer's
+output to what the rest of the network sees (``None``: unchanged). Two edits are used:
+``A -> A + delta`` (gradients) and ``A -> A_new`` (perturbation methods, which rerun only the
+part above the layer: under ``jit`` everything below the replaced layer is dead code).
+
+A :class:`Tap` is a pytree whose leaves are the model's parameters, so explainers can be
+jitted with the tap as an argument and differentiated with respect to the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+class Edit(NamedTuple):
+    """What the layers above the tap see: ``A + value`` (``"add"``) or ``value`` (``"replace"``)."""
+
+    kind: str
+    value: jax.Array
+
+    def __call__(self, a):
+        if self.value.shape != a.shape:
+            raise ValueError(
+                f"The tap's {'delta' if self.kind == 'add' else 'replacement activation'} has shape "
+                f"{self.value.shape}, but the layer's output has shape {a.shape}."
+            )
+        v = self.value.astype(a.dtype)
+        return a + v if self.kind == "add" else v
+
+
+ApplyFn = Callable[[Any, jax.Array, Edit], "tuple[Any, jax.Array]"]
+
+__all__ = ["Tap", "as_tap", "split_tap"]
+
+
+@jax.tree_util.register_pytree_node_class
+class Tap:
+    """A model split at one layer: ``tap(x, delta) -> (scores, activation)``.
+
+    Args:
+      apply: ``apply(params, x, edit) -> (scores, activation)``. ``activation`` is the layer's
+        output before ``edit``; ``edit`` (an :class:`Edit`, or ``None``) maps it to what the
+        layers above see.
+      params: a pytree of arrays passed to ``apply`` (the model's parameters). Keeping them
+        here rather than in a closure lets ``jax.jit`` take them as arguments.
+      name: a label for messages and figures (for example the layer path).
+
+    Build taps with :func:`split_tap`, :func:`gradcam_jax.linen_tap`,
+    :func:`gradcam_jax.nnx_tap` or :func:`gradcam_jax.equinox_tap` rather than by hand.
+    """
+
+    def __init__(self, apply: ApplyFn, params: Any = (), name: Optional[str] = None):
+        if not callable(apply):
+            raise TypeError(f"Tap needs a callable apply(params, x, edit); got {type(apply).__name__}.")
+        self.apply = apply
+        self.params = params
+        self.name = name
+
+    def __call__(self, x, delta=None):
+        """Run the model; the layer's output ``A`` is replaced by ``A + delta``."""
+        if delta is None:
+            return self.apply(self.params, x, None)
+        return self.apply(self.params, x, Edit("add", jnp.asarray(delta)))
+
+    def head(self, x, activation):
+        """Scores with the layer's output replaced by ``activation`` (the part above the layer).
+
+        Under ``jax.jit`` the layers below the tap are dead code and are not computed, unless
+        the network reuses their outputs elsewhere (skip connections past the layer), in which
+        case those are computed as the model requires.
+        """
+        return self.apply(self.params, x, Edit("replace", jnp.asarray(activation)))[0]
+
+    def with_params(self, params) -> "Tap":
+        """The same split with other parameters (for example randomised ones)."""
+        return Tap(self.apply, params, self.name)
+
+    def tree_flatten(self):
+        return (self.params,), (self.apply, self.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.apply, obj.name = aux
+        (obj.params,) = children
+        return obj
+
+    def __repr__(self):
+        label = f" {self.name!r}" if self.name else ""
+        return f"Tap{label}"
+
+
+def split_tap(features_fn: Callable, head_fn: Callable, name: Optional[str] = None) -> Tap:
+    """A tap from two plain functions: ``features_fn: x -> A`` and ``head_fn: A -> scores``.
+
+    The model is ``head_fn(features_fn(x))``; the tap sits between the two.
+
+    Examples:
+      >>> import jax.numpy as jnp, gradcam_jax as gcj
+      >>> tap = gcj.split_tap(lambda x: x * 2.0, lambda a: a.mean(axis=(1, 2)))
+      >>> scores, act = tap(jnp.ones((1, 4, 4, 3)))
+      >>> scores.shape, act.shape
+      ((1, 3), (1, 4, 4, 3))
+    """
+    if not callable(features_fn) or not callable(head_fn):
+        raise TypeError("split_tap(features_fn, head_fn) needs two callables: x -> A and A -> scores.")
+
+    def apply(params, x, edit):
+        a = features_fn(x)
+        seen = edit(a) if edit is not None else a
+        return head_fn(seen), a
+
+    return Tap(apply, (), name)
+
+
+@jax.tree_util.register_pytree_node_class
+class _CallableTap(Tap):
+    """A user's own ``tap(x, delta) -> (scores, activation)`` function, wrapped."""
+
+    def __init__(self, fn: Callable):
+        def apply(params, x, edit):
+            if edit is None:
+                return fn(x, None)
+            # A plain callable only understands additive deltas: express the edit as one. This
+            # costs an extra forward pass; build a Tap with split_tap or an adapter to avoid it.
+            _, a = fn(x, None)
+            a = jax.lax.stop_gradient(a)
+            delta = a + edit.value if edit.kind == "add" else edit.value
+            scores, _ = fn(x, delta - a)
+            return scores, a
+
+        super().__init__(apply, (), getattr(fn, "__name__", None))
+        self.fn = fn
+
+    def __call__(self, x, delta=None):
+        return self.fn(x, delta)
+
+    def tree_flatten(self):
+        return (), (self.fn,)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0])
+
+
+def as_tap(tap) -> Tap:
+    """Accept a :class:`Tap` or any callable ``tap(x, delta) -> (scores, activation)``."""
+    if isinstance(tap, Tap):
+        return tap
+    if not callable(tap):
+        raise TypeError(
+            f"Expected a tap (from gcj.linen_tap, nnx_tap, equinox_tap or split_tap) or a callable "
+            f"tap(x, delta) -> (scores, activation); got {type(tap).__name__}."
+        )
+    return _CallableTap(tap)
+
+
+def activation_spec(tap: Tap, x) -> "tuple[Any, jax.ShapeDtypeStruct]":
+    """Abstract shapes of ``(scores, activation)`` for input ``x`` (traces, computes nothing)."""
+    return jax.eval_shape(lambda t, x: t(x), tap, x)
+
+
+def zeros_like_spec(spec: jax.ShapeDtypeStruct) -> jax.Array:
+    return jnp.zeros(spec.shape, spec.dtype)
