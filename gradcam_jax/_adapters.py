@@ -101,11 +101,11 @@ def linen_tap(module, variables, layer: str, *, call: Optional[int] = None, meth
         taken = []
 
         def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
             if context.method_name != method:
-                return out
+                return next_fun(*args, **kwargs)
             path = "/".join(context.module.path)
-            paths.append(path)
+            paths.append(path)  # in the order layers are entered, as linen_layers lists them
+            out = next_fun(*args, **kwargs)
             if path != layer:
                 return out
             index = len(hits)

@@ -1,0 +1,215 @@
+"""ResNet (He et al., 2015) in Flax Linen, laid out like torchvision's so its weights port over.
+
+Images are channels-last ``(B, H, W, 3)``. Module paths are ``stem``, ``stage1`` ...
+``stage4`` (each holding ``block0``, ``block1``, ...) and ``head``; the output of ``stage4``
+is the usual Grad-CAM layer (``7 x 7 x 2048`` at 224 px for ResNet-50).
+
+Correspondence with torchvision (for porting weights):
+
+==========================  ===================================
+torchvision                 here
+==========================  ===================================
+``conv1`` / ``bn1``         ``stem/conv`` / ``stem/bn``
+``layer{i}.{j}.convN``      ``stage{i}/block{j}/convN``
+``layer{i}.{j}.bnN``        ``stage{i}/block{j}/bnN``
+``layer{i}.{j}.downsample`` ``stage{i}/block{j}/downsample_conv``, ``.../downsample_bn``
+``fc``                      ``head``
+==========================  ===================================
+
+Conv kernels are ``(kh, kw, in, out)`` here and ``(out, in, kh, kw)`` in torch; the Dense
+kernel is the transpose of ``fc.weight``. BatchNorm ``weight``/``bias`` are ``scale``/``bias``
+in ``params``; ``running_mean``/``running_var`` are ``mean``/``var`` in ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence, Tuple, Type
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ResNet", "ResNetStage", "BasicBlock", "Bottleneck", "Stem", "STAGE_SIZES",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "init_resnet",
+]
+
+Dtype = Any
+
+# torchvision initialises convolutions with Kaiming-normal over fan_out; doing the same keeps
+# random-weight activations at a sensible scale through 50+ layers.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _pad(k: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    # Explicit symmetric padding k // 2, as torch does. "SAME" would pad asymmetrically for
+    # stride 2 and shift every feature map by one pixel relative to torchvision.
+    p = k // 2
+    return ((p, p), (p, p))
+
+
+def _conv(features: int, k: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
+    return nn.Conv(features, (k, k), strides=(stride, stride), padding=_pad(k), use_bias=False,
+                   kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _bn(train: bool, dtype: Dtype, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+    # momentum 0.9 / eps 1e-5 are torch's defaults (torch's momentum 0.1 weighs the new batch).
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        param_dtype=jnp.float32,
+                        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+                        name=name)
+
+
+class Stem(nn.Module):
+    """7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max-pool (padding 1): /4 resolution."""
+
+    features: int = 64
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = _conv(self.features, 7, 2, self.dtype, "conv")(x)
+        x = nn.relu(_bn(train, self.dtype, "bn")(x))
+        # flax pads max_pool with -inf, like torch's MaxPool2d(3, 2, padding=1).
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34). Output channels: ``features``."""
+
+    features: int
+    stride: int = 1
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        out_features = self.features * self.expansion
+        y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
+        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+        y = _bn(train, self.dtype, "bn2", self.zero_init_residual)(y)
+        return nn.relu(y + _shortcut(x, out_features, self.stride, train, self.dtype))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as in torchvision's "v1.5"), 1x1 expand (x4)."""
+
+    features: int
+    stride: int = 1
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        out_features = self.features * self.expansion
+        y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
+        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
+        y = nn.relu(_bn(train, self.dtype, "bn2")(y))
+        y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
+        y = _bn(train, self.dtype, "bn3", self.zero_init_residual)(y)
+        return nn.relu(y + _shortcut(x, out_features, self.stride, train, self.dtype))
+
+
+def _shortcut(x, out_features: int, stride: int, train: bool, dtype: Dtype):
+    # Called from inside a compact block, so the submodules below belong to that block.
+    if stride == 1 and x.shape[-1] == out_features:
+        return x
+    s = _conv(out_features, 1, stride, dtype, "downsample_conv")(x)
+    return _bn(train, dtype, "downsample_bn")(s)
+
+
+class ResNetStage(nn.Module):
+    """``num_blocks`` blocks at one resolution; the first one carries the stride."""
+
+    block_cls: Type[nn.Module]
+    num_blocks: int
+    features: int
+    stride: int = 1
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for i in range(self.num_blocks):
+            x = self.block_cls(self.features, stride=self.stride if i == 0 else 1,
+                               zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                               name=f"block{i}")(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    """A torchvision-layout ResNet on channels-last images.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)``.
+      block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
+      num_classes: outputs of the ``head`` Dense layer.
+      width: channels of the stem and of the first stage's blocks (doubled per stage).
+      zero_init_residual: start each block's last BatchNorm scale at 0 (torchvision option).
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay ``float32`` and the
+        logits are returned as ``float32``.
+
+    Call as ``model.apply(variables, x)`` (inference: BatchNorm uses its running averages) or
+    ``model.apply(variables, x, train=True, mutable=["batch_stats"])``.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: Type[nn.Module]
+    num_classes: int = 1000
+    width: int = 64
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Stem(self.width, dtype=self.dtype, name="stem")(x, train)
+        for i, n in enumerate(self.stage_sizes):
+            x = ResNetStage(self.block_cls, n, self.width * 2 ** i, stride=1 if i == 0 else 2,
+                            zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                            name=f"stage{i + 1}")(x, train)
+        # Pool and classify in float32: cheap, and keeps bf16 rounding out of the scores.
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
+
+
+STAGE_SIZES = {
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), Bottleneck),
+    101: ((3, 4, 23, 3), Bottleneck),
+    152: ((3, 8, 36, 3), Bottleneck),
+}
+
+
+def _factory(depth: int):
+    sizes, block = STAGE_SIZES[depth]
+
+    def make(num_classes: int = 1000, dtype: Dtype = jnp.float32, **kwargs) -> ResNet:
+        return ResNet(stage_sizes=sizes, block_cls=block, num_classes=num_classes, dtype=dtype, **kwargs)
+
+    make.__name__ = make.__qualname__ = f"resnet{depth}"
+    make.__doc__ = (f"ResNet-{depth} ({block.__name__} blocks, stages {sizes}). Extra keyword "
+                    f"arguments (``width``, ``zero_init_residual``) go to :class:`ResNet`.")
+    return make
+
+
+resnet18 = _factory(18)
+resnet34 = _factory(34)
+resnet50 = _factory(50)
+resnet101 = _factory(101)
+resnet152 = _factory(152)
+
+
+def init_resnet(model: nn.Module, key, image_size: int = 224):
+    """Random variables (``params`` and ``batch_stats``) for ``model`` on square RGB images."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    # jit: initialising op by op is slow for a 100-layer model.
+    return jax.jit(functools.partial(model.init, train=False))(key, x)

@@ -1,0 +1,221 @@
+"""EfficientNet-Lite in Flax Linen, channels-last, with PyTorch-checkpoint conversion.
+
+EfficientNet-Lite (Tan & Le, 2019; the "Lite" variants of the TensorFlow TPU repository) is
+EfficientNet without squeeze-and-excitation, with ReLU6 instead of swish, and with the stem
+(32 channels) and head (1280 channels) left unscaled. The network is:
+
+    stem      3x3 conv, stride 2 -> BN -> ReLU6                        (224 -> 112, 32 ch)
+    blocks_i  16 inverted-residual (MBConv) blocks in 7 stages:
+                [1x1 expand conv -> BN -> ReLU6]   (absent when the expand ratio is 1)
+                kxk depthwise conv, stride s -> BN -> ReLU6
+                1x1 project conv -> BN
+                + input, when stride 1 and channels in == out (stochastic depth in training)
+    head      1x1 conv -> BN -> ReLU6                                  (7 x 7 x 1280)
+    (global average pool, dropout 0.2)
+    fc        dense, 1000 ImageNet classes
+
+Convolutions pad the TensorFlow "SAME" way — output size ``ceil(n / stride)``, total padding
+``max((out - 1) * stride + k - n, 0)``, the smaller half before and the larger half after —
+which is what the TensorFlow original does and what the PyTorch port reproduces (it fixes
+these pads for 224 x 224 inputs at construction; computing them from the input's shape, as
+here, is the same at 224 and matches TensorFlow at other sizes). BatchNorm uses
+``epsilon = 1e-3`` and a running-average decay of 0.99 (Flax's ``momentum`` is that decay; the
+PyTorch port's ``momentum = 0.01`` is one minus it).
+
+Every stage of the network is a named module, so layer paths read naturally: ``"stem"``,
+``"blocks_7"``, ``"blocks_7/depthwise"``, ``"blocks_7/depthwise/conv"``, ``"head"``, ``"fc"``.
+Each ``ConvBN`` module's output is after its activation, so tapping ``"head"`` gives the final
+7 x 7 x 1280 feature map after ReLU6 — the usual Grad-CAM layer — and ``"head/bn"`` the same
+before the ReLU6.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+__all__ = ["EfficientNetLite", "ConvBN", "MBConv", "LITE0_STAGES", "same_padding",
+           "torch_state_dict_to_flax"]
+
+# (repeats, kernel, stride of the first block, expand ratio, channels in, channels out)
+LITE0_STAGES: Tuple[Tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+BN_EPSILON = 1e-3
+BN_DECAY = 0.99
+
+
+def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+    """TensorFlow "SAME" padding of one spatial axis: ``(before, after)``.
+
+    >>> same_padding(224, 3, 2), same_padding(56, 5, 2), same_padding(14, 5, 1)
+    ((0, 1), (1, 2), (2, 2))
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class ConvBN(nn.Module):
+    """Convolution (no bias, "SAME" padding) -> BatchNorm -> optional ReLU6.
+
+    Submodules ``conv`` and ``bn``; the module's output is after the activation.
+    """
+
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    depthwise: bool = False
+    relu6: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        pads = [same_padding(x.shape[1], self.kernel, self.stride),
+                same_padding(x.shape[2], self.kernel, self.stride)]
+        x = nn.Conv(
+            self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+            padding=pads, use_bias=False,
+            feature_group_count=x.shape[-1] if self.depthwise else 1, name="conv",
+        )(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON,
+                         name="bn")(x)
+        return jax.nn.relu6(x) if self.relu6 else x
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: [expand] -> depthwise -> project (+ input)."""
+
+    features_in: int
+    features_out: int
+    kernel: int
+    stride: int
+    expand_ratio: int
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        hidden = self.features_in * self.expand_ratio
+        h = x
+        if self.expand_ratio != 1:
+            h = ConvBN(hidden, 1, name="expand")(h, train)
+        h = ConvBN(hidden, self.kernel, self.stride, depthwise=True, name="depthwise")(h, train)
+        h = ConvBN(self.features_out, 1, relu6=False, name="project")(h, train)
+        if self.stride == 1 and self.features_in == self.features_out:
+            if self.drop_path_rate > 0:
+                # Stochastic depth: drop the whole residual branch per example.
+                h = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3),
+                               deterministic=not train, name="drop_path")(h)
+            h = h + x
+        return h
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite for ``(B, H, W, 3)`` inputs; returns ``(B, num_classes)`` logits.
+
+    The defaults are EfficientNet-Lite0. ``train=True`` uses batch statistics (pass
+    ``mutable=["batch_stats"]``), dropout and stochastic depth (pass a ``"dropout"`` rng).
+    """
+
+    stages: Sequence[Tuple[int, int, int, int, int, int]] = LITE0_STAGES
+    num_classes: int = 1000
+    stem_features: int = 32
+    head_features: int = 1280
+    dropout_rate: float = 0.2
+    drop_connect_rate: float = 0.2
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"EfficientNetLite takes channels-last RGB batches (B, H, W, 3); got shape "
+                f"{tuple(x.shape)}. Use the model's preprocess() on uint8 images."
+            )
+        x = ConvBN(self.stem_features, 3, 2, name="stem")(x, train)
+        n_blocks = sum(stage[0] for stage in self.stages)
+        index = 0
+        for repeats, kernel, stride, expand, c_in, c_out in self.stages:
+            for r in range(repeats):
+                x = MBConv(
+                    c_in if r == 0 else c_out, c_out, kernel, stride if r == 0 else 1, expand,
+                    drop_path_rate=self.drop_connect_rate * index / n_blocks,
+                    name=f"blocks_{index}",
+                )(x, train)
+                index += 1
+        x = ConvBN(self.head_features, 1, name="head")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: PyTorch port's state dict -> Flax variables
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:
+    # torch (out, in / groups, kh, kw) -> flax (kh, kw, in / groups, out)
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def torch_state_dict_to_flax(state: Mapping[str, np.ndarray],
+                             stages=LITE0_STAGES) -> Dict[str, Dict]:
+    """Map the PyTorch port's state dict (``_conv_stem.weight`` ...) to Flax variables.
+
+    Returns ``{"params": ..., "batch_stats": ...}`` for :class:`EfficientNetLite`, as nested
+    dicts of float32 NumPy arrays. Every tensor of the state dict except the BatchNorm step
+    counters must be used, and every Flax variable filled: a mismatch raises ``ValueError``.
+    """
+    used = set()
+
+    def take(key):
+        if key not in state:
+            raise ValueError(f"The checkpoint has no tensor {key!r}; is it an EfficientNet-Lite state dict?")
+        used.add(key)
+        return np.asarray(state[key], np.float32)
+
+    params: Dict[str, Dict] = {}
+    stats: Dict[str, Dict] = {}
+
+    def conv_bn(dst: str, conv_key: str, bn_key: str):
+        params[dst] = {
+            "conv": {"kernel": _conv_kernel(take(conv_key + ".weight"))},
+            "bn": {"scale": take(bn_key + ".weight"), "bias": take(bn_key + ".bias")},
+        }
+        stats[dst] = {"bn": {"mean": take(bn_key + ".running_mean"), "var": take(bn_key + ".running_var")}}
+
+    conv_bn("stem", "_conv_stem", "_bn0")
+    index = 0
+    for repeats, _kernel, _stride, expand, _cin, _cout in stages:
+        for _ in range(repeats):
+            src = f"_blocks.{index}."
+            dst = f"blocks_{index}"
+            block_p: Dict[str, Dict] = {}
+            block_s: Dict[str, Dict] = {}
+            parts = [("depthwise", "_depthwise_conv", "_bn1"), ("project", "_project_conv", "_bn2")]
+            if expand != 1:
+                parts.insert(0, ("expand", "_expand_conv", "_bn0"))
+            for name, conv, bn in parts:
+                conv_bn("_tmp", src + conv, src + bn)
+                block_p[name] = params.pop("_tmp")
+                block_s[name] = stats.pop("_tmp")
+            params[dst] = block_p
+            stats[dst] = block_s
+            index += 1
+    conv_bn("head", "_conv_head", "_bn1")
+    params["fc"] = {"kernel": np.ascontiguousarray(take("_fc.weight").T), "bias": take("_fc.bias")}
+
+    unused = sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked"))
+    if unused:
+        raise ValueError(f"The checkpoint has tensors this architecture does not use: {unused[:10]}.")
+    return {"params": params, "batch_stats": stats}
