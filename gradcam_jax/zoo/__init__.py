@@ -69,10 +69,12 @@ def efficientnet_lite0(weights: Union[str, os.PathLike, None] = "imagenet", *,
       ``tap`` (at ``"head"``: the 7 x 7 x 1280 map after the last ReLU6), ``tap_at(layer)``
       and ``layers``.
 
-    The input normalisation is the TensorFlow EfficientNet-Lite one, ``(x - 127) / 128``: the
-    weights were converted from the TensorFlow release, which was trained with it (checked
-    against the ImageNet mean/std alternative on the test photos: the Lite normalisation gives
-    the confident, correct predictions).
+    The input normalisation is EfficientNet-Lite's own, ``(x - 127) / 128``: the checkpoint is
+    a conversion of the TensorFlow EfficientNet-Lite release, whose builder trains and evaluates
+    the Lite models with mean 127 and standard deviation 128 on the 0-255 scale. (The PyTorch
+    port's README shows torchvision's ImageNet mean/std in its example, carried over from the
+    EfficientNet-B* package it was forked from; that is not what these weights were trained
+    with.)
     """
     import jax
 
