@@ -58,17 +58,20 @@ def target_spec(target: Target, batch: int) -> TargetSpec:
                 f"A list target must hold ints (K classes explained for every example); got {target!r}. "
                 f"For one class per example pass an int array of shape (B,)."
             )
-        arr = jnp.broadcast_to(jnp.asarray(np.asarray(target, np.int32)), (batch, len(target)))
+        # Host targets stay NumPy until jit converts them: their range can be checked without
+        # a device round trip, even under an outer jit.
+        arr = np.broadcast_to(np.asarray(target, np.int32), (batch, len(target)))
         return TargetSpec("multi", arr)
-    arr = jnp.asarray(target) if not isinstance(target, jax.Array) else target
+    arr = target if isinstance(target, (jax.Array, np.ndarray)) else np.asarray(target)
     if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(
             f"target must hold integer class indices; got dtype {arr.dtype}. Use a callable target "
             f"(scores -> (B,)) to explain anything other than a class score."
         )
-    arr = arr.astype(jnp.int32)
+    arr = arr.astype(np.int32)
+    xp = np if isinstance(arr, np.ndarray) else jnp
     if arr.ndim == 0:
-        return TargetSpec("index", jnp.broadcast_to(arr, (batch,)))
+        return TargetSpec("index", xp.broadcast_to(arr, (batch,)))
     if arr.ndim == 1:
         if arr.shape[0] != batch:
             raise ValueError(
@@ -88,7 +91,11 @@ def target_spec(target: Target, batch: int) -> TargetSpec:
 
 
 def check_target_range(spec: TargetSpec, num_classes: int) -> None:
-    """Raise if a concrete index target is out of ``[0, num_classes)``."""
+    """Raise if a concrete index target is out of ``[0, num_classes)``.
+
+    NumPy and Python targets are checked for free; a ``jax.Array`` target is copied to the host
+    (a sync with the device), so pass NumPy labels in tight loops.
+    """
     if spec.kind not in ("index", "multi") or not _is_concrete(spec.value):
         return
     values = np.asarray(spec.value)
@@ -169,8 +176,12 @@ def _batch_size(x) -> int:
     return leaves[0].shape[0]
 
 
+# One jitted function for shape inference, so eval_shape hits JAX's trace cache.
+_run_tap = jax.jit(lambda tap, x: tap(x))
+
+
 def _activations_and_grads(tap: Tap, x, spec: TargetSpec) -> Grads:
-    scores_spec, act_spec = jax.eval_shape(lambda t, x: t(x), tap, x)
+    scores_spec, act_spec = _run_tap.eval_shape(tap, x)
     if hasattr(scores_spec, "shape") and len(scores_spec.shape) == 2 and spec.kind in ("index", "multi"):
         check_target_range(spec, scores_spec.shape[-1])
     if not jnp.issubdtype(act_spec.dtype, jnp.floating):

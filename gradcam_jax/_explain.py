@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from . import methods as _methods
-from ._core import Target, TargetSpec, _activations_and_grads, _batch_size, check_target_range, target_spec
+from ._core import (Target, TargetSpec, _activations_and_grads, _batch_size, _run_tap, check_target_range,
+                    target_spec)
 from ._tap import Tap, as_tap
 from .postprocess import INTERPOLATIONS, normalize_maps, upsample_to
 
@@ -90,14 +91,10 @@ def _image_size(x, upsample: bool):
     return tuple(x.shape[1:3])
 
 
-# Jitted so that eval_shape reuses the trace cache: the range check costs no new trace per call.
-_scores_of = jax.jit(lambda tap, x: tap(x)[0])
-
-
 def _check_range_eagerly(tap: Tap, x, spec: TargetSpec) -> None:
     if spec.kind not in ("index", "multi") or isinstance(spec.value, jax.core.Tracer):
         return
-    scores = _scores_of.eval_shape(tap, x)
+    scores, _ = _run_tap.eval_shape(tap, x)
     if hasattr(scores, "shape") and len(scores.shape) == 2:
         check_target_range(spec, scores.shape[-1])
 

@@ -163,12 +163,3 @@ def as_tap(tap) -> Tap:
             f"tap(x, delta) -> (scores, activation); got {type(tap).__name__}."
         )
     return _CallableTap(tap)
-
-
-def activation_spec(tap: Tap, x) -> "tuple[Any, jax.ShapeDtypeStruct]":
-    """Abstract shapes of ``(scores, activation)`` for input ``x`` (traces, computes nothing)."""
-    return jax.eval_shape(lambda t, x: t(x), tap, x)
-
-
-def zeros_like_spec(spec: jax.ShapeDtypeStruct) -> jax.Array:
-    return jnp.zeros(spec.shape, spec.dtype)

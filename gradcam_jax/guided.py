@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from ._core import Target, TargetSpec, _batch_size, check_target_range, select_scores, target_spec
-from ._explain import _check_common, finish_maps, to_grid
+from ._core import Target, TargetSpec, _batch_size, _run_tap, check_target_range, select_scores, target_spec
+from ._explain import _check_common, _check_range_eagerly, finish_maps, to_grid
 from ._tap import Tap, as_tap
 from . import methods as _methods
 
@@ -504,7 +504,7 @@ def smooth_grad(fn: Callable, x, target: Target = None, *, key, n_samples: int =
 @functools.partial(jax.jit, static_argnames=("kind", "target_fn", "interpolation", "normalize", "drop_tokens", "grid"))
 def _guided_grad_cam_jit(tap, x, target_value, *, kind, target_fn, interpolation, normalize, drop_tokens, grid):
     spec = TargetSpec(kind, target_fn if kind == "fn" else target_value)
-    _, act = jax.eval_shape(lambda t, x: t(x), tap, x)
+    _, act = _run_tap.eval_shape(tap, x)
     delta0 = jnp.zeros(act.shape, act.dtype)
 
     # One forward pass with guided ReLUs everywhere: scores, A, and the guided pullback to x.
@@ -564,10 +564,7 @@ def guided_grad_cam(tap, x, target: Target = None, *, interpolation: str = "bili
     if not hasattr(x, "ndim") or x.ndim != 4:
         raise ValueError(f"guided_grad_cam needs images (B, H, W, C); got an input of shape {getattr(x, 'shape', None)}.")
     spec = target_spec(target, batch)
-    if spec.kind in ("index", "multi") and not isinstance(spec.value, jax.core.Tracer):
-        scores, _ = jax.eval_shape(lambda t, x: t(x), tap, x)
-        if hasattr(scores, "shape") and len(scores.shape) == 2:
-            check_target_range(spec, scores.shape[-1])
+    _check_range_eagerly(tap, x, spec)
     return _guided_grad_cam_jit(tap, x, None if spec.kind == "fn" else spec.value, kind=spec.kind,
                                 target_fn=spec.value if spec.kind == "fn" else None,
                                 interpolation=interpolation, normalize=bool(normalize),

@@ -316,6 +316,12 @@ def test_bad_targets_say_what_is_wrong():
         gcj.grad_cam(tap, x, [0, 9])
     with pytest.raises(ValueError, match="out of range"):
         gcj.grad_cam(tap, x, np.array([0, -1, 2]))
+    with pytest.raises(ValueError, match="out of range"):  # checked under an outer jit too
+        jax.jit(lambda x: gcj.grad_cam(tap, x, [9]))(x)
+    with pytest.raises(ValueError, match="out of range"):
+        jax.jit(lambda x: gcj.cam(tap, x, 8, "layer_cam"))(x)
+    with pytest.raises(ValueError, match="out of range"):
+        gcj.guided_grad_cam(tap, x, 7)
     with pytest.raises(ValueError, match="one class per example"):
         gcj.grad_cam(tap, x, np.array([0, 1]))
     with pytest.raises(TypeError, match="integer class indices"):
