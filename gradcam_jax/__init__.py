@@ -5,7 +5,7 @@ Split a model at a layer with a *tap* (``linen_tap``, ``nnx_tap``, ``equinox_tap
 activation and its gradient, whatever the number of classes explained.
 """
 
-from . import methods, postprocess
+from . import methods, postprocess, viz, zoo
 from ._adapters import equinox_tap, linen_layers, linen_tap, nnx_tap
 from ._core import Grads, activations_and_grads
 from ._explain import cam, grad_cam
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tap", "Edit", "as_tap", "split_tap", "linen_tap", "linen_layers", "nnx_tap", "equinox_tap",
-    "activations_and_grads", "Grads", "grad_cam", "cam", "methods", "postprocess",
+    "activations_and_grads", "Grads", "grad_cam", "cam", "methods", "postprocess", "viz", "zoo",
     "guided_relu", "deconv_relu", "guided_relu6", "deconv_relu6", "guided", "deconvolved",
     "count_relus", "guided_backprop", "deconvnet", "gradients", "smooth_grad", "guided_grad_cam",
 ]

@@ -50,7 +50,7 @@ def _bfloat16():
 
         return np.dtype(ml_dtypes.bfloat16)
     except ImportError:  # pragma: no cover - jax always brings ml_dtypes
-        raise PthError("The file holds bfloat16 tensors; reading them needs the ml_dtypes package.")
+        raise PthError("The file holds bfloat16 tensors; reading them needs the ml_dtypes package.") from None
 
 
 # Storage class name -> NumPy dtype (a callable for dtypes NumPy lacks).

