@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 __all__ = ["main", "build_parser"]
 
 PROG = "gradcam-jax"
-DEMO_IMAGE = Path(__file__).resolve().parent / "assets" / "demo.jpg"
+from .zoo import DEMO_IMAGE  # noqa: E402  (the bundled two-object picture)
 #: The two objects in the demo picture: espresso (967, right) and Egyptian cat (285, left).
 DEMO_CLASSES = "967,285"
 GUIDED = ("guided_backprop", "guided_grad_cam")

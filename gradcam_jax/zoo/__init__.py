@@ -26,7 +26,20 @@ from .._pth import PthError, load_pth
 from ._pretrained import Pretrained, cache_dir, file_digest, load_class_names, load_variables, save_variables
 
 __all__ = ["efficientnet_lite0", "Pretrained", "load_pth", "PthError", "cache_dir", "MODELS",
-           "load", "load_class_names"]
+           "load", "load_class_names", "DEMO_IMAGE", "demo_image"]
+
+#: The bundled two-object picture (CC0; see assets/README.md): an Egyptian cat (class 285)
+#: on the left, an espresso (967) on the right.
+DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.jpg"
+
+
+def demo_image():
+    """The bundled demo picture as a uint8 RGB array ``(H, W, 3)``."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(DEMO_IMAGE) as im:
+        return np.asarray(im.convert("RGB"))
 
 # Bump when the conversion changes, so stale caches are not reused.
 _CONVERSION_VERSION = 1
