@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .zoo import DEMO_IMAGE  # the bundled two-object picture
+
 __all__ = ["main", "build_parser"]
 
 PROG = "gradcam-jax"
-from .zoo import DEMO_IMAGE  # noqa: E402  (the bundled two-object picture)
 #: The two objects in the demo picture: espresso (967, right) and Egyptian cat (285, left).
 DEMO_CLASSES = "967,285"
 GUIDED = ("guided_backprop", "guided_grad_cam")

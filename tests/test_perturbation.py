@@ -281,6 +281,7 @@ def test_linen_net_both_methods_match_loops_of_model_calls():
     net, variables, x = LinenNet.build()
     tap = gcj.linen_tap(net, variables, "feat")
 
+    # The reference calls the model itself, one eager call per masked image or ablated map.
     def scores_fn(z):
         return np.asarray(net.apply(variables, jnp.asarray(z, jnp.float32)), np.float64)
 
@@ -323,12 +324,14 @@ def test_many_channels_run_in_bounded_memory():
                            normalize=True, interpolation="bilinear", drop_tokens=0, grid=None, **kw)
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
-    # One activation of the masked/ablated batch is (B, 2, 2, 4096) float32 = 128 KiB; all
-    # channels at once would hold 4096 of them (512 MiB). 16 per step stays a few MiB.
-    for fn, kw in ((_score_cam_jit, {"top_n": None}), (_ablation_cam_jit, {})):
-        bounded = temp_bytes(fn, 16, **kw)
-        assert bounded < 32 * 2**20, bounded
-        assert bounded * 16 < temp_bytes(fn, channels, **kw)
+    # 16 channels per step keep XLA's temporaries to a few MiB. Unchunked, Ablation-CAM holds
+    # all 4096 ablated copies of the (B, 2, 2, 4096) activation: 512 MiB. (Score-CAM's masked
+    # passes compile to one XLA:CPU YNNPACK fusion whose scratch memory_analysis does not count,
+    # so only the bound is checked for it.)
+    assert temp_bytes(_score_cam_jit, 16, top_n=None) < 32 * 2**20
+    bounded = temp_bytes(_ablation_cam_jit, 16)
+    assert bounded < 32 * 2**20
+    assert bounded * 64 < temp_bytes(_ablation_cam_jit, channels)
 
 
 def test_bad_arguments_fail_with_messages():
