@@ -10,6 +10,7 @@ from ._adapters import equinox_tap, linen_layers, linen_tap, nnx_tap
 from ._core import Grads, activations_and_grads
 from ._explain import cam, grad_cam
 from ._tap import Edit, Tap, as_tap, split_tap
+from .dataset import DatasetRun, Results, explain_dataset, open_results
 from .guided import (count_relus, deconv_relu, deconv_relu6, deconvnet, deconvolved, gradients,
                      guided, guided_backprop, guided_grad_cam, guided_relu, guided_relu6, smooth_grad)
 
@@ -19,5 +20,6 @@ __all__ = [
     "Tap", "Edit", "as_tap", "split_tap", "linen_tap", "linen_layers", "nnx_tap", "equinox_tap",
     "activations_and_grads", "Grads", "grad_cam", "cam", "methods", "postprocess", "viz", "zoo",
     "guided_relu", "deconv_relu", "guided_relu6", "deconv_relu6", "guided", "deconvolved",
+    "explain_dataset", "open_results", "Results", "DatasetRun",
     "count_relus", "guided_backprop", "deconvnet", "gradients", "smooth_grad", "guided_grad_cam",
 ]

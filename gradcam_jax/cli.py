@@ -546,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command == "explain":
+    if args.command in ("explain", "explain-dir"):
         _enable_compilation_cache()
     if args.command not in ("explain", "layers") and callable(getattr(args, "handler", None)):
         return int(args.handler(args))  # a command registered by another module (explain-dir)
