@@ -8,7 +8,7 @@ targets per example the pullback is ``vmap``-ed over K cotangents — still one 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp

@@ -7,11 +7,11 @@ import pytest
 
 import gradcam_jax as gcj
 from gradcam_jax.models import (
-    BasicBlock, Bottleneck, ResNet, Stem, init_resnet, resnet18, resnet34, resnet50, resnet101,
+    BasicBlock, Bottleneck, Stem, init_resnet, resnet18, resnet34, resnet50, resnet101,
     resnet152,
 )
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (test extras: torch==2.13.0 CPU)
 tnn = torch.nn
 
 

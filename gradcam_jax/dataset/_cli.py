@@ -8,7 +8,6 @@ and sets ``handler=run_explain_dir`` on its parsed arguments.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import List, Optional, Sequence
