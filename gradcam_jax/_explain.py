@@ -21,7 +21,10 @@ from ._core import (Target, TargetSpec, _activations_and_grads, _batch_size, _ru
 from ._tap import Tap, as_tap
 from .postprocess import INTERPOLATIONS, normalize_maps, upsample_to
 
-__all__ = ["grad_cam", "cam", "to_grid", "finish_maps"]
+__all__ = ["grad_cam", "cam", "to_grid", "finish_maps", "PERTURBATION_METHODS"]
+
+#: Methods computed from forward passes on perturbed inputs rather than from (A, dA).
+PERTURBATION_METHODS = ("score_cam", "ablation_cam")
 
 
 def to_grid(a, drop_tokens: int = 0, grid: Optional[Tuple[int, int]] = None):
@@ -129,8 +132,13 @@ def _cam_jit(tap, x, target_value, *, kind, target_fn, method_fn, size, relu, up
 def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam", *,
         upsample: bool = True, normalize: bool = True, relu: bool = True,
         interpolation: str = "bilinear", counterfactual: bool = False, drop_tokens: int = 0,
-        grid: Optional[Tuple[int, int]] = None) -> jax.Array:
-    """Class activation maps by any registered gradient method, from one forward pass.
+        grid: Optional[Tuple[int, int]] = None, **method_options) -> jax.Array:
+    """Class activation maps by any registered method.
+
+    Gradient methods cost one forward pass and a backward pass to the layer per batch; the
+    perturbation methods ``"score_cam"`` and ``"ablation_cam"`` run batched, chunked forwards
+    (see :mod:`gradcam_jax.perturbation`; their options ``chunk_size``, ``top_n``,
+    ``compute_dtype`` pass through ``**method_options``).
 
     Args:
       tap: the model split at a layer (:func:`~gradcam_jax.linen_tap`, ...).
@@ -141,7 +149,8 @@ def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam"
         ``scores -> (B,)`` (or ``(B, K)``) for any other differentiable output.
       method: a name in :data:`gradcam_jax.methods.REGISTRY` (``"grad_cam"``, ``"cam"``,
         ``"grad_cam_plus_plus"``, ``"xgrad_cam"``, ``"hires_cam"``, ``"layer_cam"``,
-        ``"eigen_cam"``, ``"eigen_grad_cam"``) or a function ``(A, dA) -> (B, h, w)``.
+        ``"eigen_cam"``, ``"eigen_grad_cam"``), ``"score_cam"``, ``"ablation_cam"``, or a
+        function ``(A, dA) -> (B, h, w)``.
       upsample: resize maps to the input's ``(H, W)``; otherwise they stay at the layer's.
       normalize: min-max normalise each map to [0, 1] (after upsampling). All-zero maps stay 0.
       relu: apply the final ReLU (the paper's; keeps only evidence for the class).
@@ -151,6 +160,8 @@ def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam"
       drop_tokens: for token activations ``(B, N, C)``: leading tokens to drop (1 for a class
         token).
       grid: for token activations: ``(h, w)`` of the token grid (default: square).
+      **method_options: options of the perturbation methods (``chunk_size``, ``top_n``,
+        ``compute_dtype``).
 
     Returns:
       ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
@@ -162,6 +173,18 @@ def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam"
       >>> gcj.cam(tap, jnp.ones((2, 8, 8, 3)), target=[0, 4], method="grad_cam_plus_plus").shape
       (2, 2, 8, 8)
     """
+    if isinstance(method, str) and method in PERTURBATION_METHODS:
+        if counterfactual:
+            raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
+        from . import perturbation  # imported here: perturbation builds on this module
+
+        return getattr(perturbation, method)(
+            tap, x, target, upsample=upsample, normalize=normalize, relu=relu,
+            interpolation=interpolation, drop_tokens=drop_tokens, grid=grid, **method_options)
+    if method_options:
+        raise TypeError(
+            f"cam got options {sorted(method_options)} that only the perturbation methods "
+            f"({', '.join(PERTURBATION_METHODS)}) take; method={method!r} does not.")
     tap = as_tap(tap)
     batch = _check_common(x, interpolation)
     method_fn = _resolve_method(method)

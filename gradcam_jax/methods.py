@@ -177,5 +177,6 @@ def get(name: str) -> Callable:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"Unknown CAM method {name!r}. Known methods: {', '.join(sorted(REGISTRY))}."
+            f"Unknown CAM method {name!r}. Known methods: "
+            f"{', '.join(sorted(REGISTRY) + ['ablation_cam', 'score_cam'])}."
         ) from None

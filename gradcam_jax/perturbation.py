@@ -23,8 +23,7 @@ target is applied to the scores of every perturbed batch.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from ._tap import Tap, as_tap
 from .methods import safe_divide
 from .postprocess import normalize_maps, upsample_to
 
-__all__ = ["score_cam", "ablation_cam", "occlusion"]
+__all__ = ["score_cam", "ablation_cam", "occlusion", "METHODS"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -197,11 +196,11 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Opt
         alpha_k = softmax_k( y^c(x ⊙ M_k) - y^c(x_b) )      L = ReLU( sum_k alpha_k A^k )
 
     with ``x_b`` the baseline (zero) image. The baseline score is the same for every channel
-    and softmax is shift-invariant, so it cancels: it is not computed (one forward saved), and
-    the maps equal pytorch-grad-cam's ``ScoreCAM`` (softmax of the masked scores), up to its
-    ``align_corners=True`` mask upsampling — masks here are upsampled with half-pixel centres,
-    like the maps. ``y^c`` is the score before any softmax over classes (a logit), as in the
-    paper's Algorithm 1.
+    and softmax is shift-invariant, so it cancels: it is not computed (one forward saved). The
+    weights are then those of pytorch-grad-cam's ``ScoreCAM`` (a softmax of the masked scores)
+    except for the masks' upsampling: it uses ``align_corners=True``, masks here use half-pixel
+    centres, like the maps. ``y^c`` is the score before any softmax over classes (a logit), as
+    in the paper's Algorithm 1.
 
     Cost: one forward pass of the whole model per (example, channel) — 2048 per image at
     ResNet-50's last stage — plus the one that computes ``A``. The masked passes run
@@ -216,10 +215,13 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Opt
       chunk_size: masked images per step (rounded down to whole batches, at least one batch).
         It changes speed and memory, not the result.
       top_n: keep, per example, only the ``top_n`` channels with the largest spatial standard
-        deviation of ``A^k`` (the "Faster Score-CAM" criterion of tf-keras-vis): channels that
-        are nearly constant give nearly empty masks. ``None``: all channels.
+        deviation of ``A^k`` — the criterion of Faster Score-CAM (tabayashi0117), also
+        tf-keras-vis's ``max_N``, which takes the union over the batch where this selects per
+        example. Nearly constant channels give nearly empty masks. ``None``: all channels.
       compute_dtype: run the masked forwards in this dtype (e.g. ``jnp.bfloat16``): the masked
         images and the tap's floating parameters are cast; scores and weights stay ``float32``.
+        Layers that fix their own computation dtype (Flax ``dtype=jnp.float32``) keep it: build
+        such a model with ``dtype=jnp.bfloat16`` instead. On CPUs bfloat16 is rarely faster.
       upsample, normalize, relu, interpolation, drop_tokens, grid: as in
         :func:`gradcam_jax.cam`. ``interpolation`` also upsamples the masks.
 
@@ -237,7 +239,7 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Opt
     References:
       Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
       Networks", CVPR Workshops 2020, https://arxiv.org/abs/1910.01279 (Algorithm 1).
-      Faster Score-CAM: the ``max_N`` option of tf-keras-vis's ``Scorecam``.
+      Faster Score-CAM: https://github.com/tabayashi0117/Score-CAM#faster-score-cam.
     """
     tap, batch, spec, size = _prepare(tap, x, target, interpolation, upsample, "score_cam")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1):
@@ -312,10 +314,11 @@ def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute
 
     Args:
       tap: the model split at a layer.
-      x: the input batch ``(B, H, W, C)``.
+      x: the input batch (images ``(B, H, W, C)`` when ``upsample=True``).
       target: as in :func:`gradcam_jax.grad_cam`; K targets share the ablated passes.
       chunk_size: ablated examples per step (rounded down to whole batches, at least one).
-      compute_dtype: run the head passes (the reference ``y^c`` included) in this dtype.
+      compute_dtype: run the head passes (the reference ``y^c`` included) in this dtype (the
+        activation and the tap's floating parameters are cast; see :func:`score_cam`).
       upsample, normalize, relu, interpolation, drop_tokens, grid: as in
         :func:`gradcam_jax.cam`.
 
@@ -373,9 +376,9 @@ def _partition(fn):
     """Split a callable pytree (a function, a Tap, an Equinox module) into arrays and the rest."""
     leaves, treedef = jax.tree_util.tree_flatten(fn)
     is_array = [isinstance(v, (jax.Array, np.ndarray)) for v in leaves]
-    arrays = [v if a else None for v, a in zip(leaves, is_array)]
+    arrays = [v if a else None for v, a in zip(leaves, is_array, strict=True)]
     static = []
-    for v, a in zip(leaves, is_array):
+    for v, a in zip(leaves, is_array, strict=True):
         if a:
             static.append(None)
             continue
@@ -389,7 +392,7 @@ def _partition(fn):
 
 def _combine(arrays, static):
     treedef, rest = static
-    leaves = [a if s is None else (s.obj if isinstance(s, _ByIdentity) else s) for a, s in zip(arrays, rest)]
+    leaves = [a if s is None else (s.obj if isinstance(s, _ByIdentity) else s) for a, s in zip(arrays, rest, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -532,3 +535,8 @@ def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int
         fn_static=static, kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None,
         window=window, stride=stride, per_step=_per_step(chunk_size, batch),
     )
+
+
+#: The perturbation CAMs by name, for :func:`gradcam_jax.cam` (``method="score_cam"``). Each takes
+#: ``(tap, x, target, *, chunk_size, upsample, normalize, relu, interpolation, drop_tokens, grid)``.
+METHODS = {"score_cam": score_cam, "ablation_cam": ablation_cam}
