@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .zoo import DEMO_IMAGE  # the bundled two-object picture
+from ._argtypes import positive_int as _positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -143,14 +144,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def parse_classes(spec: str) -> Tuple[str, object]:

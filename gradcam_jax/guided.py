@@ -29,8 +29,9 @@ import numpy as np
 from jax.extend import core as jcore
 
 from ._core import Target, TargetSpec, _batch_size, _run_tap, check_target_range, select_scores, target_spec
+from ._callables import combine_callable, partition_callable, scores_fn
 from ._explain import _check_common, _check_range_eagerly, finish_maps, to_grid
-from ._tap import Tap, as_tap
+from ._tap import as_tap
 from . import methods as _methods
 
 __all__ = [
@@ -362,26 +363,6 @@ def deconvolved(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_scores_fn(fn):
-    """A tap returns (scores, activation): use its scores. A model returns scores."""
-    return (lambda x: fn(x)[0]) if isinstance(fn, Tap) else fn
-
-
-def _split_fn(fn):
-    """Array leaves of a callable pytree (an Equinox model, a Tap) are traced, the rest static."""
-    leaves, treedef = jax.tree_util.tree_flatten(fn)
-    is_arr = tuple(isinstance(l, (jax.Array, np.ndarray)) for l in leaves)
-    dyn = [l if a else None for l, a in zip(leaves, is_arr)]
-    static = (treedef, tuple(None if a else l for l, a in zip(leaves, is_arr)), is_arr)
-    return dyn, static
-
-
-def _merge_fn(dyn, static):
-    treedef, static_leaves, is_arr = static
-    leaves = [d if a else s for d, s, a in zip(dyn, static_leaves, is_arr)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def _pullback_all(pullback, selected):
     """Pull back the explained scores' cotangents: (B, ...) or (B, K, ...)."""
     if selected.ndim == 1:
@@ -393,9 +374,9 @@ def _pullback_all(pullback, selected):
 
 @functools.partial(jax.jit, static_argnames=("static", "kind", "target_fn", "rule"))
 def _input_grads_jit(dyn, x, target_value, *, static, kind, target_fn, rule):
-    fn = _merge_fn(dyn, static)
+    fn = combine_callable(dyn, static)
     spec = TargetSpec(kind, target_fn if kind == "fn" else target_value)
-    call = _as_scores_fn(fn) if rule is None else _transform(_as_scores_fn(fn), rule)
+    call = scores_fn(fn) if rule is None else _transform(scores_fn(fn), rule)
     selected, pullback = jax.vjp(lambda x: select_scores(spec, call(x)), x)
     return _pullback_all(pullback, selected)
 
@@ -405,10 +386,10 @@ def _input_grads(fn, x, target, rule):
         raise TypeError(f"Expected a callable x -> scores (a model, an apply function or a tap); got {type(fn).__name__}.")
     spec = target_spec(target, _batch_size(x))
     if spec.kind in ("index", "multi") and not isinstance(spec.value, jax.core.Tracer):
-        scores = jax.eval_shape(_as_scores_fn(fn), x)
+        scores = jax.eval_shape(scores_fn(fn), x)
         if hasattr(scores, "shape") and len(scores.shape) == 2:
             check_target_range(spec, scores.shape[-1])
-    dyn, static = _split_fn(fn)
+    dyn, static = partition_callable(fn)
     return _input_grads_jit(dyn, x, None if spec.kind == "fn" else spec.value, static=static,
                             kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None, rule=rule)
 

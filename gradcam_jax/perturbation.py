@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._core import Target, TargetSpec, _batch_size, check_target_range, select_scores, target_spec
+from ._callables import combine_callable, partition_callable, scores_fn
 from ._explain import _check_common, _check_range_eagerly, _image_size, finish_maps, to_grid
 from ._tap import Tap, as_tap
 from .methods import safe_divide
@@ -359,49 +360,6 @@ def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute
 # --------------------------------------------------------------------------------------------
 
 
-class _ByIdentity:
-    """A hashable stand-in for an unhashable static leaf (compared by identity)."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _ByIdentity) and other.obj is self.obj
-
-
-def _partition(fn):
-    """Split a callable pytree (a function, a Tap, an Equinox module) into arrays and the rest."""
-    leaves, treedef = jax.tree_util.tree_flatten(fn)
-    is_array = [isinstance(v, (jax.Array, np.ndarray)) for v in leaves]
-    arrays = [v if a else None for v, a in zip(leaves, is_array, strict=True)]
-    static = []
-    for v, a in zip(leaves, is_array, strict=True):
-        if a:
-            static.append(None)
-            continue
-        try:
-            hash(v)
-            static.append(v)
-        except TypeError:
-            static.append(_ByIdentity(v))
-    return arrays, (treedef, tuple(static))
-
-
-def _combine(arrays, static):
-    treedef, rest = static
-    leaves = [a if s is None else (s.obj if isinstance(s, _ByIdentity) else s) for a, s in zip(arrays, rest, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _scores_fn(model):
-    if isinstance(model, Tap):
-        return lambda x: model(x)[0]
-    return model
-
-
 def window_starts(size: int, window: int, stride: int) -> np.ndarray:
     """Start offsets of a window sliding along one axis: ``0, s, 2s, ...``.
 
@@ -421,7 +379,7 @@ def _window_masks(size: int, window: int, stride: int) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("fn_static", "kind", "target_fn", "window", "stride", "per_step"))
 def _occlusion_jit(fn_arrays, x, target_value, baseline, *, fn_static, kind, target_fn, window, stride,
                    per_step):
-    scores_of = _scores_fn(_combine(fn_arrays, fn_static))
+    scores_of = scores_fn(combine_callable(fn_arrays, fn_static))
     clean_scores = scores_of(x)
     spec = _fixed_spec(kind, target_value, target_fn, clean_scores)
     y = select_scores(spec, clean_scores).astype(jnp.float32)
@@ -520,9 +478,9 @@ def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int
     if window[0] > height or window[1] > width:
         raise ValueError(f"occlusion: window {window} does not fit in the {height}x{width} image.")
     spec = target_spec(target, batch)
-    arrays, static = _partition(fn)
+    arrays, static = partition_callable(fn)
     if spec.kind in ("index", "multi") and not isinstance(spec.value, jax.core.Tracer):
-        out = jax.eval_shape(lambda a, x: _scores_fn(_combine(a, static))(x), arrays, x)
+        out = jax.eval_shape(lambda a, x: scores_fn(combine_callable(a, static))(x), arrays, x)
         if hasattr(out, "shape") and len(out.shape) == 2:
             check_target_range(spec, out.shape[-1])
     baseline = jnp.asarray(baseline, x.dtype)

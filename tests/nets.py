@@ -161,3 +161,35 @@ def torch_model(w, dtype=None):
     if dtype is not None:
         net = net.to(dtype)
     return net.eval()
+
+
+def pooled_split_functions(w, pool=4):
+    """The same net with the tapped activation average-pooled by ``pool`` (so maps upsample)."""
+    features, head = split_functions(w)
+
+    def pooled_features(x):
+        a = features(x)
+        b, h, wd, c = a.shape
+        return a.reshape(b, h // pool, pool, wd // pool, pool, c).mean(axis=(2, 4))
+
+    return pooled_features, head
+
+
+def torch_pooled_model(w, pool=4, dtype=None):
+    """The torch twin of :func:`pooled_split_functions`; its ``pool`` module is the tapped layer."""
+    import torch
+
+    net = torch_model(w, dtype=dtype)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.pool = torch.nn.AvgPool2d(pool)
+
+        def forward(self, x):
+            n = self.net
+            a = self.pool(n.relu2(n.conv2(n.relu1(n.conv1(x)))))
+            return n.fc(n.relu3(n.conv3(a)).mean(dim=(2, 3)))
+
+    return Pooled().eval()

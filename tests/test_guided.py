@@ -181,13 +181,7 @@ def test_smooth_grad_is_the_mean_over_noisy_copies():
 def test_guided_grad_cam_is_guided_backprop_times_upsampled_grad_cam():
     w = nets.weights(6)
     x = np.random.default_rng(8).normal(size=(2, 16, 16, 3)).astype(np.float32)
-    features, head = nets.split_functions(w)
-
-    def pooled(x):
-        a = features(x)
-        return a.reshape(2, 4, 4, 4, 4, a.shape[-1]).mean(axis=(2, 4))
-
-    tap = gcj.split_tap(pooled, head)
+    tap = gcj.split_tap(*nets.pooled_split_functions(w))
     gb = np.asarray(gcj.guided_backprop(tap, x, [1, 2]))
     cam = np.asarray(gcj.grad_cam(tap, x, [1, 2], normalize=False))
     raw = np.asarray(gcj.guided_grad_cam(tap, x, [1, 2], normalize=False))
@@ -223,31 +217,13 @@ def test_parity_with_captum_guided_grad_cam_nearest():
     w = nets.weights(9)
     x = np.random.default_rng(9).normal(size=(2, 16, 16, 3)).astype(np.float32)
     target = np.array([1, 3])
-    net = nets.torch_model(w, dtype=torch.float64)
-
-    class Pooled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.pool = torch.nn.AvgPool2d(4)
-
-        def forward(self, x):
-            n = self.net
-            a = self.pool(n.relu2(n.conv2(n.relu1(n.conv1(x)))))
-            return n.fc(n.relu3(n.conv3(a)).mean(dim=(2, 3)))
-
-    pooled_net = Pooled().eval()
+    pooled_net = nets.torch_pooled_model(w, dtype=torch.float64)
     ggc = captum_attr.GuidedGradCam(pooled_net, pooled_net.pool)
     expected = ggc.attribute(torch_input(x), target=torch.as_tensor(target), interpolate_mode="nearest")
     expected = expected.detach().numpy()
 
-    features, head = nets.split_functions(w)
-
-    def pooled(x):
-        a = features(x)
-        return a.reshape(a.shape[0], 4, 4, 4, 4, a.shape[-1]).mean(axis=(2, 4))
-
-    got = gcj.guided_grad_cam(gcj.split_tap(pooled, head), x, target, interpolation="nearest", normalize=False)
+    tap = gcj.split_tap(*nets.pooled_split_functions(w))
+    got = gcj.guided_grad_cam(tap, x, target, interpolation="nearest", normalize=False)
     got = np.asarray(got).transpose(0, 3, 1, 2)
     scale = np.abs(expected).max()
     assert scale > 0

@@ -45,32 +45,13 @@ def test_upsampled_relu_map_matches_captum_interpolate(mode, interp):
     w = nets.weights(5, c2=12)
     x = np.random.default_rng(7).normal(size=(3, 16, 16, 3)).astype(np.float32)
     target = np.array([3, 3, 0])
-    net = nets.torch_model(w, dtype=torch.float64)
-
-    class Pooled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.pool = torch.nn.AvgPool2d(4)
-
-        def forward(self, x):
-            n = self.net
-            a = self.pool(n.relu2(n.conv2(n.relu1(n.conv1(x)))))
-            return n.fc(n.relu3(n.conv3(a)).mean(dim=(2, 3)))
-
-    pooled = Pooled().eval()
+    pooled = nets.torch_pooled_model(w, dtype=torch.float64)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64))
     attr = captum_attr.LayerGradCam(pooled, pooled.pool).attribute(xt, target=torch.as_tensor(target),
                                                                     relu_attributions=True)
     expected = captum_attr.LayerAttribution.interpolate(attr, (16, 16), mode)[:, 0].detach().numpy()
 
-    features, head = nets.split_functions(w)
-
-    def pooled_features(x):
-        a = features(x)
-        return a.reshape(a.shape[0], 4, 4, 4, 4, a.shape[-1]).mean(axis=(2, 4))
-
-    tap = gcj.split_tap(pooled_features, head)
+    tap = gcj.split_tap(*nets.pooled_split_functions(w))
     got = np.asarray(gcj.grad_cam(tap, jnp.asarray(x), target, normalize=False, interpolation=interp))
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)

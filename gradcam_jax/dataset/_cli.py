@@ -12,6 +12,9 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from .._argtypes import nonnegative_int as _nonnegative_int
+from .._argtypes import positive_int as _positive_int
+
 __all__ = ["add_explain_dir_command", "run_explain_dir", "build_parser", "main"]
 
 PROG = "gradcam-jax explain-dir"
@@ -47,24 +50,8 @@ class _UsageError(Exception):
     pass
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
