@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from ._callables import ByIdentity, KeyedFunction, hashable
 from ._tap import Edit, Tap
 
 __all__ = ["linen_tap", "nnx_tap", "equinox_tap", "linen_layers"]
@@ -65,8 +66,8 @@ def linen_layers(module, variables, x, **apply_kwargs) -> "list[str]":
     return [p for p in paths if p]
 
 
-def linen_tap(module, variables, layer: str, *, call: Optional[int] = None, method: str = "__call__",
-              **apply_kwargs) -> Tap:
+def linen_tap(module, variables, layer: str, *, call: Optional[int] = None,
+              layer_method: str = "__call__", **apply_kwargs) -> Tap:
     """Split a Flax Linen module at the layer whose module path is ``layer``.
 
     The layer is found with ``flax.linen.intercept_methods``: the model is not edited and no
@@ -79,9 +80,13 @@ def linen_tap(module, variables, layer: str, *, call: Optional[int] = None, meth
       layer: the module path of the layer to tap.
       call: which call of the layer to tap when the layer is called more than once (0 is the
         first). By default a layer called twice is an error.
-      method: the layer's method whose output is tapped (``"__call__"``).
-      **apply_kwargs: passed to ``module.apply`` (``train=False``, ``method=...``,
-        ``mutable=...``; with ``mutable`` the scores are the first output).
+      layer_method: the layer's method whose output is tapped (``"__call__"``).
+      **apply_kwargs: passed to ``module.apply`` (``train=False``, ``method=...`` to run
+        another method of the model, ``mutable=...``; with ``mutable`` the scores are the first
+        output).
+
+    Layers inside ``nn.remat`` / ``nn.scan`` lifted transforms cannot be tapped from outside
+    (their outputs live in an inner trace): tap the enclosing module instead.
 
     Returns:
       A :class:`~gradcam_jax.Tap`; its parameters are ``variables``.
@@ -101,7 +106,7 @@ def linen_tap(module, variables, layer: str, *, call: Optional[int] = None, meth
         taken = []
 
         def interceptor(next_fun, args, kwargs, context):
-            if context.method_name != method:
+            if context.method_name != layer_method:
                 return next_fun(*args, **kwargs)
             path = "/".join(context.module.path)
             paths.append(path)  # in the order layers are entered, as linen_layers lists them
@@ -138,7 +143,9 @@ def linen_tap(module, variables, layer: str, *, call: Optional[int] = None, meth
             )
         return scores, taken[0]
 
-    return Tap(apply, variables, layer)
+    key = ("linen", ByIdentity(module), layer, call, layer_method,
+           tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())))
+    return Tap(KeyedFunction(apply, key), variables, layer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ def nnx_tap(model, layer: Union[str, Callable[[Any], Any]]) -> Tap:
             )
         return scores, sink[0]
 
-    return Tap(apply, state, label)
+    return Tap(KeyedFunction(apply, ("nnx", ByIdentity(model), hashable(layer))), state, label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,16 +288,18 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
             self.sink.append(out)
             return self.edit(out) if self.edit is not None else out
 
+    image_rank = 4 if batched else 3
+
     def to_model(x):
-        return jnp.moveaxis(x, -1, 1 if batched else 0) if channels_first and x.ndim >= 3 else x
+        return jnp.moveaxis(x, -1, 1 if batched else 0) if channels_first and x.ndim >= image_rank else x
 
     def to_library(a):
-        if channels_first and a.ndim >= (4 if batched else 3):
+        if channels_first and a.ndim >= image_rank:
             return jnp.moveaxis(a, 1 if batched else 0, -1)
         return a
 
     def from_library(a):
-        if channels_first and a.ndim >= (4 if batched else 3):
+        if channels_first and a.ndim >= image_rank:
             return jnp.moveaxis(a, -1, 1 if batched else 0)
         return a
 
@@ -309,7 +318,12 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
             )
         return scores, to_library(sink[0])
 
-    def apply(model, x, edit):
+    # Only the arrays are the tap's parameters (traced by jit); activations functions, flags and
+    # other static fields of the model stay Python values.
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def apply(params, x, edit):
+        model = eqx.combine(params, static)
         if batched:
             return one(model, x, edit)
         if edit is None:
@@ -317,4 +331,5 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
         kind = edit.kind
         return jax.vmap(lambda xi, vi: one(model, xi, Edit(kind, vi)))(x, edit.value)
 
-    return Tap(apply, model, "equinox")
+    key = ("equinox", ByIdentity(model), hashable(where), batched, channels_first)
+    return Tap(KeyedFunction(apply, key), params, "equinox")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._callables import combine_callable, partition_callable
 from ._tap import Tap, as_tap
 
 __all__ = ["Target", "TargetSpec", "activations_and_grads", "target_spec", "select_scores"]
@@ -134,6 +135,21 @@ def select_scores(spec: TargetSpec, scores) -> jax.Array:
     if spec.kind == "index":
         return jnp.take_along_axis(scores, spec.value[:, None], axis=-1)[:, 0]
     return jnp.take_along_axis(scores, spec.value, axis=-1)
+
+
+# Crossing a jit boundary: an index target is a traced array; a callable target is split into
+# its arrays (traced: a per-image mask in a functools.partial does not recompile) and the rest
+# (static).
+def jit_target_value(spec: TargetSpec):
+    return partition_callable(spec.value)[0] if spec.kind == "fn" else spec.value
+
+
+def jit_target_fn(spec: TargetSpec):
+    return partition_callable(spec.value)[1] if spec.kind == "fn" else None
+
+
+def spec_from_jit(kind: str, value, fn_static) -> TargetSpec:
+    return TargetSpec("fn", combine_callable(value, fn_static)) if kind == "fn" else TargetSpec(kind, value)
 
 
 class Grads(NamedTuple):

@@ -16,8 +16,18 @@ import jax
 import jax.numpy as jnp
 
 from . import methods as _methods
-from ._core import (Target, TargetSpec, _activations_and_grads, _batch_size, _run_tap, check_target_range,
-                    target_spec)
+from ._core import (
+    Target,
+    TargetSpec,
+    _activations_and_grads,
+    _batch_size,
+    _run_tap,
+    check_target_range,
+    jit_target_fn,
+    jit_target_value,
+    spec_from_jit,
+    target_spec,
+)
 from ._tap import Tap, as_tap
 from .postprocess import INTERPOLATIONS, normalize_maps, upsample_to
 
@@ -63,12 +73,18 @@ def to_grid(a, drop_tokens: int = 0, grid: Optional[Tuple[int, int]] = None):
 
 
 def finish_maps(raw, *, size, relu: bool, upsample: bool, normalize: bool, interpolation: str):
-    """ReLU, upsample to ``size``, normalise — in that order (the paper's convention)."""
+    """ReLU, upsample to ``size``, normalise — in that order (the paper's convention).
+
+    After a ReLU, the overshoot of bicubic/Lanczos kernels is clipped so that zero evidence
+    stays zero.
+    """
     raw = raw.astype(jnp.float32)
     if relu:
         raw = jax.nn.relu(raw)
     if upsample:
         raw = upsample_to(raw, size, interpolation)
+        if relu and interpolation not in ("nearest", "bilinear", "linear"):
+            raw = jax.nn.relu(raw)
     if normalize:
         raw = normalize_maps(raw)
     return raw
@@ -115,9 +131,15 @@ def _check_common(x, interpolation: str):
 )
 def _cam_jit(tap, x, target_value, *, kind, target_fn, method_fn, size, relu, upsample, normalize,
              interpolation, counterfactual, drop_tokens, grid):
-    spec = TargetSpec(kind, target_fn if kind == "fn" else target_value)
+    spec = spec_from_jit(kind, target_value, target_fn)
     out = _activations_and_grads(tap, x, spec)
     a = to_grid(out.activation, drop_tokens, grid).astype(jnp.float32)
+    if normalize and a.shape[1:3] == (1, 1):
+        raise ValueError(
+            f"The tapped layer's output {out.activation.shape} has no spatial extent: its map is one "
+            f"number per example, which normalisation would turn into 0. Pass normalize=False and "
+            f"upsample=False for that number, or tap a layer with spatial axes."
+        )
     g = out.grads.astype(jnp.float32)
     if counterfactual:
         g = -g
@@ -146,7 +168,8 @@ def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam"
       target: what to explain. ``None``: each example's top class; an int: that class for every
         example; an int array ``(B,)``: one class per example; a list of K ints or an int array
         ``(B, K)``: K maps per example (still one forward pass); a callable
-        ``scores -> (B,)`` (or ``(B, K)``) for any other differentiable output.
+        ``scores -> (B,)`` (or ``(B, K)``) for any other differentiable output; bind arrays it
+        needs (a mask, a box) with ``functools.partial`` so new values do not recompile.
       method: a name in :data:`gradcam_jax.methods.REGISTRY` (``"grad_cam"``, ``"cam"``,
         ``"grad_cam_plus_plus"``, ``"xgrad_cam"``, ``"hires_cam"``, ``"layer_cam"``,
         ``"eigen_cam"``, ``"eigen_grad_cam"``), ``"score_cam"``, ``"ablation_cam"``, or a
@@ -154,7 +177,8 @@ def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam"
       upsample: resize maps to the input's ``(H, W)``; otherwise they stay at the layer's.
       normalize: min-max normalise each map to [0, 1] (after upsampling). All-zero maps stay 0.
       relu: apply the final ReLU (the paper's; keeps only evidence for the class).
-      interpolation: ``"bilinear"`` (the paper's), ``"nearest"`` (Captum's default), ``"bicubic"``...
+      interpolation: ``"bilinear"`` (the paper's), ``"nearest"`` (Captum's default; equal to
+        torch's for integer scale factors, as from a CNN's layer to its input), ``"bicubic"``...
       counterfactual: negate the gradients: regions whose removal would raise the score
         (Selvaraju et al. §3.3).
       drop_tokens: for token activations ``(B, N, C)``: leading tokens to drop (1 for a class
@@ -193,8 +217,8 @@ def cam(tap, x, target: Target = None, method: Union[str, Callable] = "grad_cam"
     _check_range_eagerly(tap, x, spec)
     grid = None if grid is None else tuple(int(v) for v in grid)
     return _cam_jit(
-        tap, x, None if spec.kind == "fn" else spec.value,
-        kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None, method_fn=method_fn,
+        tap, x, jit_target_value(spec),
+        kind=spec.kind, target_fn=jit_target_fn(spec), method_fn=method_fn,
         size=size, relu=bool(relu), upsample=bool(upsample), normalize=bool(normalize),
         interpolation=interpolation, counterfactual=bool(counterfactual),
         drop_tokens=int(drop_tokens), grid=grid,

@@ -17,16 +17,26 @@ jitted with the tap as an argument and differentiated with respect to the parame
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-class Edit(NamedTuple):
-    """What the layers above the tap see: ``A + value`` (``"add"``) or ``value`` (``"replace"``)."""
+@jax.tree_util.register_pytree_node_class
+class Edit:
+    """What the layers above the tap see: ``A + value`` (``"add"``) or ``value`` (``"replace"``).
 
-    kind: str
-    value: jax.Array
+    A pytree whose only leaf is ``value`` (``kind`` is static), so edits pass through ``vmap``,
+    ``remat`` and ``scan`` inside a model.
+    """
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind: str, value):
+        if kind not in ("add", "replace"):
+            raise ValueError(f"Edit kind must be 'add' or 'replace'; got {kind!r}.")
+        self.kind = kind
+        self.value = value
 
     def __call__(self, a):
         if self.value.shape != a.shape:
@@ -36,6 +46,13 @@ class Edit(NamedTuple):
             )
         v = self.value.astype(a.dtype)
         return a + v if self.kind == "add" else v
+
+    def tree_flatten(self):
+        return (self.value,), self.kind
+
+    @classmethod
+    def tree_unflatten(cls, kind, children):
+        return cls(kind, children[0])
 
 
 ApplyFn = Callable[[Any, jax.Array, Edit], "tuple[Any, jax.Array]"]

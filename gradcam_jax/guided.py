@@ -14,6 +14,12 @@ model to a jaxpr and evaluate it again with every ReLU — ``jax.nn.relu``, ``ja
 one, inside nested ``jit``, ``custom_jvp``/``custom_vjp`` functions, ``remat``, ``scan``,
 ``while`` and ``cond`` as well. ``jax.nn`` is never patched.
 
+Not caught (they keep their ordinary gradient): ReLUs written as ``jnp.where(x > 0, x, 0)`` or
+``x * (x > 0)``, and ReLUs inside functions that carry their own custom derivative rule (other
+than ``relu``/``relu6`` themselves) — so ``softplus = logaddexp(x, 0)`` is rightly left alone.
+A ReLU the rewrite can see but not reach (inside ``shard_map``, say) is an error, not a silent
+plain gradient.
+
 Clipped ReLUs (ReLU6) follow the same rules: guided passes ``g`` where ``0 < x < c`` and
 ``g > 0``; deconvnet passes ``g`` where ``g > 0``, ignoring the forward input entirely.
 """
@@ -28,11 +34,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from ._core import Target, TargetSpec, _batch_size, _run_tap, check_target_range, select_scores, target_spec
+from . import methods as _methods
 from ._callables import combine_callable, partition_callable, scores_fn
+from ._core import (
+    Target,
+    _batch_size,
+    _run_tap,
+    check_target_range,
+    jit_target_fn,
+    jit_target_value,
+    select_scores,
+    spec_from_jit,
+    target_spec,
+)
 from ._explain import _check_common, _check_range_eagerly, finish_maps, to_grid
 from ._tap import as_tap
-from . import methods as _methods
 
 __all__ = [
     "guided_relu", "deconv_relu", "guided_relu6", "deconv_relu6", "guided", "deconvolved",
@@ -114,6 +130,12 @@ _DECONV = _Rule("deconvnet", deconv_relu, _straight_through_min)
 
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint", "remat",
           "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
+_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
+# What jax.nn.relu / relu6 / clip are made of: a custom-derivative function built only from
+# these is a (clipped) ReLU and gets our rule; any other one (softplus = logaddexp(x, 0),
+# mish, celu...) keeps its own derivative even though it contains a max(x, 0).
+_PURE_CLIP_OPS = {"max", "min", "clamp", "jit", "pjit", "closed_call", "convert_element_type",
+                  "broadcast_in_dim"}
 
 
 def _known(v, env_known):
@@ -126,6 +148,18 @@ def _is_zero(val) -> bool:
     return val is not None and val.size > 0 and bool(np.all(val == 0))
 
 
+def _relu_site(eqn, ins) -> bool:
+    """``max(x, 0)`` / ``max(0, x)`` / ``clamp(0, x, c)`` on floats: a ReLU to rewrite."""
+    name = eqn.primitive.name
+    if name not in ("max", "clamp") or not eqn.outvars:
+        return False
+    if not jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
+        return False  # integer clamps (index arithmetic) are not activations
+    if name == "max":
+        return len(ins) == 2 and (_is_zero(ins[0]) != _is_zero(ins[1]))
+    return _is_zero(ins[0])
+
+
 def _sub_closed(eqn):
     """The single sub-jaxpr of a call-like equation (a Jaxpr or ClosedJaxpr), or None."""
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
@@ -134,12 +168,33 @@ def _sub_closed(eqn):
     return None
 
 
+def _is_pure_clip(jaxpr) -> bool:
+    jaxpr, _ = _closed_parts(jaxpr)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name not in _PURE_CLIP_OPS:
+            return False
+        sub = _sub_closed(eqn)
+        if sub is not None and not _is_pure_clip(sub):
+            return False
+    return True
+
+
+def _enters_call(eqn) -> bool:
+    """Whether the rewrite goes inside this call-like equation."""
+    if eqn.primitive.name not in _CALLS or _sub_closed(eqn) is None:
+        return False
+    return eqn.primitive.name not in _CUSTOM or _is_pure_clip(_sub_closed(eqn))
+
+
 def _closed_parts(c):
     return (c.jaxpr, list(c.consts)) if isinstance(c, jcore.ClosedJaxpr) else (c, [])
 
 
 def count_relus(jaxpr, known_args: Optional[List[Any]] = None) -> int:
-    """How many ReLU sites (``max(x, 0)``, clamps at 0) a jaxpr holds, sub-jaxprs included."""
+    """How many ReLU sites (float ``max(x, 0)``, clamps at 0) a jaxpr holds, sub-jaxprs included.
+
+    Custom-derivative functions count only when they are a (clipped) ReLU themselves.
+    """
     jaxpr, consts = _closed_parts(jaxpr)
     known = {}
     for v, c in zip(jaxpr.constvars, consts):
@@ -152,13 +207,11 @@ def count_relus(jaxpr, known_args: Optional[List[Any]] = None) -> int:
     n = 0
     for eqn in jaxpr.eqns:
         ins = [_known(v, known) for v in eqn.invars]
-        name = eqn.primitive.name
-        if name == "max" and len(ins) == 2 and (_is_zero(ins[0]) != _is_zero(ins[1])):
+        if _relu_site(eqn, ins):
             n += 1
-        elif name == "clamp" and _is_zero(ins[0]):
-            n += 1
-        elif name in _CALLS and _sub_closed(eqn) is not None:
-            n += count_relus(_sub_closed(eqn), ins)
+        elif eqn.primitive.name in _CALLS and _sub_closed(eqn) is not None:
+            if _enters_call(eqn):
+                n += count_relus(_sub_closed(eqn), ins)
         else:
             n += sum(count_relus(sub) for sub in jcore.jaxprs_in_params(eqn.params))
         _propagate_known(eqn, ins, known)
@@ -166,7 +219,11 @@ def count_relus(jaxpr, known_args: Optional[List[Any]] = None) -> int:
 
 
 def _concrete(c):
-    if isinstance(c, jax.core.Tracer):
+    """The value of a scalar constant (a possible ReLU threshold); None for anything else.
+
+    Only scalars are read: a model's weights captured as constants stay on the device.
+    """
+    if isinstance(c, jax.core.Tracer) or getattr(c, "size", None) != 1:
         return None
     try:
         return np.asarray(c)
@@ -229,27 +286,29 @@ def _eval(jaxpr, consts, args, rule: _Rule, counter: _Counter, known_args=None):
         out_aval = eqn.outvars[0].aval if eqn.outvars else None
         outs = None
 
-        if name == "max" and len(invals) == 2 and (_is_zero(ins[0]) != _is_zero(ins[1])):
+        def relu_out(i):
+            v = eqn.invars[i]
+            return isinstance(v, jcore.Var) and v in relu_outs
+
+        if _relu_site(eqn, ins) and name == "max":
             x = invals[1] if _is_zero(ins[0]) else invals[0]
             x = jnp.broadcast_to(jnp.asarray(x, out_aval.dtype), out_aval.shape)
             outs = [rule.relu(x)]
             counter.n += 1
             relu_outs.add(eqn.outvars[0])
         elif name == "min" and len(invals) == 2 and (
-                (eqn.invars[0] in relu_outs and ins[1] is not None)
-                or (not isinstance(eqn.invars[1], jcore.Literal) and eqn.invars[1] in relu_outs
-                    and ins[0] is not None)):
-            y, c = (invals[0], invals[1]) if eqn.invars[0] in relu_outs else (invals[1], invals[0])
+                (relu_out(0) and ins[1] is not None) or (relu_out(1) and ins[0] is not None)):
+            y, c = (invals[0], invals[1]) if relu_out(0) else (invals[1], invals[0])
             y = jnp.broadcast_to(y, out_aval.shape)
             outs = [rule.clip(y, jnp.broadcast_to(jnp.asarray(c, out_aval.dtype), out_aval.shape))]
-        elif name == "clamp" and _is_zero(ins[0]):
+        elif _relu_site(eqn, ins):  # clamp(0, x, c)
             lo, x, hi = invals
             x = jnp.broadcast_to(x, out_aval.shape)
             counter.n += 1
             outs = [rule.clip(rule.relu(x), jnp.broadcast_to(jnp.asarray(hi, out_aval.dtype), out_aval.shape))]
         elif name in _CALLS and _sub_closed(eqn) is not None:
             sub = _sub_closed(eqn)
-            if count_relus(sub, ins) == 0:
+            if not _enters_call(eqn) or count_relus(sub, ins) == 0:
                 outs = _bind(eqn, invals)
             else:
                 # Inline the call (dropping any custom derivative rule: the ReLUs inside get ours).
@@ -326,6 +385,14 @@ def _transform(fn: Callable, rule: _Rule) -> Callable:
         counter = _Counter()
         flat = jax.tree_util.tree_leaves(args)
         outs = _eval(closed.jaxpr, list(closed.consts), flat, rule, counter)
+        expected = count_relus(closed)
+        if counter.n < expected:
+            raise NotImplementedError(
+                f"{rule.name}: the model has {expected} ReLUs but only {counter.n} could be rewritten: "
+                f"the others sit inside a transformation this rewrite does not enter (for example "
+                f"shard_map or a custom batching rule). Apply {rule.name} to the function inside it, "
+                f"or use gcj.guided_relu / gcj.deconv_relu as the model's activation."
+            )
         if counter.n == 0:
             raise ValueError(
                 f"{rule.name}: the model has no ReLU (no jax.nn.relu, relu6, max(x, 0) or clip(x, 0, c) "
@@ -375,7 +442,7 @@ def _pullback_all(pullback, selected):
 @functools.partial(jax.jit, static_argnames=("static", "kind", "target_fn", "rule"))
 def _input_grads_jit(dyn, x, target_value, *, static, kind, target_fn, rule):
     fn = combine_callable(dyn, static)
-    spec = TargetSpec(kind, target_fn if kind == "fn" else target_value)
+    spec = spec_from_jit(kind, target_value, target_fn)
     call = scores_fn(fn) if rule is None else _transform(scores_fn(fn), rule)
     selected, pullback = jax.vjp(lambda x: select_scores(spec, call(x)), x)
     return _pullback_all(pullback, selected)
@@ -390,8 +457,8 @@ def _input_grads(fn, x, target, rule):
         if hasattr(scores, "shape") and len(scores.shape) == 2:
             check_target_range(spec, scores.shape[-1])
     dyn, static = partition_callable(fn)
-    return _input_grads_jit(dyn, x, None if spec.kind == "fn" else spec.value, static=static,
-                            kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None, rule=rule)
+    return _input_grads_jit(dyn, x, jit_target_value(spec), static=static,
+                            kind=spec.kind, target_fn=jit_target_fn(spec), rule=rule)
 
 
 def gradients(fn: Callable, x, target: Target = None) -> jax.Array:
@@ -469,6 +536,10 @@ def smooth_grad(fn: Callable, x, target: Target = None, *, key, n_samples: int =
     if method not in explainers:
         raise ValueError(f"smooth_grad: method={method!r} is not one of {', '.join(explainers)}.")
     explain = explainers[method]
+    if target is None:
+        # Each noisy copy explains the clean input's top class, not its own.
+        target = np.asarray(jnp.argmax(scores_fn(fn)(x), axis=-1)) if not isinstance(x, jax.core.Tracer) \
+            else jnp.argmax(jax.lax.stop_gradient(scores_fn(fn)(x)), axis=-1)
     axes = tuple(range(1, x.ndim))
     sigma = noise_level * (jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True))
     noise = jax.random.normal(key, (n_samples,) + x.shape, jnp.float32).astype(x.dtype) * sigma
@@ -484,7 +555,7 @@ def smooth_grad(fn: Callable, x, target: Target = None, *, key, n_samples: int =
 
 @functools.partial(jax.jit, static_argnames=("kind", "target_fn", "interpolation", "normalize", "drop_tokens", "grid"))
 def _guided_grad_cam_jit(tap, x, target_value, *, kind, target_fn, interpolation, normalize, drop_tokens, grid):
-    spec = TargetSpec(kind, target_fn if kind == "fn" else target_value)
+    spec = spec_from_jit(kind, target_value, target_fn)
     _, act = _run_tap.eval_shape(tap, x)
     delta0 = jnp.zeros(act.shape, act.dtype)
 
@@ -546,7 +617,7 @@ def guided_grad_cam(tap, x, target: Target = None, *, interpolation: str = "bili
         raise ValueError(f"guided_grad_cam needs images (B, H, W, C); got an input of shape {getattr(x, 'shape', None)}.")
     spec = target_spec(target, batch)
     _check_range_eagerly(tap, x, spec)
-    return _guided_grad_cam_jit(tap, x, None if spec.kind == "fn" else spec.value, kind=spec.kind,
-                                target_fn=spec.value if spec.kind == "fn" else None,
+    return _guided_grad_cam_jit(tap, x, jit_target_value(spec), kind=spec.kind,
+                                target_fn=jit_target_fn(spec),
                                 interpolation=interpolation, normalize=bool(normalize),
                                 drop_tokens=int(drop_tokens), grid=None if grid is None else tuple(grid))

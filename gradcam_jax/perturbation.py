@@ -29,8 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._core import Target, TargetSpec, _batch_size, check_target_range, select_scores, target_spec
 from ._callables import combine_callable, partition_callable, scores_fn
+from ._core import (
+    Target,
+    TargetSpec,
+    _batch_size,
+    check_target_range,
+    jit_target_fn,
+    jit_target_value,
+    select_scores,
+    spec_from_jit,
+    target_spec,
+)
 from ._explain import _check_common, _check_range_eagerly, _image_size, finish_maps, to_grid
 from ._tap import Tap, as_tap
 from .methods import safe_divide
@@ -86,7 +96,7 @@ def _chunked_map(f, xs, per_step: int):
 def _fixed_spec(kind: str, value, target_fn, clean_scores) -> TargetSpec:
     """The target with ``None`` resolved to the top class of the *unperturbed* scores."""
     if kind == "fn":
-        return TargetSpec("fn", target_fn)
+        return spec_from_jit(kind, value, target_fn)
     if kind == "top":
         select_scores(TargetSpec("top", None), clean_scores)  # checks the scores are (B, classes)
         return TargetSpec("index", jnp.argmax(jax.lax.stop_gradient(clean_scores), axis=-1).astype(jnp.int32))
@@ -246,8 +256,8 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Opt
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1):
         raise ValueError(f"top_n must be a positive int (channels kept per example) or None; got {top_n!r}.")
     return _score_cam_jit(
-        tap, x, None if spec.kind == "fn" else spec.value,
-        kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None,
+        tap, x, jit_target_value(spec),
+        kind=spec.kind, target_fn=jit_target_fn(spec),
         per_step=_per_step(chunk_size, batch), top_n=None if top_n is None else int(top_n),
         compute_dtype=_check_dtype(compute_dtype), size=size, relu=bool(relu),
         upsample=bool(upsample), normalize=bool(normalize), interpolation=interpolation,
@@ -304,8 +314,10 @@ def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute
         w_k = (y^c - y^c_k) / y^c          L = ReLU( sum_k w_k A^k )
 
     ``w_k = 0`` for an example whose ``y^c`` is exactly 0 (no NaN). Dividing by ``y^c`` scales
-    all the weights of one map by the same number, so it changes the map's sign when ``y^c < 0``
-    and nothing else after normalisation. pytorch-grad-cam ablates with
+    all the weights of one map by the same number; when ``y^c < 0`` that flips the map's sign
+    before the final ReLU, which then keeps the regions whose removal *raises* the score (the
+    paper's formula, taken literally; explain a positive score, e.g. a logit of a predicted
+    class, to avoid it). pytorch-grad-cam ablates with
     ``min(A) - 1e7`` instead of 0 when the activation has negative values; this follows the
     paper.
 
@@ -346,8 +358,8 @@ def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute
     _check_range_eagerly(tap, x, spec)
     size = _image_size(x, upsample)
     return _ablation_cam_jit(
-        tap, x, None if spec.kind == "fn" else spec.value,
-        kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None,
+        tap, x, jit_target_value(spec),
+        kind=spec.kind, target_fn=jit_target_fn(spec),
         per_step=_per_step(chunk_size, batch), compute_dtype=_check_dtype(compute_dtype),
         size=size, relu=bool(relu), upsample=bool(upsample), normalize=bool(normalize),
         interpolation=interpolation, drop_tokens=int(drop_tokens),
@@ -489,8 +501,8 @@ def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int
     except ValueError:
         raise ValueError(f"occlusion: baseline of shape {baseline.shape} does not broadcast to the input {x.shape}.") from None
     return _occlusion_jit(
-        arrays, x, None if spec.kind == "fn" else spec.value, baseline,
-        fn_static=static, kind=spec.kind, target_fn=spec.value if spec.kind == "fn" else None,
+        arrays, x, jit_target_value(spec), baseline,
+        fn_static=static, kind=spec.kind, target_fn=jit_target_fn(spec),
         window=window, stride=stride, per_step=_per_step(chunk_size, batch),
     )
 

@@ -143,3 +143,81 @@ def test_taps_are_pytrees_and_params_are_differentiable(w):
     norms = jax.tree_util.tree_map(lambda g: float(jnp.abs(g).sum()), grads)
     assert norms["params"]["block3"]["conv"]["kernel"] > 0
     assert norms["params"]["block1"]["conv"]["kernel"] > 0
+
+
+def test_equinox_models_with_static_fields():
+    """Activation functions, Lambda layers and Dropout flags are not jit arguments."""
+    import equinox as eqx
+
+    key = jax.random.key(0)
+    k1, k2, k3 = jax.random.split(key, 3)
+    conv = eqx.nn.Conv2d(3, 6, 3, padding=1, key=k1)
+    features = eqx.nn.Sequential([conv, eqx.nn.Lambda(jax.nn.relu), eqx.nn.Dropout(0.1, inference=True)])
+    mlp = eqx.nn.MLP(6, 4, width_size=8, depth=1, activation=jax.nn.relu, key=k2)
+
+    class Net(eqx.Module):
+        features: eqx.nn.Sequential
+        mlp: eqx.nn.MLP
+
+        def __call__(self, x):
+            return self.mlp(self.features(x).mean(axis=(1, 2)))
+
+    net = Net(features, mlp)
+    tap = gcj.equinox_tap(net, lambda m: m.features)
+    maps = gcj.grad_cam(tap, X, 2, upsample=False, normalize=False, relu=False)
+    # Independent: the same computation through split_tap on plain functions.
+    wk, bk = np.asarray(conv.weight), np.asarray(conv.bias)
+
+    def feats(x):
+        y = jax.lax.conv_general_dilated(x, jnp.asarray(wk.transpose(2, 3, 1, 0)), (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(y + bk[:, 0, 0])
+
+    ref = gcj.split_tap(feats, lambda a: jax.vmap(mlp)(a.mean(axis=(1, 2))))
+    expected = gcj.grad_cam(ref, X, 2, upsample=False, normalize=False, relu=False)
+    np.testing.assert_allclose(np.asarray(maps), np.asarray(expected), rtol=1e-4, atol=1e-6)
+    assert gcj.score_cam(tap, X, 2, chunk_size=8).shape == (2, 12, 12)
+    assert gcj.guided_grad_cam(tap, X, 2).shape == (2, 12, 12, 3)
+
+
+def test_building_the_same_tap_again_does_not_recompile(w):
+    import flax.linen as nn
+
+    traces = []
+
+    class Counted(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            traces.append(1)
+            x = nn.relu(nn.Conv(4, (3, 3), name="conv")(x))
+            return nn.Dense(3, name="fc")(x.mean(axis=(1, 2)))
+
+    m = Counted()
+    v = m.init(jax.random.key(0), X)
+    gcj.grad_cam(gcj.linen_tap(m, v, "conv"), X, 1)
+    after_first = len(traces)
+    for _ in range(3):
+        gcj.grad_cam(gcj.linen_tap(m, v, "conv"), X, 1)
+    assert len(traces) == after_first
+
+
+def test_linen_method_goes_to_apply():
+    import flax.linen as nn
+
+    class TwoHeads(nn.Module):
+        def setup(self):
+            self.conv = nn.Conv(4, (3, 3))
+            self.fc = nn.Dense(3)
+
+        def __call__(self, x):
+            return self.fc(nn.relu(self.conv(x)).mean(axis=(1, 2)))
+
+        def negated(self, x):
+            return -self(x)
+
+    m = TwoHeads()
+    v = m.init(jax.random.key(0), X)
+    plain = gcj.grad_cam(gcj.linen_tap(m, v, "conv"), X, 1, upsample=False, normalize=False, relu=False)
+    neg = gcj.grad_cam(gcj.linen_tap(m, v, "conv", method=TwoHeads.negated), X, 1,
+                       upsample=False, normalize=False, relu=False)
+    np.testing.assert_allclose(np.asarray(neg), -np.asarray(plain), rtol=1e-5, atol=1e-7)

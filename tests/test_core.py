@@ -350,3 +350,38 @@ def test_segmentation_style_scores_need_a_callable_target():
     mask = jnp.zeros((4, 4)).at[:2, :2].set(1.0)
     maps = gcj.grad_cam(seg, x, lambda s: jnp.sum(s[..., 1] * mask, axis=(1, 2)), upsample=False, normalize=False)
     assert maps.shape == (1, 4, 4)
+
+
+def test_vector_layer_with_normalisation_is_refused():
+    vtap = gcj.split_tap(lambda t: t * 1.0, lambda a: jnp.tanh(a) @ jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match="no spatial extent"):
+        gcj.grad_cam(vtap, jnp.ones((2, 5)), 1, upsample=False)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "lanczos3"])
+def test_zero_evidence_stays_zero_after_overshooting_kernels(interpolation):
+    # One hot spot on a 6x6 layer map: the ReLU-ed map is 0 elsewhere, and must stay >= 0 and
+    # exactly 0 far from the spot after upsampling.
+    a = np.zeros((1, 6, 6, 1), np.float32)
+    a[0, 2, 2, 0] = 1.0
+    tap = gcj.split_tap(lambda x: jnp.asarray(a) + 0 * x[:, :6, :6, :1], lambda a: a.sum(axis=(1, 2)))
+    maps = np.asarray(gcj.grad_cam(tap, jnp.zeros((1, 48, 48, 3)), 0, interpolation=interpolation))
+    assert maps.min() >= 0
+    assert maps[0, 46:, 46:].max() == 0  # beyond the kernels' support (3 layer pixels)
+
+
+def test_callable_targets_with_arrays_do_not_recompile():
+    import functools
+
+    traces = []
+    tap, x, _ = make_problem(13)
+
+    def masked(scores, weights):
+        traces.append(1)
+        return scores @ weights
+
+    r = np.random.default_rng(0)
+    for _ in range(3):
+        t = functools.partial(masked, weights=jnp.asarray(r.normal(size=(NCLS,)).astype(np.float32)))
+        gcj.grad_cam(tap, x, t)
+    assert len(traces) <= 2  # traced for shape checks and compilation once, not once per call

@@ -178,15 +178,13 @@ def test_smooth_grad_is_the_mean_over_noisy_copies():
 # ------------------------------------------------------------------ Guided Grad-CAM
 
 
-def test_guided_grad_cam_is_guided_backprop_times_upsampled_grad_cam():
+def test_guided_grad_cam_normalisation_keeps_signs_and_scales_to_unit_peak():
     w = nets.weights(6)
     x = np.random.default_rng(8).normal(size=(2, 16, 16, 3)).astype(np.float32)
     tap = gcj.split_tap(*nets.pooled_split_functions(w))
-    gb = np.asarray(gcj.guided_backprop(tap, x, [1, 2]))
-    cam = np.asarray(gcj.grad_cam(tap, x, [1, 2], normalize=False))
     raw = np.asarray(gcj.guided_grad_cam(tap, x, [1, 2], normalize=False))
-    np.testing.assert_allclose(raw, gb * cam[..., None], rtol=1e-4, atol=1e-7)
     norm = np.asarray(gcj.guided_grad_cam(tap, x, [1, 2]))
+    assert raw.shape == norm.shape == (2, 2, 16, 16, 3)
     np.testing.assert_allclose(np.abs(norm).max(axis=(2, 3, 4)), 1.0, rtol=1e-6)
     np.testing.assert_allclose(norm * np.abs(raw).max(axis=(2, 3, 4), keepdims=True), raw, rtol=1e-5, atol=1e-7)
 
@@ -225,6 +223,69 @@ def test_parity_with_captum_guided_grad_cam_nearest():
     tap = gcj.split_tap(*nets.pooled_split_functions(w))
     got = gcj.guided_grad_cam(tap, x, target, interpolation="nearest", normalize=False)
     got = np.asarray(got).transpose(0, 3, 1, 2)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+# ------------------------------------------------------------------ what is and is not a ReLU
+
+
+def test_min_with_a_literal_first_and_relu6_written_by_hand():
+    w = jnp.asarray(W3[:8, :4])
+    x = jnp.asarray(R.normal(size=(3, 8)).astype(np.float32)) * 4
+    hand = gcj.guided_backprop(lambda x: jnp.minimum(6.0, jnp.maximum(0.0, x)) @ w, x, 1)
+    ref = gcj.gradients(lambda x: gcj.guided_relu6(x) @ w, x, 1)
+    np.testing.assert_allclose(np.asarray(hand), np.asarray(ref), rtol=1e-6)
+    # A min with a literal that is not a ReLU's clip is left alone (and does not crash).
+    other = gcj.guided_backprop(lambda x: jnp.minimum(1.0, jnp.tanh(jax.nn.relu(x))) @ w, x, 1)
+    assert other.shape == x.shape
+
+
+@pytest.mark.parametrize("act", [jax.nn.softplus, jax.nn.log_sigmoid, jax.nn.mish],
+                         ids=["softplus", "log_sigmoid", "mish"])
+def test_smooth_activations_containing_max_are_not_relus(act):
+    w = jnp.asarray(W3[:8, :4])
+    x = jnp.asarray(R.normal(size=(3, 8)).astype(np.float32))
+    assert gcj.count_relus(jax.make_jaxpr(act)(x)) == 0
+    with pytest.raises(ValueError, match="no ReLU"):
+        gcj.guided_backprop(lambda x: act(x) @ w, x, 0)
+    # Beside a real ReLU, the smooth one keeps its own derivative.
+    mixed = gcj.guided_backprop(lambda x: jax.nn.relu(act(x) @ jnp.eye(8)) @ w, x, 0)
+    ref = gcj.gradients(lambda x: gcj.guided_relu(act(x) @ jnp.eye(8)) @ w, x, 0)
+    np.testing.assert_allclose(np.asarray(mixed), np.asarray(ref), rtol=1e-5, atol=1e-7)
+
+
+def test_integer_clamps_are_not_relus():
+    w = jnp.asarray(W3[:8, :4])
+    x = jnp.asarray(R.normal(size=(3, 8)).astype(np.float32))
+    fn = lambda x: jnp.tanh(x) @ w + jnp.clip(jnp.argmax(x, -1), 0, 5)[:, None]  # noqa: E731
+    with pytest.raises(ValueError, match="no ReLU"):
+        gcj.guided_backprop(fn, x, 0)
+
+
+def test_smooth_grad_default_target_is_the_clean_top_class():
+    key = jax.random.key(1)
+    top = np.asarray(mlp(jnp.asarray(XV))).argmax(-1)
+    default = gcj.smooth_grad(mlp, XV, None, key=key, n_samples=6, noise_level=0.5)
+    explicit = gcj.smooth_grad(mlp, XV, top, key=key, n_samples=6, noise_level=0.5)
+    np.testing.assert_allclose(np.asarray(default), np.asarray(explicit), rtol=1e-6)
+
+
+def test_parity_with_captum_guided_backprop_times_bilinear_layer_grad_cam():
+    """Guided Grad-CAM with the paper's bilinear upsampling, built from Captum's parts."""
+    w = nets.weights(10)
+    x = np.random.default_rng(10).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    target = np.array([0, 4])
+    pooled = nets.torch_pooled_model(w, dtype=torch.float64)
+    xt = torch_input(x)
+    gb = captum_attr.GuidedBackprop(pooled).attribute(xt, target=torch.as_tensor(target))
+    cam = captum_attr.LayerGradCam(pooled, pooled.pool).attribute(xt, target=torch.as_tensor(target),
+                                                                  relu_attributions=True)
+    cam = captum_attr.LayerAttribution.interpolate(cam, (16, 16), "bilinear")
+    expected = (gb * cam).detach().numpy()
+    tap = gcj.split_tap(*nets.pooled_split_functions(w))
+    got = np.asarray(gcj.guided_grad_cam(tap, x, target, normalize=False)).transpose(0, 3, 1, 2)
     scale = np.abs(expected).max()
     assert scale > 0
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
