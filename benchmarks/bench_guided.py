@@ -3,7 +3,7 @@
     python benchmarks/bench_guided.py --batch 8 --size 224 --model resnet50
 
 In one run, every function jit-compiled, compilation and a warm-up call excluded, the median
-of ``--repeats`` timed calls:
+of ``--repeats`` timed rounds (the rows interleaved, one call each per round):
 
   forward+backward  jax.jit(jax.grad of the class score w.r.t. the input)   -- the floor
   guided_backprop   gcj.guided_backprop (every ReLU swapped by the jaxpr rewrite)
@@ -34,7 +34,7 @@ try:
 except ImportError:  # a checkout that was not installed
     sys.path.insert(0, str(HERE.parent))
     import gradcam_jax as gcj
-from bench_throughput import MODELS, DTYPES, peak_memory, time_fn  # noqa: E402
+from bench_throughput import DTYPES, MODELS, compile_and_warm, peak_memory, time_round_robin  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -93,13 +93,13 @@ def main(argv=None):
     ggc = jax.jit(lambda t, x: gcj.guided_grad_cam(t, x, target))
     cam = jax.jit(lambda t, x: gcj.grad_cam(t, x, target))
 
-    rows = []
-    for name, fn, fargs in (("forward+backward (floor)", floor, (variables, x)),
-                            ("guided_backprop", guided_bp, (variables, x)),
-                            ("guided_grad_cam", ggc, (tap, x)),
-                            ("grad_cam", cam, (tap, x))):
-        median, _, _, _ = time_fn(fn, fargs, args.repeats)
-        rows.append((name, median))
+    named = (("forward+backward (floor)", floor, (variables, x)),
+             ("guided_backprop", guided_bp, (variables, x)),
+             ("guided_grad_cam", ggc, (tap, x)),
+             ("grad_cam", cam, (tap, x)))
+    calls = [(compile_and_warm(fn, fargs)[0], fargs) for _, fn, fargs in named]
+    times = time_round_robin(calls, args.repeats)  # interleaved: load hits every row alike
+    rows = [(name, statistics.median(t)) for (name, _, _), t in zip(named, times)]
     if args.captum:
         rows += captum_rows(args, target)
 
