@@ -98,6 +98,16 @@ def _resolve_method(method) -> Callable:
     raise TypeError(f"method must be a registered name or a function (A, dA) -> map; got {method!r}.")
 
 
+def check_image_batch(x, who: str):
+    """Raise unless ``x`` is a floating channels-last image batch ``(B, H, W, C)``."""
+    if not hasattr(x, "ndim") or x.ndim != 4:
+        shape = getattr(x, "shape", type(x).__name__)
+        raise ValueError(f"{who}: images must be a channels-last batch (B, H, W, C); got {shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{who}: images must be floating (the model's input); got dtype {x.dtype}. "
+                        f"Convert them with x.astype(jnp.float32) (or the model's preprocess).")
+
+
 def _image_size(x, upsample: bool):
     if not upsample:
         return None

@@ -239,27 +239,13 @@ def _error(msg: str):
 
 
 def _read_image(path: str):
-    """The file as a uint8 RGB array, or raise OSError/ValueError with a readable reason."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    """The file as a uint8 RGB array, or raise ValueError with a readable reason."""
+    from .dataset._sources import RecordError, load_image  # the dataset loader's decoder
 
-    if os.path.isdir(path):
-        raise OSError("is a folder, not an image file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            rgb = im.convert("RGB")
-    except FileNotFoundError:
-        raise OSError("no such file") from None
-    except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read (unknown or damaged format)") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"damaged or truncated image ({e})") from None
-    arr = np.asarray(rgb)
+        arr = load_image(path, size=None)
+    except RecordError as e:
+        raise ValueError(str(e)) from None
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise ValueError(f"image is only {arr.shape[1]} x {arr.shape[0]} pixels")
     return arr

@@ -41,7 +41,14 @@ from ._core import (
     spec_from_jit,
     target_spec,
 )
-from ._explain import _check_common, _check_range_eagerly, _image_size, finish_maps, to_grid
+from ._explain import (
+    _check_common,
+    _check_range_eagerly,
+    _image_size,
+    check_image_batch,
+    finish_maps,
+    to_grid,
+)
 from ._tap import Tap, as_tap
 from .methods import safe_divide
 from .postprocess import normalize_maps, upsample_to
@@ -134,11 +141,7 @@ def _in_dtype(tap: Tap, compute_dtype) -> Tap:
 
 
 def _check_image(x, who: str):
-    if not hasattr(x, "ndim") or x.ndim != 4:
-        shape = getattr(x, "shape", type(x).__name__)
-        raise ValueError(f"{who} perturbs images: x must be (B, H, W, C); got {shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{who}: x must be a floating image batch; got dtype {x.dtype}. Convert it with x.astype(jnp.float32).")
+    check_image_batch(x, who)
 
 
 def _weighted(weights, a):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._callables import combine_callable, partition_callable, scores_fn
+from .._explain import check_image_batch
 
 __all__ = ["saliency_order", "saliency_ranks", "pixel_saliency", "gaussian_blur", "removal_counts"]
 
@@ -39,11 +40,7 @@ def check_fn(fn, who: str):
 
 
 def check_images(images, who: str):
-    if not hasattr(images, "ndim") or images.ndim != 4:
-        shape = getattr(images, "shape", type(images).__name__)
-        raise ValueError(f"{who}: images must be a channels-last batch (B, H, W, C); got {shape}.")
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise TypeError(f"{who}: images must be floating (the model's input); got dtype {images.dtype}.")
+    check_image_batch(images, who)
 
 
 def check_maps(maps, images, who: str):

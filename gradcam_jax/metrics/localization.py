@@ -214,6 +214,18 @@ def _correct_jit(pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid, iou_th
     return jnp.any(match & (iou >= iou_threshold), axis=-1)
 
 
+def _ground_truth(gt_boxes, gt_labels, gt_valid):
+    """Boxes ``(B, M, 4)``, labels ``(B, M)`` and validity ``(B, M)`` from the accepted forms."""
+    gt_boxes = jnp.asarray(gt_boxes, jnp.int32)
+    if gt_boxes.ndim == 2:
+        gt_boxes = gt_boxes[:, None]
+    gt_labels = jnp.asarray(gt_labels, jnp.int32)
+    if gt_labels.ndim == 1:
+        gt_labels = jnp.broadcast_to(gt_labels[:, None], gt_boxes.shape[:2])
+    gt_valid = jnp.ones(gt_boxes.shape[:2], bool) if gt_valid is None else jnp.asarray(gt_valid, bool)
+    return gt_boxes, gt_labels, gt_valid
+
+
 def localization_correct(pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid=None, *,
                          iou_threshold: float = 0.5):
     """Which (class, box) guesses localise an object: ILSVRC's criterion.
@@ -240,13 +252,7 @@ def localization_correct(pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid
         pred_boxes = pred_boxes[:, None]
     if pred_classes.ndim == 1:
         pred_classes = pred_classes[:, None]
-    gt_boxes = jnp.asarray(gt_boxes, jnp.int32)
-    if gt_boxes.ndim == 2:
-        gt_boxes = gt_boxes[:, None]
-    gt_labels = jnp.asarray(gt_labels, jnp.int32)
-    if gt_labels.ndim == 1:
-        gt_labels = jnp.broadcast_to(gt_labels[:, None], gt_boxes.shape[:2])
-    gt_valid = jnp.ones(gt_boxes.shape[:2], bool) if gt_valid is None else jnp.asarray(gt_valid, bool)
+    gt_boxes, gt_labels, gt_valid = _ground_truth(gt_boxes, gt_labels, gt_valid)
     if pred_boxes.shape[:2] != pred_classes.shape:
         raise ValueError(f"localization_correct: pred_boxes {pred_boxes.shape} and pred_classes "
                          f"{pred_classes.shape} disagree on (B, K).")
@@ -313,13 +319,7 @@ def localization_errors(maps, pred_classes, gt_boxes, gt_labels, gt_valid=None, 
         pred_classes = pred_classes[:, None]
     boxes = localization_box(maps, threshold, connectivity=connectivity)
     correct = localization_correct(boxes, pred_classes, gt_boxes, gt_labels, gt_valid, iou_threshold=iou_threshold)
-    gt_boxes = jnp.asarray(gt_boxes, jnp.int32)
-    if gt_boxes.ndim == 2:
-        gt_boxes = gt_boxes[:, None]
-    gt_labels = jnp.asarray(gt_labels, jnp.int32)
-    if gt_labels.ndim == 1:
-        gt_labels = jnp.broadcast_to(gt_labels[:, None], gt_boxes.shape[:2])
-    valid = jnp.ones(gt_boxes.shape[:2], bool) if gt_valid is None else jnp.asarray(gt_valid, bool)
+    gt_boxes, gt_labels, valid = _ground_truth(gt_boxes, gt_labels, gt_valid)
     iou = box_iou(boxes[:, :, None, :], gt_boxes[:, None, :, :])
     same = (pred_classes[:, :, None] == gt_labels[:, None, :]) & valid[:, None, :]
     return Localization(boxes, jnp.max(jnp.where(same, iou, 0.0), axis=-1), correct)
