@@ -192,14 +192,27 @@ def _batch_size(x) -> int:
     return leaves[0].shape[0]
 
 
+def check_target_against(spec: TargetSpec, abstract_scores: Callable[[], Any]) -> None:
+    """:func:`check_target_range` with the class count read from the model's scores.
+
+    ``abstract_scores()`` returns the scores' shape (e.g. a ``jax.eval_shape``); it is called
+    only for concrete index targets, so None, callable and traced targets trace nothing. Models
+    whose scores are not ``(B, classes)`` are not checked (a callable target is needed there).
+    """
+    if spec.kind not in ("index", "multi") or not _is_concrete(spec.value):
+        return
+    scores = abstract_scores()
+    if hasattr(scores, "shape") and len(scores.shape) == 2:
+        check_target_range(spec, scores.shape[-1])
+
+
 # One jitted function for shape inference, so eval_shape hits JAX's trace cache.
 _run_tap = jax.jit(lambda tap, x: tap(x))
 
 
 def _activations_and_grads(tap: Tap, x, spec: TargetSpec) -> Grads:
     scores_spec, act_spec = _run_tap.eval_shape(tap, x)
-    if hasattr(scores_spec, "shape") and len(scores_spec.shape) == 2 and spec.kind in ("index", "multi"):
-        check_target_range(spec, scores_spec.shape[-1])
+    check_target_against(spec, lambda: scores_spec)
     if not jnp.issubdtype(act_spec.dtype, jnp.floating):
         raise TypeError(f"The tapped layer's output has dtype {act_spec.dtype}; a float activation is needed.")
     delta0 = jnp.zeros(act_spec.shape, act_spec.dtype)

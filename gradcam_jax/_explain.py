@@ -22,7 +22,7 @@ from ._core import (
     _activations_and_grads,
     _batch_size,
     _run_tap,
-    check_target_range,
+    check_target_against,
     jit_target_fn,
     jit_target_value,
     spec_from_jit,
@@ -121,11 +121,7 @@ def _image_size(x, upsample: bool):
 
 
 def _check_range_eagerly(tap: Tap, x, spec: TargetSpec) -> None:
-    if spec.kind not in ("index", "multi") or isinstance(spec.value, jax.core.Tracer):
-        return
-    scores, _ = _run_tap.eval_shape(tap, x)
-    if hasattr(scores, "shape") and len(scores.shape) == 2:
-        check_target_range(spec, scores.shape[-1])
+    check_target_against(spec, lambda: _run_tap.eval_shape(tap, x)[0])
 
 
 def _check_common(x, interpolation: str):

@@ -40,7 +40,7 @@ from ._core import (
     Target,
     _batch_size,
     _run_tap,
-    check_target_range,
+    check_target_against,
     jit_target_fn,
     jit_target_value,
     select_scores,
@@ -452,10 +452,7 @@ def _input_grads(fn, x, target, rule):
     if not callable(fn):
         raise TypeError(f"Expected a callable x -> scores (a model, an apply function or a tap); got {type(fn).__name__}.")
     spec = target_spec(target, _batch_size(x))
-    if spec.kind in ("index", "multi") and not isinstance(spec.value, jax.core.Tracer):
-        scores = jax.eval_shape(scores_fn(fn), x)
-        if hasattr(scores, "shape") and len(scores.shape) == 2:
-            check_target_range(spec, scores.shape[-1])
+    check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
     dyn, static = partition_callable(fn)
     return _input_grads_jit(dyn, x, jit_target_value(spec), static=static,
                             kind=spec.kind, target_fn=jit_target_fn(spec), rule=rule)

@@ -30,11 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._callables import combine_callable, partition_callable, scores_fn
+from ._chunking import map_in_chunks
 from ._core import (
     Target,
     TargetSpec,
     _batch_size,
-    check_target_range,
+    check_target_against,
     jit_target_fn,
     jit_target_value,
     select_scores,
@@ -74,30 +75,9 @@ def _per_step(chunk_size, batch: int) -> int:
 
 
 def _chunked_map(f, xs, per_step: int):
-    """``vmap(f)(xs)`` evaluated ``per_step`` elements at a time (a scan over chunks).
-
-    The number of steps is ``ceil(n / per_step)``; the chunk is then shrunk to
-    ``ceil(n / steps)`` so that padding (copies of the first elements, results dropped) is
-    smaller than the number of steps. Unlike ``lax.map(..., batch_size=)`` there is no separate
-    remainder computation, so the model appears once in the compiled program.
-    """
+    """``vmap(f)(xs)`` evaluated ``per_step`` elements at a time (see :func:`map_in_chunks`)."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    steps = -(-n // per_step)
-    if steps <= 1:
-        return jax.vmap(f)(xs)
-    per = -(-n // steps)
-    pad = steps * per - n
-
-    def chunks(v):
-        if pad:
-            v = jnp.concatenate([v, v[:pad]], axis=0)
-        return v.reshape((steps, per) + v.shape[1:])
-
-    def body(carry, chunk):
-        return carry, jax.vmap(f)(chunk)
-
-    _, ys = jax.lax.scan(body, None, jax.tree_util.tree_map(chunks, xs))
-    return jax.tree_util.tree_map(lambda y: y.reshape((steps * per,) + y.shape[2:])[:n], ys)
+    return map_in_chunks(lambda idx: jax.vmap(f)(jax.tree_util.tree_map(lambda v: v[idx], xs)), n, per_step)
 
 
 def _fixed_spec(kind: str, value, target_fn, clean_scores) -> TargetSpec:
@@ -140,10 +120,6 @@ def _in_dtype(tap: Tap, compute_dtype) -> Tap:
     return tap if compute_dtype is None else tap.with_params(_cast_floating(tap.params, compute_dtype))
 
 
-def _check_image(x, who: str):
-    check_image_batch(x, who)
-
-
 def _weighted(weights, a):
     """``sum_k w_k A^k``: weights ``(N, B)`` or ``(N, B, K)``, ``a`` ``(B, h, w, N)``."""
     if weights.ndim == 2:
@@ -154,7 +130,7 @@ def _weighted(weights, a):
 def _prepare(tap, x, target, interpolation, upsample, who):
     tap = as_tap(tap)
     batch = _check_common(x, interpolation)
-    _check_image(x, who)
+    check_image_batch(x, who)
     spec = target_spec(target, batch)
     _check_range_eagerly(tap, x, spec)
     return tap, batch, spec, _image_size(x, upsample)
@@ -486,7 +462,7 @@ def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int
     if not callable(fn):
         raise TypeError(f"occlusion: fn must be a callable x -> scores (or a tap); got {type(fn).__name__}.")
     batch = _batch_size(x)
-    _check_image(x, "occlusion")
+    check_image_batch(x, "occlusion")
     window = _pair(window, "window")
     stride = _pair(stride, "stride")
     height, width = x.shape[1:3]
@@ -494,10 +470,7 @@ def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int
         raise ValueError(f"occlusion: window {window} does not fit in the {height}x{width} image.")
     spec = target_spec(target, batch)
     arrays, static = partition_callable(fn)
-    if spec.kind in ("index", "multi") and not isinstance(spec.value, jax.core.Tracer):
-        out = jax.eval_shape(lambda a, x: scores_fn(combine_callable(a, static))(x), arrays, x)
-        if hasattr(out, "shape") and len(out.shape) == 2:
-            check_target_range(spec, out.shape[-1])
+    check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
     baseline = jnp.asarray(baseline, x.dtype)
     try:
         jnp.broadcast_shapes(baseline.shape, x.shape)

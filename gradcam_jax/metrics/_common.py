@@ -6,14 +6,14 @@ Nothing here is specific to one metric. All functions are pure and jittable.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._callables import combine_callable, partition_callable, scores_fn
-from .._explain import check_image_batch
+from .._chunking import map_in_chunks
+from .._core import check_target_against, target_spec
 
 __all__ = ["saliency_order", "saliency_ranks", "pixel_saliency", "gaussian_blur", "removal_counts"]
 
@@ -23,13 +23,8 @@ __all__ = ["saliency_order", "saliency_ranks", "pixel_saliency", "gaussian_blur"
 # --------------------------------------------------------------------------------------------
 
 
-def split_fn(fn) -> Tuple[list, tuple]:
-    """A callable pytree (a function, a Tap, an Equinox module) as (traced arrays, static rest)."""
-    return partition_callable(fn)
-
-
 def merge_fn(arrays, static):
-    """The scores function ``x -> scores`` back from :func:`split_fn`'s parts."""
+    """The scores function ``x -> scores`` back from ``partition_callable``'s parts."""
     return scores_fn(combine_callable(arrays, static))
 
 
@@ -37,10 +32,6 @@ def check_fn(fn, who: str):
     if not callable(fn):
         raise TypeError(f"{who}: fn must be a callable images -> scores (B, classes) (a model's apply "
                         f"closure, an Equinox model, a tap); got {type(fn).__name__}.")
-
-
-def check_images(images, who: str):
-    check_image_batch(images, who)
 
 
 def check_maps(maps, images, who: str):
@@ -70,26 +61,16 @@ def prepare_target(fn, images, target, who: str):
     if target is None:
         return None
     batch = images.shape[0]
-    if isinstance(target, bool):
-        raise TypeError(f"{who}: target must be None, an int or an int array (B,); got a bool.")
-    arr = jnp.asarray(target)
-    if not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise TypeError(f"{who}: target must hold integer class indices; got dtype {arr.dtype}.")
-    if arr.ndim == 0:
-        arr = jnp.broadcast_to(arr, (batch,))
-    if arr.shape != (batch,):
-        raise ValueError(f"{who}: target must be an int or an int array of shape ({batch},); got shape {arr.shape}.")
-    if not isinstance(arr, jax.core.Tracer):
-        scores_fn = merge_fn(*split_fn(fn))
-        out = jax.eval_shape(scores_fn, jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), images.dtype))
-        if hasattr(out, "shape") and len(out.shape) == 2:
-            values = np.asarray(arr)
-            n = out.shape[-1]
-            if values.size and (values.min() < 0 or values.max() >= n):
-                bad = int(values.max()) if values.max() >= n else int(values.min())
-                raise ValueError(f"{who}: target {bad} is out of range: the model has {n} classes "
-                                 f"(indices 0 to {n - 1}).")
-    return arr.astype(jnp.int32)
+    if isinstance(target, (list, tuple)):
+        target = np.asarray(target)  # here a list is one class per image, not K classes
+    spec = target_spec(target, batch)  # the explainers' own target rules and messages
+    if spec.kind != "index":
+        raise ValueError(f"{who}: target must be None, an int or an int array of shape ({batch},); "
+                         f"got {target!r}.")
+    scores = merge_fn(*partition_callable(fn))
+    one = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), images.dtype)
+    check_target_against(spec, lambda: jax.eval_shape(scores, one))
+    return jnp.asarray(spec.value, jnp.int32)
 
 
 def class_scores(scores, target, softmax: bool):
@@ -107,33 +88,13 @@ def resolve_target(fn, images, target, chunk: int):
     if target is not None:
         return target
     b = images.shape[0]
-    top = chunked_eval(lambda idx: jnp.argmax(fn(images[idx]), axis=-1).astype(jnp.int32), b, chunk)
+    top = map_in_chunks(lambda idx: jnp.argmax(fn(images[idx]), axis=-1).astype(jnp.int32), b, chunk)
     return top
 
 
 # --------------------------------------------------------------------------------------------
 # Chunked evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def chunked_eval(batch_fn: Callable, n_items: int, chunk: int):
-    """``batch_fn(idx)`` for ``idx = 0 .. n_items - 1``, ``chunk`` indices per call.
-
-    ``batch_fn`` maps an int32 index vector ``(c,)`` to a result with leading axis ``c`` (it
-    typically builds ``c`` perturbed images and runs the model on them as one batch). The calls
-    run in a ``lax.map`` (a sequential loop on device), so memory is set by ``chunk``. The number
-    of calls is ``ceil(n_items / chunk)`` and the chunk is then evened out to
-    ``ceil(n_items / calls)``; the last call is padded with repeats of the first indices (their
-    results dropped), so the model appears once in the compiled program.
-    """
-    n_items = int(n_items)
-    calls = -(-n_items // chunk)
-    per = -(-n_items // calls)
-    idx = jnp.arange(calls * per, dtype=jnp.int32) % n_items
-    if calls == 1:
-        return batch_fn(idx)[:n_items]
-    out = jax.lax.map(batch_fn, idx.reshape(calls, per))
-    return jax.tree_util.tree_map(lambda y: y.reshape((calls * per,) + y.shape[2:])[:n_items], out)
 
 
 # --------------------------------------------------------------------------------------------

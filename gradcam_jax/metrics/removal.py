@@ -2,7 +2,7 @@
 
 Each metric perturbs the images according to the maps and reads the model's confidence in the
 explained class. All perturbed images of all steps are built on device, inside the loop that
-evaluates them, ``chunk_size`` images per forward pass (see :func:`chunked_eval`), so nothing
+evaluates them, ``chunk_size`` images per forward pass (see ``gradcam_jax._chunking.map_in_chunks``), so nothing
 of size ``steps x B x H x W x C`` is ever materialised and the model is compiled once.
 
 Common arguments:
@@ -31,9 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import (check_fn, check_images, check_maps, check_positive_int, chunked_eval, class_scores,
+from .._callables import partition_callable
+from .._chunking import map_in_chunks
+from .._explain import check_image_batch
+from ._common import (check_fn, check_maps, check_positive_int, class_scores,
                       gaussian_blur, merge_fn, prepare_target, removal_counts, resolve_target, saliency_ranks,
-                      split_fn, trapezoid)
+                      trapezoid)
 
 __all__ = ["Curve", "deletion", "insertion", "ConfidenceChange", "confidence_change",
            "ROAD", "road", "noisy_linear_imputation"]
@@ -78,7 +81,7 @@ def _curve_jit(fn_arrays, images, fill, clean, maps, target, *, fn_static, n_ste
         x = jnp.where(changed, fill[img], images[img])
         return class_scores(fn(x), target[img], softmax)
 
-    scores = chunked_eval(batch, (n_steps + 1) * b, chunk).reshape(n_steps + 1, b).T
+    scores = map_in_chunks(batch, (n_steps + 1) * b, chunk).reshape(n_steps + 1, b).T
     fractions = cuts.astype(jnp.float32) / (h * w)
     return Curve(trapezoid(scores, fractions), scores, fractions)
 
@@ -90,7 +93,7 @@ def _curve(who, fn, images, maps, target, start, fill, n_steps, chunk_size, soft
     n_steps = check_positive_int(n_steps, "n_steps", who)
     chunk = check_positive_int(chunk_size, "chunk_size", who)
     target = prepare_target(fn, images, target, who)
-    arrays, static = split_fn(fn)
+    arrays, static = partition_callable(fn)
     return _curve_jit(arrays, start, fill, images, maps, target, fn_static=static, n_steps=n_steps,
                       chunk=chunk, softmax=bool(softmax))
 
@@ -123,7 +126,7 @@ def deletion(fn, images, maps, target=None, *, n_steps: int = 50, baseline=0.0, 
       Models", BMVC 2018, §4.1, https://arxiv.org/abs/1806.07421 (ResNet-50, ImageNet: Grad-CAM
       deletion 0.123, insertion 0.677).
     """
-    check_images(images, "deletion")
+    check_image_batch(images, "deletion")
     fill = _broadcast_fill(baseline, images, "deletion")
     return _curve("deletion", fn, images, maps, target, images, fill, n_steps, chunk_size, softmax)
 
@@ -153,7 +156,7 @@ def insertion(fn, images, maps, target=None, *, n_steps: int = 50, blur_sigma: f
     References:
       Petsiuk, Das & Saenko, RISE, BMVC 2018, §4.1, https://arxiv.org/abs/1806.07421.
     """
-    check_images(images, "insertion")
+    check_image_batch(images, "insertion")
     if canvas is None:
         canvas = gaussian_blur(images, float(blur_sigma))
     canvas = _broadcast_fill(canvas, images, "insertion")
@@ -194,7 +197,7 @@ def _confidence_jit(fn_arrays, images, maps, baseline, target, *, fn_static, chu
         x = jnp.where((idx >= b)[:, None, None, None], masked, images[img])
         return class_scores(fn(x), target[img], softmax)
 
-    s = chunked_eval(batch, 2 * b, chunk)
+    s = map_in_chunks(batch, 2 * b, chunk)
     y, o = s[:b], s[b:]
     drop = jnp.where(y > 0, jnp.maximum(y - o, 0.0) / jnp.where(y > 0, y, 1.0), 0.0) * 100.0
     return ConfidenceChange(drop, o > y, y, o)
@@ -232,12 +235,12 @@ def confidence_change(fn, images, maps, target=None, *, baseline=0.0, chunk_size
     """
     who = "confidence_change"
     check_fn(fn, who)
-    check_images(images, who)
+    check_image_batch(images, who)
     check_maps(maps, images, who)
     chunk = check_positive_int(chunk_size, "chunk_size", who)
     target = prepare_target(fn, images, target, who)
     fill = _broadcast_fill(baseline, images, who)
-    arrays, static = split_fn(fn)
+    arrays, static = partition_callable(fn)
     return _confidence_jit(arrays, images, maps, fill, target, fn_static=static, chunk=chunk,
                            softmax=bool(softmax))
 
@@ -433,7 +436,7 @@ def _road_jit(fn_arrays, images, maps, target, key, noise, tol, max_iter, *, fn_
         prob = class_scores(scores, target[img], softmax)
         return prob, jnp.argmax(scores, axis=-1) == target[img]
 
-    prob, ok = chunked_eval(batch, 2 * p * b, chunk)
+    prob, ok = map_in_chunks(batch, 2 * p * b, chunk)
     prob = prob.reshape(2, p, b).transpose(0, 2, 1)
     ok = ok.reshape(2, p, b).transpose(0, 2, 1)
     return prob, ok
@@ -474,7 +477,7 @@ def road(fn, images, maps, target=None, *, key=None, fractions: Sequence[float] 
     """
     who = "road"
     check_fn(fn, who)
-    check_images(images, who)
+    check_image_batch(images, who)
     check_maps(maps, images, who)
     chunk = check_positive_int(chunk_size, "chunk_size", who)
     fr = np.asarray(fractions, np.float64).reshape(-1)
@@ -487,7 +490,7 @@ def road(fn, images, maps, target=None, *, key=None, fractions: Sequence[float] 
     n_pix = images.shape[1] * images.shape[2]
     counts = tuple(int(c) for c in np.round(fr * n_pix).astype(np.int64))
     target = prepare_target(fn, images, target, who)
-    arrays, static = split_fn(fn)
+    arrays, static = partition_callable(fn)
     prob, ok = _road_jit(arrays, images, maps, target, key, jnp.float32(noise), jnp.float32(tol),
                          jnp.int32(max_iter), fn_static=static, counts=counts, chunk=chunk, softmax=bool(softmax))
     return ROAD(prob[0], prob[1], ok[0], ok[1], jnp.asarray(fr, jnp.float32))

@@ -192,9 +192,9 @@ def evaluate(fn, images, maps, target=None, *, key=None, boxes=None, labels=None
 
     out: Dict[str, jax.Array] = {}
     if target is None:  # resolve once, so that every metric explains the same class
-        from ._common import merge_fn, split_fn
+        from .._callables import scores_fn
 
-        target = jnp.argmax(merge_fn(*split_fn(fn))(images), axis=-1).astype(jnp.int32)
+        target = jnp.argmax(scores_fn(fn)(images), axis=-1).astype(jnp.int32)
     out["deletion"] = deletion(fn, images, maps, target, n_steps=n_steps, baseline=baseline,
                                chunk_size=chunk_size, softmax=softmax).auc
     out["insertion"] = insertion(fn, images, maps, target, n_steps=n_steps, blur_sigma=blur_sigma,
