@@ -31,7 +31,7 @@ from ._core import (
 from ._tap import Tap, as_tap
 from .postprocess import INTERPOLATIONS, normalize_maps, upsample_to
 
-__all__ = ["grad_cam", "cam", "to_grid", "finish_maps", "PERTURBATION_METHODS"]
+__all__ = ["grad_cam", "cam", "to_grid", "finish_maps", "maps_from_grads", "PERTURBATION_METHODS"]
 
 #: Methods computed from forward passes on perturbed inputs rather than from (A, dA).
 PERTURBATION_METHODS = ("score_cam", "ablation_cam")
@@ -139,18 +139,27 @@ def _cam_jit(tap, x, target_value, *, kind, target_fn, method_fn, size, relu, up
              interpolation, counterfactual, drop_tokens, grid):
     spec = spec_from_jit(kind, target_value, target_fn)
     out = _activations_and_grads(tap, x, spec)
-    a = to_grid(out.activation, drop_tokens, grid).astype(jnp.float32)
-    if normalize and a.shape[1:3] == (1, 1):
+    if normalize and to_grid(out.activation, drop_tokens, grid).shape[1:3] == (1, 1):
         raise ValueError(
             f"The tapped layer's output {out.activation.shape} has no spatial extent: its map is one "
             f"number per example, which normalisation would turn into 0. Pass normalize=False and "
             f"upsample=False for that number, or tap a layer with spatial axes."
         )
+    finish = functools.partial(finish_maps, size=size, relu=relu, upsample=upsample,
+                               normalize=normalize, interpolation=interpolation)
+    return maps_from_grads(out, method_fn, finish, counterfactual=counterfactual,
+                           drop_tokens=drop_tokens, grid=grid)
+
+
+def maps_from_grads(out, method_fn, finish, *, counterfactual: bool, drop_tokens: int, grid):
+    """One method's finished maps from one forward's ``Grads``: ``(B, H, W)`` or ``(B, K, H, W)``.
+
+    ``finish`` maps raw ``(..., h, w)`` maps to finished ones (:func:`finish_maps` with options).
+    """
+    a = to_grid(out.activation, drop_tokens, grid).astype(jnp.float32)
     g = out.grads.astype(jnp.float32)
     if counterfactual:
         g = -g
-    finish = functools.partial(finish_maps, size=size, relu=relu, upsample=upsample,
-                               normalize=normalize, interpolation=interpolation)
     if out.selected.ndim == 1:
         return finish(method_fn(a, to_grid(g, drop_tokens, grid)))
     raw = jax.vmap(lambda gk: method_fn(a, to_grid(gk, drop_tokens, grid)))(g)  # (K, B, h, w)

@@ -268,7 +268,7 @@ def _compute(tap, x, t, *, pre, method_fns, method_axis, kind, target_fn, top, u
     import jax.numpy as jnp
 
     from .._core import TargetSpec, _activations_and_grads
-    from .._explain import finish_maps, to_grid
+    from .._explain import finish_maps, maps_from_grads
 
     x = pre(x)
     if kind == "top":
@@ -299,17 +299,9 @@ def _compute(tap, x, t, *, pre, method_fns, method_axis, kind, target_fn, top, u
     size = tuple(x.shape[1:3]) if upsample else None
     finish = functools.partial(finish_maps, size=size, relu=relu, upsample=upsample,
                                normalize=normalize, interpolation=interpolation)
-    a = to_grid(out.activation, drop_tokens, grid).astype(jnp.float32)
-    g = out.grads.astype(jnp.float32)
-    if counterfactual:
-        g = -g
-    maps = []
-    for fn in method_fns:  # the same (A, dA) for every method: one forward pass in all
-        if out.selected.ndim == 1:
-            maps.append(finish(fn(a, to_grid(g, drop_tokens, grid))))
-        else:
-            raw = jax.vmap(lambda gk: fn(a, to_grid(gk, drop_tokens, grid)))(g)
-            maps.append(finish(jnp.swapaxes(raw, 0, 1)))
+    # The same (A, dA) for every method: one forward pass in all.
+    maps = [maps_from_grads(out, fn, finish, counterfactual=counterfactual, drop_tokens=drop_tokens,
+                            grid=grid) for fn in method_fns]
     m = jnp.stack(maps, axis=1) if method_axis else maps[0]
     return m.astype(jnp.float16), top_c.astype(jnp.int32), top_p, explained.astype(jnp.int32)
 
