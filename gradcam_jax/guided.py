@@ -37,6 +37,7 @@ from jax.extend import core as jcore
 from . import methods as _methods
 from ._callables import combine_callable, partition_callable, scores_fn
 from ._core import (
+    Grads,
     Target,
     _batch_size,
     _run_tap,
@@ -47,7 +48,7 @@ from ._core import (
     spec_from_jit,
     target_spec,
 )
-from ._explain import _check_common, _check_range_eagerly, finish_maps, to_grid
+from ._explain import _check_common, _check_range_eagerly, finish_maps, maps_from_grads
 from ._tap import as_tap
 
 __all__ = [
@@ -535,8 +536,7 @@ def smooth_grad(fn: Callable, x, target: Target = None, *, key, n_samples: int =
     explain = explainers[method]
     if target is None:
         # Each noisy copy explains the clean input's top class, not its own.
-        target = np.asarray(jnp.argmax(scores_fn(fn)(x), axis=-1)) if not isinstance(x, jax.core.Tracer) \
-            else jnp.argmax(jax.lax.stop_gradient(scores_fn(fn)(x)), axis=-1)
+        target = jnp.argmax(jax.lax.stop_gradient(scores_fn(fn)(x)), axis=-1)
     axes = tuple(range(1, x.ndim))
     sigma = noise_level * (jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True))
     noise = jax.random.normal(key, (n_samples,) + x.shape, jnp.float32).astype(x.dtype) * sigma
@@ -568,15 +568,12 @@ def _guided_grad_cam_jit(tap, x, target_value, *, kind, target_fn, interpolation
     # Grad-CAM needs dA under the model's own ReLUs: pull back through the part above the
     # layer only (under jit the layers below are dead code in tap.head).
     sel2, head_pullback = jax.vjp(lambda a_: select_scores(spec, tap.head(x, a_)), a)
-    da = _pullback_all(head_pullback, sel2)
-    a_grid = to_grid(a, drop_tokens, grid).astype(jnp.float32)
-    if sel2.ndim == 1:
-        raw = _methods.grad_cam(a_grid, to_grid(da, drop_tokens, grid).astype(jnp.float32))
-    else:
-        raw = jax.vmap(lambda d: _methods.grad_cam(a_grid, to_grid(d, drop_tokens, grid).astype(jnp.float32)),
-                       in_axes=1, out_axes=1)(da)
-    cam = finish_maps(raw, size=tuple(x.shape[1:3]), relu=True, upsample=True, normalize=False,
-                      interpolation=interpolation)
+    da = _pullback_all(head_pullback, sel2)  # (B, ...) or (B, K, ...)
+    grads = Grads(None, a, da if sel2.ndim == 1 else jnp.moveaxis(da, 1, 0), sel2)
+    finish = functools.partial(finish_maps, size=tuple(x.shape[1:3]), relu=True, upsample=True,
+                               normalize=False, interpolation=interpolation)
+    cam = maps_from_grads(grads, _methods.grad_cam, finish, counterfactual=False,
+                          drop_tokens=drop_tokens, grid=grid)
     out = gb.astype(jnp.float32) * cam[..., None]
     if normalize:
         scale = jnp.max(jnp.abs(out), axis=(-3, -2, -1), keepdims=True)
