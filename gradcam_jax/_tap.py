@@ -132,12 +132,15 @@ def split_tap(features_fn: Callable, head_fn: Callable, name: Optional[str] = No
     if not callable(features_fn) or not callable(head_fn):
         raise TypeError("split_tap(features_fn, head_fn) needs two callables: x -> A and A -> scores.")
 
+    from ._callables import KeyedFunction, hashable  # _callables imports this module
+
     def apply(params, x, edit):
         a = features_fn(x)
         seen = edit(a) if edit is not None else a
         return head_fn(seen), a
 
-    return Tap(apply, (), name)
+    # Keyed like the framework adapters' taps: the same two functions give the same compiled kernel.
+    return Tap(KeyedFunction(apply, ("split", hashable(features_fn), hashable(head_fn))), (), name)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -221,3 +221,20 @@ def test_linen_method_goes_to_apply():
     neg = gcj.grad_cam(gcj.linen_tap(m, v, "conv", method=TwoHeads.negated), X, 1,
                        upsample=False, normalize=False, relu=False)
     np.testing.assert_allclose(np.asarray(neg), -np.asarray(plain), rtol=1e-5, atol=1e-7)
+
+
+def test_building_the_same_split_tap_again_does_not_recompile():
+    traces = []
+
+    def features(x):
+        traces.append(1)
+        return jnp.tanh(x)
+
+    def head(a):
+        return a.mean(axis=(1, 2))
+
+    gcj.grad_cam(gcj.split_tap(features, head), X, 1)
+    after_first = len(traces)
+    for _ in range(3):
+        gcj.grad_cam(gcj.split_tap(features, head), X, 1)
+    assert len(traces) == after_first
