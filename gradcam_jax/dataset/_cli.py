@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence
 
 from .._argtypes import nonnegative_int as _nonnegative_int
 from .._argtypes import positive_int as _positive_int
+from ..cli import UsageError as _UsageError
+from ..cli import parse_classes
 
 __all__ = ["add_explain_dir_command", "run_explain_dir", "build_parser", "main"]
 
@@ -44,14 +46,6 @@ several hosts (the same command on each; --out on a shared file system):
 exit status: 0 all images explained, 1 some files could not be read (recorded in the store's
 'errors' and skipped), 2 bad arguments.
 """
-
-
-class _UsageError(Exception):
-    pass
-
-
-
-
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,26 +145,16 @@ def _load_model(spec: str, layer: Optional[str]):
 
 
 def _parse_classes(spec: str, model):
-    import re
-
-    text = spec.strip()
-    m = re.fullmatch(r"top[-_ ]?(\d+)", text, flags=re.IGNORECASE)
-    if m:
-        k = int(m.group(1))
-        if k < 1:
-            raise _UsageError("--classes topK needs K >= 1.")
-        return None if k == 1 else f"top{k}"
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise _UsageError(f"--classes {spec!r}: give topK or a comma-separated list of classes.")
+    kind, value = parse_classes(spec)  # the explain command's syntax: topK or indices/names
+    if kind == "top":
+        return None if value == 1 else f"top{value}"
     names = list(getattr(model, "class_names", []) or [])
     out: List[int] = []
-    for item in items:
-        if re.fullmatch(r"\d+", item):
-            c = int(item)
-            if names and not 0 <= c < len(names):
-                raise _UsageError(f"--classes: class {c} is out of range; the model has {len(names)} classes.")
-            out.append(c)
+    for item in value:
+        if isinstance(item, int):
+            if names and not 0 <= item < len(names):
+                raise _UsageError(f"--classes: class {item} is out of range; the model has {len(names)} classes.")
+            out.append(item)
         elif hasattr(model, "class_index"):
             try:
                 out.append(model.class_index(item))
