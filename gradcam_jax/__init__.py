@@ -3,24 +3,61 @@
 Split a model at a layer with a *tap* (``linen_tap``, ``nnx_tap``, ``equinox_tap``,
 ``split_tap``), then explain with ``grad_cam`` / ``cam``: one forward pass per batch gives the
 activation and its gradient, whatever the number of classes explained.
+
+This module only re-exports; ``ARCHITECTURE.md`` in the repository maps the modules.
 """
 
-from . import methods, metrics, perturbation, postprocess, viz, zoo
-from ._adapters import equinox_tap, linen_layers, linen_tap, nnx_tap
-from ._core import Grads, activations_and_grads
-from ._explain import cam, grad_cam
-from ._tap import Edit, Tap, as_tap, split_tap
-from .perturbation import ablation_cam, occlusion, score_cam
-from .dataset import DatasetRun, Results, explain_dataset, open_results
-from .guided import (count_relus, deconv_relu, deconv_relu6, deconvnet, deconvolved, gradients,
-                     guided, guided_backprop, guided_grad_cam, guided_relu, guided_relu6, smooth_grad)
-
-__version__ = "0.1.0"
+from . import methods as methods
+from . import metrics as metrics
+from . import perturbation as perturbation
+from . import postprocess as postprocess
+from . import viz as viz
+from . import zoo as zoo
+from ._adapters import equinox_tap as equinox_tap
+from ._adapters import linen_layers as linen_layers
+from ._adapters import linen_tap as linen_tap
+from ._adapters import nnx_tap as nnx_tap
+from ._cam import METHODS as METHODS
+from ._cam import cam as cam
+from ._cam import grad_cam as grad_cam
+from ._cam import method_names as method_names
+from ._cam import register_method as register_method
+from ._grads import Grads as Grads
+from ._grads import activations_and_grads as activations_and_grads
+from ._maps import MapOptions as MapOptions
+from ._tap import Edit as Edit
+from ._tap import Tap as Tap
+from ._tap import as_tap as as_tap
+from ._tap import split_tap as split_tap
+from ._targets import TargetSpec as TargetSpec
+from ._targets import target_spec as target_spec
+from ._version import __version__ as __version__
+from .dataset import DatasetRun as DatasetRun
+from .dataset import Results as Results
+from .dataset import explain_dataset as explain_dataset
+from .dataset import open_results as open_results
+from .guided import count_relus as count_relus
+from .guided import deconv_relu as deconv_relu
+from .guided import deconv_relu6 as deconv_relu6
+from .guided import deconvnet as deconvnet
+from .guided import deconvolved as deconvolved
+from .guided import gradients as gradients
+from .guided import guided as guided
+from .guided import guided_backprop as guided_backprop
+from .guided import guided_grad_cam as guided_grad_cam
+from .guided import guided_relu as guided_relu
+from .guided import guided_relu6 as guided_relu6
+from .guided import smooth_grad as smooth_grad
+from .perturbation import ablation_cam as ablation_cam
+from .perturbation import occlusion as occlusion
+from .perturbation import score_cam as score_cam
 
 __all__ = [
     "Tap", "Edit", "as_tap", "split_tap", "linen_tap", "linen_layers", "nnx_tap", "equinox_tap",
-    "activations_and_grads", "Grads", "grad_cam", "cam", "methods", "metrics", "postprocess", "viz", "zoo",
-    "perturbation", "score_cam", "ablation_cam", "occlusion",
+    "activations_and_grads", "Grads", "TargetSpec", "target_spec", "MapOptions",
+    "grad_cam", "cam", "METHODS", "method_names", "register_method",
+    "methods", "metrics", "postprocess", "viz", "zoo", "perturbation",
+    "score_cam", "ablation_cam", "occlusion",
     "guided_relu", "deconv_relu", "guided_relu6", "deconv_relu6", "guided", "deconvolved",
     "explain_dataset", "open_results", "Results", "DatasetRun",
     "count_relus", "guided_backprop", "deconvnet", "gradients", "smooth_grad", "guided_grad_cam",

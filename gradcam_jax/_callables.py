@@ -12,9 +12,10 @@ import functools
 import jax
 import numpy as np
 
-from ._tap import Tap
-
-__all__ = ["partition_callable", "combine_callable", "scores_fn", "ByIdentity", "KeyedFunction"]
+__all__ = [
+    "partition_callable", "combine_callable", "hashable", "ByIdentity", "KeyedFunction",
+    "PytreeCallable", "as_pytree",
+]
 
 
 class ByIdentity:
@@ -90,8 +91,31 @@ def combine_callable(arrays, static):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def scores_fn(model):
-    """``x -> scores`` for a model, or for a tap (whose call returns ``(scores, activation)``)."""
-    if isinstance(model, Tap):
-        return lambda x: model(x)[0]
-    return model
+
+@jax.tree_util.register_pytree_node_class
+class PytreeCallable:
+    """A callable that passes through ``jax.jit`` as an argument: arrays traced, the rest static.
+
+    ``PytreeCallable(fn).fn`` is ``fn`` (rebuilt from its parts on the other side of ``jit``).
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def tree_flatten(self):
+        arrays, static = partition_callable(self.fn)
+        return (arrays,), static
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        return cls(combine_callable(children[0], static))
+
+
+def as_pytree(fn) -> PytreeCallable:
+    """``fn`` wrapped for passing through ``jax.jit`` (see :class:`PytreeCallable`)."""
+    return fn if isinstance(fn, PytreeCallable) else PytreeCallable(fn)

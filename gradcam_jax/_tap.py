@@ -17,10 +17,14 @@ jitted with the tap as an argument and differentiated with respect to the parame
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from ._callables import KeyedFunction, hashable
+
 
 @jax.tree_util.register_pytree_node_class
 class Edit:
@@ -55,9 +59,9 @@ class Edit:
         return cls(kind, children[0])
 
 
-ApplyFn = Callable[[Any, jax.Array, Edit], "tuple[Any, jax.Array]"]
+ApplyFn = Callable[[Any, jax.Array, "Edit | None"], "tuple[Any, jax.Array]"]
 
-__all__ = ["Tap", "as_tap", "split_tap"]
+__all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -76,7 +80,7 @@ class Tap:
     :func:`gradcam_jax.nnx_tap` or :func:`gradcam_jax.equinox_tap` rather than by hand.
     """
 
-    def __init__(self, apply: ApplyFn, params: Any = (), name: Optional[str] = None):
+    def __init__(self, apply: ApplyFn, params: Any = (), name: str | None = None):
         if not callable(apply):
             raise TypeError(f"Tap needs a callable apply(params, x, edit); got {type(apply).__name__}.")
         self.apply = apply
@@ -117,7 +121,7 @@ class Tap:
         return f"Tap{label}"
 
 
-def split_tap(features_fn: Callable, head_fn: Callable, name: Optional[str] = None) -> Tap:
+def split_tap(features_fn: Callable, head_fn: Callable, name: str | None = None) -> Tap:
     """A tap from two plain functions: ``features_fn: x -> A`` and ``head_fn: A -> scores``.
 
     The model is ``head_fn(features_fn(x))``; the tap sits between the two.
@@ -132,8 +136,6 @@ def split_tap(features_fn: Callable, head_fn: Callable, name: Optional[str] = No
     if not callable(features_fn) or not callable(head_fn):
         raise TypeError("split_tap(features_fn, head_fn) needs two callables: x -> A and A -> scores.")
 
-    from ._callables import KeyedFunction, hashable  # _callables imports this module
-
     def apply(params, x, edit):
         a = features_fn(x)
         seen = edit(a) if edit is not None else a
@@ -144,7 +146,7 @@ def split_tap(features_fn: Callable, head_fn: Callable, name: Optional[str] = No
 
 
 @jax.tree_util.register_pytree_node_class
-class _CallableTap(Tap):
+class CallableTap(Tap):
     """A user's own ``tap(x, delta) -> (scores, activation)`` function, wrapped."""
 
     def __init__(self, fn: Callable):
@@ -182,4 +184,11 @@ def as_tap(tap) -> Tap:
             f"Expected a tap (from gcj.linen_tap, nnx_tap, equinox_tap or split_tap) or a callable "
             f"tap(x, delta) -> (scores, activation); got {type(tap).__name__}."
         )
-    return _CallableTap(tap)
+    return CallableTap(tap)
+
+
+def scores_fn(model: Callable) -> Callable:
+    """``x -> scores`` for a model, or for a tap (whose call returns ``(scores, activation)``)."""
+    if isinstance(model, Tap):
+        return lambda x: model(x)[0]
+    return model

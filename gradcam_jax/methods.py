@@ -1,23 +1,23 @@
 """The gradient CAM methods: each a small pure function of ``(A, dA)``.
 
-Every function here takes the activation ``A`` and the gradient of the explained score with
-respect to it, ``dA`` (both ``float32``, ``(B, h, w, C)``), and returns the raw map
-``(B, h, w)`` *before* the final ReLU, upsampling and normalisation, which
-:func:`gradcam_jax.cam` applies. Notation: ``g = dA``, ``Z = h * w``.
+Every function here is a *raw-map formula*: it takes the activation ``A`` and the gradient
+of the explained score with respect to it, ``dA`` (both ``float32``, ``(B, h, w, C)``), and
+returns the raw map ``(B, h, w)`` *before* the final ReLU, upsampling and normalisation.
+The explainers users call (:func:`gradcam_jax.grad_cam`, :func:`gradcam_jax.cam`) take a
+model and an input, look a method up by name in :data:`gradcam_jax.METHODS` and apply these.
+Notation: ``g = dA``, ``Z = h * w``.
 
-A new method is one function here plus one line in :data:`REGISTRY` (or a call to
-:func:`register`).
+A new gradient method is one function here plus one line in :data:`gradcam_jax.METHODS`
+(``gradcam_jax/_cam.py``), or a call to :func:`gradcam_jax.register_method`.
 """
 
 from __future__ import annotations
-
-from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "REGISTRY", "register", "get", "weighted_sum", "safe_divide",
+    "weighted_sum", "safe_divide",
     "grad_cam", "gradient_sum", "grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam",
     "eigen_cam", "eigen_grad_cam",
 ]
@@ -148,35 +148,3 @@ def eigen_grad_cam(a, g):
       Muhammad & Yeasin 2020 (above); the gradient-weighted variant as in pytorch-grad-cam.
     """
     return _first_component(g * a)
-
-
-REGISTRY: Dict[str, Callable] = {
-    "grad_cam": grad_cam,
-    "cam": gradient_sum,
-    "gradient_sum": gradient_sum,
-    "grad_cam_plus_plus": grad_cam_plus_plus,
-    "gradcam++": grad_cam_plus_plus,
-    "xgrad_cam": xgrad_cam,
-    "hires_cam": hires_cam,
-    "layer_cam": layer_cam,
-    "eigen_cam": eigen_cam,
-    "eigen_grad_cam": eigen_grad_cam,
-}
-
-
-def register(name: str, fn: Callable) -> None:
-    """Add a method ``fn(A, dA) -> (B, h, w)`` under ``name`` for :func:`gradcam_jax.cam`."""
-    if not callable(fn):
-        raise TypeError(f"register: {name!r} needs a callable fn(A, dA) -> map.")
-    REGISTRY[name] = fn
-
-
-def get(name: str) -> Callable:
-    """The method registered under ``name``; the error lists the known names."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown CAM method {name!r}. Known methods: "
-            f"{', '.join(sorted(REGISTRY) + ['ablation_cam', 'score_cam'])}."
-        ) from None

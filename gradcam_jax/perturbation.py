@@ -22,39 +22,23 @@ target is applied to the scores of every perturbed batch.
 
 from __future__ import annotations
 
-import functools
-from typing import Optional, Tuple, Union
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._callables import combine_callable, partition_callable, scores_fn
-from ._chunking import map_in_chunks
-from ._core import (
-    Target,
-    TargetSpec,
-    _batch_size,
-    check_target_against,
-    jit_target_fn,
-    jit_target_value,
-    select_scores,
-    spec_from_jit,
-    target_spec,
-)
-from ._explain import (
-    _check_common,
-    _check_range_eagerly,
-    _image_size,
-    check_image_batch,
-    finish_maps,
-    to_grid,
-)
-from ._tap import Tap, as_tap
+from ._callables import PytreeCallable, as_pytree
+from ._chunking import chunked_vmap, perturbations_per_step
+from ._grads import check_tap_target
+from ._maps import MapOptions, check_image_batch, finish_maps, kernel, map_size, to_grid
+from ._tap import Tap, as_tap, scores_fn
+from ._targets import Target, TargetSpec, batch_size, check_target_against, fixed_top, select_scores, target_spec
 from .methods import safe_divide
 from .postprocess import normalize_maps, upsample_to
 
-__all__ = ["score_cam", "ablation_cam", "occlusion", "METHODS"]
+__all__ = ["score_cam", "ablation_cam", "occlusion", "window_starts"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -64,30 +48,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------------------------
 
 
-def _per_step(chunk_size, batch: int) -> int:
-    """Perturbations per scan step: each perturbation is a whole batch of ``batch`` inputs."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(
-            f"chunk_size must be a positive int (perturbed inputs per step, bounding peak memory); "
-            f"got {chunk_size!r}."
-        )
-    return max(1, int(chunk_size) // max(int(batch), 1))
+@dataclasses.dataclass(frozen=True)
+class PerturbationOptions:
+    """The static options of a perturbation CAM kernel."""
 
-
-def _chunked_map(f, xs, per_step: int):
-    """``vmap(f)(xs)`` evaluated ``per_step`` elements at a time (see :func:`map_in_chunks`)."""
-    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    return map_in_chunks(lambda idx: jax.vmap(f)(jax.tree_util.tree_map(lambda v: v[idx], xs)), n, per_step)
-
-
-def _fixed_spec(kind: str, value, target_fn, clean_scores) -> TargetSpec:
-    """The target with ``None`` resolved to the top class of the *unperturbed* scores."""
-    if kind == "fn":
-        return spec_from_jit(kind, value, target_fn)
-    if kind == "top":
-        select_scores(TargetSpec("top", None), clean_scores)  # checks the scores are (B, classes)
-        return TargetSpec("index", jnp.argmax(jax.lax.stop_gradient(clean_scores), axis=-1).astype(jnp.int32))
-    return TargetSpec(kind, value)
+    maps: MapOptions
+    per_step: int
+    compute_dtype: Any = None
+    top_n: int | None = None
 
 
 def _check_dtype(compute_dtype):
@@ -100,15 +68,12 @@ def _check_dtype(compute_dtype):
 
 
 def _cast_floating(tree, dtype):
-    if dtype is None:
-        return tree
-
     def cast(leaf):
         if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.asarray(leaf).astype(dtype)
         return leaf
 
-    return jax.tree_util.tree_map(cast, tree)
+    return tree if dtype is None else jax.tree_util.tree_map(cast, tree)
 
 
 def _in_dtype(tap: Tap, compute_dtype) -> Tap:
@@ -127,13 +92,19 @@ def _weighted(weights, a):
     return jnp.einsum("nbk,bhwn->bkhw", weights, a, precision=_HIGHEST)
 
 
-def _prepare(tap, x, target, interpolation, upsample, who):
+def _prepare(tap, x, target, who: str, *, images: bool):
+    """The checks every perturbation CAM makes in Python, before anything is compiled."""
     tap = as_tap(tap)
-    batch = _check_common(x, interpolation)
-    check_image_batch(x, who)
+    batch = batch_size(x)
+    if images:
+        check_image_batch(x, who)
     spec = target_spec(target, batch)
-    _check_range_eagerly(tap, x, spec)
-    return tap, batch, spec, _image_size(x, upsample)
+    check_tap_target(tap, x, spec)
+    return tap, batch, spec
+
+
+def _options(maps: MapOptions, chunk_size, batch: int, compute_dtype, top_n=None) -> PerturbationOptions:
+    return PerturbationOptions(maps, perturbations_per_step(chunk_size, batch), _check_dtype(compute_dtype), top_n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,42 +112,41 @@ def _prepare(tap, x, target, interpolation, upsample, who):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("kind", "target_fn", "per_step", "top_n", "compute_dtype", "size", "relu",
-                     "upsample", "normalize", "interpolation", "drop_tokens", "grid"),
-)
-def _score_cam_jit(tap, x, target_value, *, kind, target_fn, per_step, top_n, compute_dtype, size,
-                   relu, upsample, normalize, interpolation, drop_tokens, grid):
+def _top_spread_channels(a, top_n: int | None):
+    """Faster Score-CAM: each example's ``top_n`` channels by spatial standard deviation."""
+    if top_n is None or top_n >= a.shape[-1]:
+        return a
+    _, keep = jax.lax.top_k(jnp.std(a, axis=(1, 2)), top_n)  # (B, N)
+    return jnp.take_along_axis(a, keep[:, None, None, :], axis=-1)
+
+
+@kernel
+def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOptions):
+    """Score-CAM's maps under ``jit`` (see :func:`score_cam`)."""
+    maps = options.maps
     clean_scores, act = tap(x)
-    spec = _fixed_spec(kind, target_value, target_fn, clean_scores)
-    a = to_grid(act, drop_tokens, grid).astype(jnp.float32)  # (B, h, w, C)
-    if top_n is not None and top_n < a.shape[-1]:
-        # Faster Score-CAM: keep each example's top_n channels by spatial standard deviation.
-        spread = jnp.std(a, axis=(1, 2))
-        _, keep = jax.lax.top_k(spread, top_n)  # (B, N)
-        a = jnp.take_along_axis(a, keep[:, None, None, :], axis=-1)
+    spec = fixed_top(target, clean_scores)
+    a = _top_spread_channels(to_grid(act, maps.drop_tokens, maps.grid).astype(jnp.float32), options.top_n)
     channels = jnp.moveaxis(a, -1, 0)  # (N, B, h, w): one layer-resolution map per channel
-    fwd = _in_dtype(tap, compute_dtype)
-    xin = x if compute_dtype is None else x.astype(compute_dtype)
+    fwd = _in_dtype(tap, options.compute_dtype)
+    xin = x if options.compute_dtype is None else x.astype(options.compute_dtype)
     image_size = tuple(x.shape[1:3])
 
     def masked_score(channel):
-        mask = normalize_maps(upsample_to(channel, image_size, interpolation))  # (B, H, W) in [0, 1]
+        mask = normalize_maps(upsample_to(channel, image_size, maps.interpolation))  # (B, H, W) in [0, 1]
         scores, _ = fwd(xin * mask[..., None].astype(xin.dtype))
         return select_scores(spec, scores).astype(jnp.float32)
 
-    masked = _chunked_map(masked_score, channels, per_step)  # (N, B) or (N, B, K)
+    masked = chunked_vmap(masked_score, channels, options.per_step)  # (N, B) or (N, B, K)
     # softmax_k(y(x*m_k) - y(baseline)) == softmax_k(y(x*m_k)): the baseline is constant in k.
     alpha = jax.nn.softmax(masked, axis=0)
-    return finish_maps(_weighted(alpha, a), size=size, relu=relu, upsample=upsample,
-                       normalize=normalize, interpolation=interpolation)
+    return finish_maps(_weighted(alpha, a), maps, map_size(x, maps))
 
 
-def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Optional[int] = None,
+def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: int | None = None,
               compute_dtype=None, upsample: bool = True, normalize: bool = True, relu: bool = True,
               interpolation: str = "bilinear", drop_tokens: int = 0,
-              grid: Optional[Tuple[int, int]] = None) -> jax.Array:
+              grid: tuple[int, int] | None = None) -> jax.Array:
     """Score-CAM: channels weighted by the score of the input masked with each channel.
 
     For each channel ``k`` of the activation ``A`` at the tap: upsample ``A^k`` to the image
@@ -231,17 +201,12 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Opt
       Networks", CVPR Workshops 2020, https://arxiv.org/abs/1910.01279 (Algorithm 1).
       Faster Score-CAM: https://github.com/tabayashi0117/Score-CAM#faster-score-cam.
     """
-    tap, batch, spec, size = _prepare(tap, x, target, interpolation, upsample, "score_cam")
+    maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid)
+    tap, batch, spec = _prepare(tap, x, target, "score_cam", images=True)
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1):
         raise ValueError(f"top_n must be a positive int (channels kept per example) or None; got {top_n!r}.")
-    return _score_cam_jit(
-        tap, x, jit_target_value(spec),
-        kind=spec.kind, target_fn=jit_target_fn(spec),
-        per_step=_per_step(chunk_size, batch), top_n=None if top_n is None else int(top_n),
-        compute_dtype=_check_dtype(compute_dtype), size=size, relu=bool(relu),
-        upsample=bool(upsample), normalize=bool(normalize), interpolation=interpolation,
-        drop_tokens=int(drop_tokens), grid=None if grid is None else tuple(int(v) for v in grid),
-    )
+    top_n = None if top_n is None else int(top_n)
+    return score_cam_kernel(tap, x, spec, options=_options(maps, chunk_size, batch, compute_dtype, top_n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,42 +214,37 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: Opt
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("kind", "target_fn", "per_step", "compute_dtype", "size", "relu", "upsample",
-                     "normalize", "interpolation", "drop_tokens", "grid"),
-)
-def _ablation_cam_jit(tap, x, target_value, *, kind, target_fn, per_step, compute_dtype, size,
-                      relu, upsample, normalize, interpolation, drop_tokens, grid):
+@kernel
+def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOptions):
+    """Ablation-CAM's maps under ``jit`` (see :func:`ablation_cam`)."""
+    dtype = options.compute_dtype
     clean_scores, act = tap(x)
-    spec = _fixed_spec(kind, target_value, target_fn, clean_scores)
-    head_tap = _in_dtype(tap, compute_dtype)
-    xin = x if compute_dtype is None else x.astype(compute_dtype)
-    act_in = act if compute_dtype is None else act.astype(compute_dtype)
+    spec = fixed_top(target, clean_scores)
+    head_tap = _in_dtype(tap, dtype)
+    xin = x if dtype is None else x.astype(dtype)
+    act_in = act if dtype is None else act.astype(dtype)
 
     def head_score(a_new):
         return select_scores(spec, head_tap.head(xin, a_new)).astype(jnp.float32)
 
     # The reference score goes through the same path (and dtype) as the ablated ones, so that a
     # reduced-precision run compares like with like.
-    y = select_scores(spec, clean_scores).astype(jnp.float32) if compute_dtype is None else head_score(act_in)
-    num_channels = act.shape[-1]
-    channel_ids = jnp.arange(num_channels)
+    y = select_scores(spec, clean_scores).astype(jnp.float32) if dtype is None else head_score(act_in)
+    channel_ids = jnp.arange(act.shape[-1])
 
     def ablated_score(k):
         return head_score(jnp.where(channel_ids == k, jnp.zeros((), act_in.dtype), act_in))
 
-    ablated = _chunked_map(ablated_score, channel_ids, per_step)  # (C, B) or (C, B, K)
+    ablated = chunked_vmap(ablated_score, channel_ids, options.per_step)  # (C, B) or (C, B, K)
     weights = safe_divide(y[None] - ablated, jnp.broadcast_to(y[None], ablated.shape))
-    a = to_grid(act, drop_tokens, grid).astype(jnp.float32)
-    return finish_maps(_weighted(weights, a), size=size, relu=relu, upsample=upsample,
-                       normalize=normalize, interpolation=interpolation)
+    a = to_grid(act, options.maps.drop_tokens, options.maps.grid).astype(jnp.float32)
+    return finish_maps(_weighted(weights, a), options.maps, map_size(x, options.maps))
 
 
 def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute_dtype=None,
                  upsample: bool = True, normalize: bool = True, relu: bool = True,
                  interpolation: str = "bilinear", drop_tokens: int = 0,
-                 grid: Optional[Tuple[int, int]] = None) -> jax.Array:
+                 grid: tuple[int, int] | None = None) -> jax.Array:
     """Ablation-CAM: channels weighted by the drop of the score when each one is zeroed.
 
     With ``y^c`` the explained score and ``y^c_k`` the same score when channel ``k`` of the
@@ -331,19 +291,9 @@ def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute
       https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.html
       (eq. 3).
     """
-    tap = as_tap(tap)
-    batch = _check_common(x, interpolation)
-    spec = target_spec(target, batch)
-    _check_range_eagerly(tap, x, spec)
-    size = _image_size(x, upsample)
-    return _ablation_cam_jit(
-        tap, x, jit_target_value(spec),
-        kind=spec.kind, target_fn=jit_target_fn(spec),
-        per_step=_per_step(chunk_size, batch), compute_dtype=_check_dtype(compute_dtype),
-        size=size, relu=bool(relu), upsample=bool(upsample), normalize=bool(normalize),
-        interpolation=interpolation, drop_tokens=int(drop_tokens),
-        grid=None if grid is None else tuple(int(v) for v in grid),
-    )
+    maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid)
+    tap, batch, spec = _prepare(tap, x, target, "ablation_cam", images=False)
+    return ablation_cam_kernel(tap, x, spec, options=_options(maps, chunk_size, batch, compute_dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,16 +317,25 @@ def _window_masks(size: int, window: int, stride: int) -> np.ndarray:
     return (pos[None, :] >= starts[:, None]) & (pos[None, :] < starts[:, None] + window)
 
 
-@functools.partial(jax.jit, static_argnames=("fn_static", "kind", "target_fn", "window", "stride", "per_step"))
-def _occlusion_jit(fn_arrays, x, target_value, baseline, *, fn_static, kind, target_fn, window, stride,
-                   per_step):
-    scores_of = scores_fn(combine_callable(fn_arrays, fn_static))
+@dataclasses.dataclass(frozen=True)
+class OcclusionOptions:
+    """The static options of the occlusion kernel."""
+
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    per_step: int
+
+
+@kernel
+def occlusion_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: OcclusionOptions):
+    """Occlusion's maps under ``jit`` (see :func:`occlusion`); ``fn`` is passed as a pytree."""
+    scores_of = scores_fn(fn.fn)
     clean_scores = scores_of(x)
-    spec = _fixed_spec(kind, target_value, target_fn, clean_scores)
+    spec = fixed_top(target, clean_scores)
     y = select_scores(spec, clean_scores).astype(jnp.float32)
     height, width = x.shape[1:3]
-    rows = _window_masks(height, window[0], stride[0])  # (nr, H)
-    cols = _window_masks(width, window[1], stride[1])  # (nc, W)
+    rows = _window_masks(height, options.window[0], options.stride[0])  # (nr, H)
+    cols = _window_masks(width, options.window[1], options.stride[1])  # (nc, W)
     nr, nc = rows.shape[0], cols.shape[0]
     fill = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
 
@@ -386,7 +345,7 @@ def _occlusion_jit(fn_arrays, x, target_value, baseline, *, fn_static, kind, tar
         return select_scores(spec, scores_of(jnp.where(inside[None, :, :, None], fill, x))).astype(jnp.float32)
 
     positions = (jnp.asarray(np.repeat(rows, nc, axis=0)), jnp.asarray(np.tile(cols, (nr, 1))))
-    drops = y[None] - _chunked_map(occluded_score, positions, per_step)  # (P, B[, K])
+    drops = y[None] - chunked_vmap(occluded_score, positions, options.per_step)  # (P, B[, K])
     drops = drops.reshape((nr, nc) + drops.shape[1:])
     r = jnp.asarray(rows, jnp.float32)
     c = jnp.asarray(cols, jnp.float32)
@@ -409,8 +368,19 @@ def _pair(v, name):
     return v
 
 
-def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int]] = (16, 16),
-              stride: Union[int, Tuple[int, int]] = (8, 8), baseline=0.0, chunk_size: int = 64) -> jax.Array:
+def _check_baseline(baseline, x):
+    baseline = jnp.asarray(baseline, x.dtype)
+    try:
+        jnp.broadcast_shapes(baseline.shape, x.shape)
+    except ValueError:
+        raise ValueError(
+            f"occlusion: baseline of shape {baseline.shape} does not broadcast to the input {x.shape}."
+        ) from None
+    return baseline
+
+
+def occlusion(fn, x, target: Target = None, *, window: int | tuple[int, int] = (16, 16),
+              stride: int | tuple[int, int] = (8, 8), baseline=0.0, chunk_size: int = 64) -> jax.Array:
     """Sliding-window occlusion: the score drop when a window is replaced by a baseline.
 
     A ``window = (h, w)`` patch (all channels) slides over the image by ``stride``. For each
@@ -461,28 +431,13 @@ def occlusion(fn, x, target: Target = None, *, window: Union[int, Tuple[int, int
     """
     if not callable(fn):
         raise TypeError(f"occlusion: fn must be a callable x -> scores (or a tap); got {type(fn).__name__}.")
-    batch = _batch_size(x)
+    batch = batch_size(x)
     check_image_batch(x, "occlusion")
-    window = _pair(window, "window")
-    stride = _pair(stride, "stride")
+    window, stride = _pair(window, "window"), _pair(stride, "stride")
     height, width = x.shape[1:3]
     if window[0] > height or window[1] > width:
         raise ValueError(f"occlusion: window {window} does not fit in the {height}x{width} image.")
     spec = target_spec(target, batch)
-    arrays, static = partition_callable(fn)
     check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
-    baseline = jnp.asarray(baseline, x.dtype)
-    try:
-        jnp.broadcast_shapes(baseline.shape, x.shape)
-    except ValueError:
-        raise ValueError(f"occlusion: baseline of shape {baseline.shape} does not broadcast to the input {x.shape}.") from None
-    return _occlusion_jit(
-        arrays, x, jit_target_value(spec), baseline,
-        fn_static=static, kind=spec.kind, target_fn=jit_target_fn(spec),
-        window=window, stride=stride, per_step=_per_step(chunk_size, batch),
-    )
-
-
-#: The perturbation CAMs by name, for :func:`gradcam_jax.cam` (``method="score_cam"``). Each takes
-#: ``(tap, x, target, *, chunk_size, upsample, normalize, relu, interpolation, drop_tokens, grid)``.
-METHODS = {"score_cam": score_cam, "ablation_cam": ablation_cam}
+    options = OcclusionOptions(window, stride, perturbations_per_step(chunk_size, batch))
+    return occlusion_kernel(as_pytree(fn), x, spec, _check_baseline(baseline, x), options=options)

@@ -14,7 +14,8 @@ import pytest
 
 import gradcam_jax as gcj
 from conftest import JIT_OR_NOT
-from gradcam_jax.perturbation import _ablation_cam_jit, _score_cam_jit, ablation_cam, occlusion, score_cam
+from gradcam_jax import MapOptions, TargetSpec
+from gradcam_jax.perturbation import PerturbationOptions, ablation_cam, ablation_cam_kernel, occlusion, score_cam, score_cam_kernel
 
 B, S, CIN, C, NCLS, POOL = 3, 16, 3, 7, 5, 4
 
@@ -203,16 +204,15 @@ def test_ablation_cam_reruns_only_the_head():
     tap = gcj.split_tap(lambda z: jnp.cos(z[:, ::4, ::4] @ m), lambda a: jnp.tanh(a).mean(axis=(1, 2)) @ v)
 
     def cosines_in_loop(fn, **kw):
-        hlo = fn.lower(
-            tap, jnp.asarray(x), jnp.zeros((B,), jnp.int32), kind="index", target_fn=None, per_step=2,
-            compute_dtype=None, size=(S, S), relu=True, upsample=True, normalize=True,
-            interpolation="bilinear", drop_tokens=0, grid=None, **kw).compile().as_text()
+        options = PerturbationOptions(MapOptions(), per_step=2, **kw)
+        target = TargetSpec("index", jnp.zeros((B,), jnp.int32))
+        hlo = fn.lower(tap, jnp.asarray(x), target, options=options).compile().as_text()
         lines = [line for line in hlo.splitlines() if " cosine(" in line]
         assert lines
         return sum("/while/body" in line for line in lines)
 
-    assert cosines_in_loop(_ablation_cam_jit) == 0
-    assert cosines_in_loop(_score_cam_jit, top_n=None) > 0
+    assert cosines_in_loop(ablation_cam_kernel) == 0
+    assert cosines_in_loop(score_cam_kernel, top_n=None) > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,19 +327,18 @@ def test_many_channels_run_in_bounded_memory():
     assert maps.shape == (batch, size, size) and np.isfinite(np.asarray(maps)).all()
 
     def temp_bytes(fn, per_step, **kw):
-        lowered = fn.lower(tap, jnp.asarray(x), jnp.zeros((batch,), jnp.int32), kind="index", target_fn=None,
-                           per_step=per_step, compute_dtype=None, size=(size, size), relu=True, upsample=True,
-                           normalize=True, interpolation="bilinear", drop_tokens=0, grid=None, **kw)
+        options = PerturbationOptions(MapOptions(), per_step=per_step, **kw)
+        lowered = fn.lower(tap, jnp.asarray(x), TargetSpec("index", jnp.zeros((batch,), jnp.int32)), options=options)
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     # 16 channels per step keep XLA's temporaries to a few MiB. Unchunked, Ablation-CAM holds
     # all 4096 ablated copies of the (B, 2, 2, 4096) activation: 512 MiB. (Score-CAM's masked
     # passes compile to one XLA:CPU YNNPACK fusion whose scratch memory_analysis does not count,
     # so only the bound is checked for it.)
-    assert temp_bytes(_score_cam_jit, 16, top_n=None) < 32 * 2**20
-    bounded = temp_bytes(_ablation_cam_jit, 16)
+    assert temp_bytes(score_cam_kernel, 16, top_n=None) < 32 * 2**20
+    bounded = temp_bytes(ablation_cam_kernel, 16)
     assert bounded < 32 * 2**20
-    assert bounded * 64 < temp_bytes(_ablation_cam_jit, channels)
+    assert bounded * 64 < temp_bytes(ablation_cam_kernel, channels)
 
 
 def test_bad_arguments_fail_with_messages():

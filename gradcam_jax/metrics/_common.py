@@ -11,21 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._callables import combine_callable, partition_callable, scores_fn
 from .._chunking import map_in_chunks
-from .._core import check_target_against, target_spec
+from .._tap import scores_fn
+from .._targets import check_target_against, target_spec
 
 __all__ = ["saliency_order", "saliency_ranks", "pixel_saliency", "gaussian_blur", "removal_counts"]
 
 
 # --------------------------------------------------------------------------------------------
-# A scores function as a jit argument
+# Argument checks and targets
 # --------------------------------------------------------------------------------------------
-
-
-def merge_fn(arrays, static):
-    """The scores function ``x -> scores`` back from ``partition_callable``'s parts."""
-    return scores_fn(combine_callable(arrays, static))
 
 
 def check_fn(fn, who: str):
@@ -67,7 +62,7 @@ def prepare_target(fn, images, target, who: str):
     if spec.kind != "index":
         raise ValueError(f"{who}: target must be None, an int or an int array of shape ({batch},); "
                          f"got {target!r}.")
-    scores = merge_fn(*partition_callable(fn))
+    scores = scores_fn(fn)
     one = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), images.dtype)
     check_target_against(spec, lambda: jax.eval_shape(scores, one))
     return jnp.asarray(spec.value, jnp.int32)
@@ -170,7 +165,7 @@ def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
     return (k / k.sum()).astype(np.float32)
 
 
-def _filter_axis(x, kernel: np.ndarray, axis: int, mode: str):
+def filter_axis(x, kernel: np.ndarray, axis: int, mode: str):
     """Correlate ``x`` with a symmetric 1-D ``kernel`` along ``axis``.
 
     ``mode="reflect"``: the border is mirrored including the edge pixel (``d c b a | a b c d``,
@@ -217,6 +212,6 @@ def gaussian_blur(images, sigma: float = 5.0, truncate: float = 4.0):
 def _gaussian_blur_jit(x, sigma: float, truncate: float):
     k = gaussian_kernel(sigma, truncate)
     y = x.astype(jnp.float32)
-    y = _filter_axis(y, k, 1, "reflect")
-    y = _filter_axis(y, k, 2, "reflect")
+    y = filter_axis(y, k, 1, "reflect")
+    y = filter_axis(y, k, 2, "reflect")
     return y.astype(x.dtype)

@@ -24,18 +24,19 @@ Saliency order: pixels sorted from most to least salient, ties broken by row-maj
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._callables import partition_callable
+from .._callables import PytreeCallable, as_pytree
 from .._chunking import map_in_chunks
-from .._explain import check_image_batch
+from .._maps import check_image_batch, kernel
+from .._tap import scores_fn
 from ._common import (check_fn, check_maps, check_positive_int, class_scores,
-                      gaussian_blur, merge_fn, prepare_target, removal_counts, resolve_target, saliency_ranks,
+                      gaussian_blur, prepare_target, removal_counts, resolve_target, saliency_ranks,
                       trapezoid)
 
 __all__ = ["Curve", "deletion", "insertion", "ConfidenceChange", "confidence_change",
@@ -63,13 +64,24 @@ def _broadcast_fill(value, images, who):
         raise ValueError(f"{who}: the fill of shape {v.shape} does not broadcast to the images {images.shape}.") from None
 
 
-@functools.partial(jax.jit, static_argnames=("fn_static", "n_steps", "chunk", "softmax"))
-def _curve_jit(fn_arrays, images, fill, clean, maps, target, *, fn_static, n_steps, chunk, softmax):
+@dataclasses.dataclass(frozen=True)
+class RemovalOptions:
+    """The static options of the removal-metric kernels (one ``options`` argument each)."""
+
+    chunk: int
+    softmax: bool
+    n_steps: int = 0
+    counts: tuple[int, ...] = ()
+
+
+@kernel
+def curve_kernel(fn: PytreeCallable, images, fill, clean, maps, target, *, options: RemovalOptions):
     """Scores of ``where(rank < cut_k, fill, images)`` for k = 0 .. n_steps, every image.
 
     ``clean``: the unperturbed images, whose top class is the target when ``target`` is None.
     """
-    fn = merge_fn(fn_arrays, fn_static)
+    chunk, softmax, n_steps = options.chunk, options.softmax, options.n_steps
+    fn = scores_fn(fn.fn)
     b, h, w, _ = images.shape
     target = resolve_target(fn, clean, target, chunk)
     ranks = saliency_ranks(maps)  # (B, H, W)
@@ -93,9 +105,8 @@ def _curve(who, fn, images, maps, target, start, fill, n_steps, chunk_size, soft
     n_steps = check_positive_int(n_steps, "n_steps", who)
     chunk = check_positive_int(chunk_size, "chunk_size", who)
     target = prepare_target(fn, images, target, who)
-    arrays, static = partition_callable(fn)
-    return _curve_jit(arrays, start, fill, images, maps, target, fn_static=static, n_steps=n_steps,
-                      chunk=chunk, softmax=bool(softmax))
+    options = RemovalOptions(chunk, bool(softmax), n_steps=n_steps)
+    return curve_kernel(as_pytree(fn), start, fill, images, maps, target, options=options)
 
 
 def deletion(fn, images, maps, target=None, *, n_steps: int = 50, baseline=0.0, chunk_size: int = 64,
@@ -184,9 +195,10 @@ class ConfidenceChange(NamedTuple):
     masked: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("fn_static", "chunk", "softmax"))
-def _confidence_jit(fn_arrays, images, maps, baseline, target, *, fn_static, chunk, softmax):
-    fn = merge_fn(fn_arrays, fn_static)
+@kernel
+def confidence_kernel(fn: PytreeCallable, images, maps, baseline, target, *, options: RemovalOptions):
+    chunk, softmax = options.chunk, options.softmax
+    fn = scores_fn(fn.fn)
     b = images.shape[0]
     target = resolve_target(fn, images, target, chunk)
     m = maps.astype(images.dtype)[..., None]
@@ -240,9 +252,8 @@ def confidence_change(fn, images, maps, target=None, *, baseline=0.0, chunk_size
     chunk = check_positive_int(chunk_size, "chunk_size", who)
     target = prepare_target(fn, images, target, who)
     fill = _broadcast_fill(baseline, images, who)
-    arrays, static = partition_callable(fn)
-    return _confidence_jit(arrays, images, maps, fill, target, fn_static=static, chunk=chunk,
-                           softmax=bool(softmax))
+    options = RemovalOptions(chunk, bool(softmax))
+    return confidence_kernel(as_pytree(fn), images, maps, fill, target, options=options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,9 +423,10 @@ class ROAD(NamedTuple):
         return jnp.mean(self.lerf - self.morf, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("fn_static", "counts", "chunk", "softmax"))
-def _road_jit(fn_arrays, images, maps, target, key, noise, tol, max_iter, *, fn_static, counts, chunk, softmax):
-    fn = merge_fn(fn_arrays, fn_static)
+@kernel
+def road_kernel(fn: PytreeCallable, images, maps, target, key, noise, tol, max_iter, *, options: RemovalOptions):
+    chunk, softmax, counts = options.chunk, options.softmax, options.counts
+    fn = scores_fn(fn.fn)
     b, h, w, _ = images.shape
     n_pix = h * w
     target = resolve_target(fn, images, target, chunk)
@@ -490,7 +502,7 @@ def road(fn, images, maps, target=None, *, key=None, fractions: Sequence[float] 
     n_pix = images.shape[1] * images.shape[2]
     counts = tuple(int(c) for c in np.round(fr * n_pix).astype(np.int64))
     target = prepare_target(fn, images, target, who)
-    arrays, static = partition_callable(fn)
-    prob, ok = _road_jit(arrays, images, maps, target, key, jnp.float32(noise), jnp.float32(tol),
-                         jnp.int32(max_iter), fn_static=static, counts=counts, chunk=chunk, softmax=bool(softmax))
+    options = RemovalOptions(chunk, bool(softmax), counts=counts)
+    prob, ok = road_kernel(as_pytree(fn), images, maps, target, key, jnp.float32(noise), jnp.float32(tol),
+                           jnp.int32(max_iter), options=options)
     return ROAD(prob[0], prob[1], ok[0], ok[1], jnp.asarray(fr, jnp.float32))

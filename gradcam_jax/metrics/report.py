@@ -15,6 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._tap import scores_fn
+from .localization import box_iou, localization_box, pointing_game
+from .removal import confidence_change, deletion, insertion, road
+from .similarity import faithfulness
+
 __all__ = ["MetricInfo", "METRICS", "Report", "evaluate"]
 
 
@@ -186,14 +191,8 @@ def evaluate(fn, images, maps, target=None, *, key=None, boxes=None, labels=None
     ``maps`` are ``(B, H, W)`` in [0, 1] (:func:`confidence_change` uses them as a mask). The
     result feeds :meth:`Report.add` directly: ``report.add("grad_cam", **evaluate(...))``.
     """
-    from .localization import box_iou, localization_box, pointing_game
-    from .removal import confidence_change, deletion, insertion, road
-    from .similarity import faithfulness
-
     out: Dict[str, jax.Array] = {}
     if target is None:  # resolve once, so that every metric explains the same class
-        from .._callables import scores_fn
-
         target = jnp.argmax(scores_fn(fn)(images), axis=-1).astype(jnp.int32)
     out["deletion"] = deletion(fn, images, maps, target, n_steps=n_steps, baseline=baseline,
                                chunk_size=chunk_size, softmax=softmax).auc

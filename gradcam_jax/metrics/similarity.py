@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ._common import _filter_axis, gaussian_kernel
+from ._common import filter_axis, gaussian_kernel
 
 __all__ = ["rankdata", "spearman", "pearson", "ssim", "faithfulness"]
 
@@ -103,7 +103,7 @@ def _ssim_jit(a, b, data_range, sigma, truncate, k1, k2):
     k = gaussian_kernel(sigma, truncate)
 
     def filt(x):  # valid-mode Gaussian filter over (H, W) of (B, H, W)
-        return _filter_axis(_filter_axis(x, k, 1, "valid"), k, 2, "valid")
+        return filter_axis(filter_axis(x, k, 1, "valid"), k, 2, "valid")
 
     mu_a, mu_b = filt(a), filt(b)
     s_aa = filt(a * a) - mu_a * mu_a

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._tap import split_tap
+
 __all__ = ["SyntheticBoxes", "boxes_dataset", "colour_detector"]
 
 
@@ -71,7 +73,6 @@ def colour_detector(n_classes: int = 3, *, gain: float = 40.0, bias: float = -0.
       ``(tap, scores_fn)``: a :func:`gradcam_jax.split_tap` at the conv layer and the plain
       ``x -> scores`` function.
     """
-    from .._tap import split_tap
 
     k = np.full((3, 3, 3, n_classes), -0.5 / 9.0, np.float32)
     for c in range(n_classes):

@@ -1,0 +1,215 @@
+"""The CAM explainers users call — :func:`grad_cam` and :func:`cam` — and the one method table.
+
+Each explainer checks its arguments in Python (so bad input fails before any compilation, with
+a message that says how to fix it) and then calls one jit-compiled kernel with the tap as a
+pytree argument: parameters are traced, not baked in as constants, and the compiled kernel is
+reused across calls with the same shapes.
+
+:data:`METHODS` maps every method name to its kind and function: a *gradient* method is a
+raw-map formula ``(A, dA) -> (B, h, w)`` from :mod:`gradcam_jax.methods` (one forward pass
+for any number of classes); a *perturbation* method is an explainer of
+:mod:`gradcam_jax.perturbation` with :func:`cam`'s signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+
+from . import methods, perturbation
+from ._grads import check_tap_target, grads_for_spec
+from ._maps import MapOptions, kernel, map_size, maps_from_grads
+from ._tap import Tap, as_tap
+from ._targets import Target, TargetSpec, batch_size, target_spec
+
+__all__ = [
+    "Method", "METHODS", "cam", "grad_cam", "register_method", "method_names", "canonical_method_name",
+    "gradient_method",
+]
+
+GRADIENT, PERTURBATION = "gradient", "perturbation"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An entry of :data:`METHODS`: ``kind`` is ``"gradient"`` or ``"perturbation"``."""
+
+    kind: str
+    fn: Callable
+
+
+#: Every CAM method by name. A gradient method's ``fn`` is ``(A, dA) -> (B, h, w)``; a
+#: perturbation method's is an explainer ``(tap, x, target, **options) -> maps``.
+METHODS: dict[str, Method] = {
+    "grad_cam": Method(GRADIENT, methods.grad_cam),
+    "cam": Method(GRADIENT, methods.gradient_sum),
+    "gradient_sum": Method(GRADIENT, methods.gradient_sum),
+    "grad_cam_plus_plus": Method(GRADIENT, methods.grad_cam_plus_plus),
+    "gradcam++": Method(GRADIENT, methods.grad_cam_plus_plus),
+    "xgrad_cam": Method(GRADIENT, methods.xgrad_cam),
+    "hires_cam": Method(GRADIENT, methods.hires_cam),
+    "layer_cam": Method(GRADIENT, methods.layer_cam),
+    "eigen_cam": Method(GRADIENT, methods.eigen_cam),
+    "eigen_grad_cam": Method(GRADIENT, methods.eigen_grad_cam),
+    "score_cam": Method(PERTURBATION, perturbation.score_cam),
+    "ablation_cam": Method(PERTURBATION, perturbation.ablation_cam),
+}
+
+
+def canonical_method_name(name: str) -> str:
+    """The table's spelling of a method name: ``"Grad-CAM"`` -> ``"grad_cam"``."""
+    return name.strip().lower().replace("-", "_")
+
+
+def method_names(kind: str | None = None) -> tuple[str, ...]:
+    """The registered method names (of one ``kind``, ``"gradient"`` or ``"perturbation"``), sorted."""
+    return tuple(sorted(n for n, m in METHODS.items() if kind is None or m.kind == kind))
+
+
+def register_method(name: str, fn: Callable) -> None:
+    """Add a gradient method ``fn(A, dA) -> (B, h, w)`` under ``name`` for :func:`cam`.
+
+    Examples:
+      >>> import jax.numpy as jnp, gradcam_jax as gcj
+      >>> gcj.register_method("abs_grad_cam", lambda a, g: jnp.einsum("bc,bhwc->bhw", jnp.abs(g).mean((1, 2)), a))
+      >>> "abs_grad_cam" in gcj.method_names("gradient")
+      True
+    """
+    if not callable(fn):
+        raise TypeError(f"register_method: {name!r} needs a callable fn(A, dA) -> map.")
+    METHODS[canonical_method_name(name)] = Method(GRADIENT, fn)
+
+
+def resolve_method(method: str | Callable) -> Method:
+    """The :class:`Method` for a name or a raw-map function; the error lists the known names."""
+    if isinstance(method, str):
+        try:
+            return METHODS[canonical_method_name(method)]
+        except KeyError:
+            raise ValueError(f"Unknown CAM method {method!r}. Known methods: {', '.join(method_names())}.") from None
+    if callable(method):
+        return Method(GRADIENT, method)
+    raise TypeError(f"method must be a registered name or a function (A, dA) -> map; got {method!r}.")
+
+
+def gradient_method(name: str | Callable) -> Callable:
+    """The raw-map formula ``(A, dA) -> (B, h, w)`` of a gradient method (by name, or itself)."""
+    entry = resolve_method(name)
+    if entry.kind != GRADIENT:
+        raise ValueError(
+            f"{name!r} is a perturbation method; only gradient methods ({', '.join(method_names(GRADIENT))}) "
+            f"share one forward pass."
+        )
+    return entry.fn
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientCamOptions:
+    """The static options of :func:`gradient_cam_kernel`: the raw-map formula and map options."""
+
+    method: Callable
+    maps: MapOptions
+
+
+@kernel
+def gradient_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GradientCamOptions):
+    """A gradient method's maps under ``jit``: one forward pass, one (vmapped) pullback."""
+    out = grads_for_spec(tap, x, target)
+    return maps_from_grads(out, options.method, options.maps, map_size(x, options.maps))
+
+
+def cam(tap, x, target: Target = None, method: str | Callable = "grad_cam", *,
+        upsample: bool = True, normalize: bool = True, relu: bool = True,
+        interpolation: str = "bilinear", counterfactual: bool = False, drop_tokens: int = 0,
+        grid: tuple[int, int] | None = None, **method_options) -> jax.Array:
+    """Class activation maps by any registered method.
+
+    Gradient methods cost one forward pass and a backward pass to the layer per batch; the
+    perturbation methods ``"score_cam"`` and ``"ablation_cam"`` run batched, chunked forwards
+    (see :mod:`gradcam_jax.perturbation`; their options ``chunk_size``, ``top_n``,
+    ``compute_dtype`` pass through ``**method_options``).
+
+    Args:
+      tap: the model split at a layer (:func:`~gradcam_jax.linen_tap`, ...).
+      x: the input batch, ``(B, H, W, C)`` images (any batched input with ``upsample=False``).
+      target: what to explain. ``None``: each example's top class; an int: that class for every
+        example; an int array ``(B,)``: one class per example; a list of K ints or an int array
+        ``(B, K)``: K maps per example (still one forward pass); a callable
+        ``scores -> (B,)`` (or ``(B, K)``) for any other differentiable output; bind arrays it
+        needs (a mask, a box) with ``functools.partial`` so new values do not recompile.
+      method: a name in :data:`gradcam_jax.METHODS` (``"grad_cam"``, ``"cam"``,
+        ``"grad_cam_plus_plus"``, ``"xgrad_cam"``, ``"hires_cam"``, ``"layer_cam"``,
+        ``"eigen_cam"``, ``"eigen_grad_cam"``), ``"score_cam"``, ``"ablation_cam"``, or a
+        function ``(A, dA) -> (B, h, w)``.
+      upsample: resize maps to the input's ``(H, W)``; otherwise they stay at the layer's.
+      normalize: min-max normalise each map to [0, 1] (after upsampling). All-zero maps stay 0.
+      relu: apply the final ReLU (the paper's; keeps only evidence for the class).
+      interpolation: ``"bilinear"`` (the paper's), ``"nearest"`` (Captum's default; equal to
+        torch's for integer scale factors, as from a CNN's layer to its input), ``"bicubic"``...
+      counterfactual: negate the gradients: regions whose removal would raise the score
+        (Selvaraju et al. §3.3).
+      drop_tokens: for token activations ``(B, N, C)``: leading tokens to drop (1 for a class
+        token).
+      grid: for token activations: ``(h, w)`` of the token grid (default: square).
+      **method_options: options of the perturbation methods (``chunk_size``, ``top_n``,
+        ``compute_dtype``).
+
+    Returns:
+      ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, gradcam_jax as gcj
+      >>> w = jax.random.normal(jax.random.key(0), (3, 5))
+      >>> tap = gcj.split_tap(lambda x: jnp.tanh(x), lambda a: a.mean(axis=(1, 2)) @ w)
+      >>> gcj.cam(tap, jnp.ones((2, 8, 8, 3)), target=[0, 4], method="grad_cam_plus_plus").shape
+      (2, 2, 8, 8)
+    """
+    entry = resolve_method(method)
+    maps = MapOptions(upsample, normalize, relu, interpolation, counterfactual, drop_tokens, grid)
+    if entry.kind == PERTURBATION:
+        if counterfactual:
+            raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
+        return entry.fn(tap, x, target, upsample=upsample, normalize=normalize, relu=relu,
+                        interpolation=interpolation, drop_tokens=drop_tokens, grid=grid, **method_options)
+    if method_options:
+        raise TypeError(
+            f"cam got options {sorted(method_options)} that only the perturbation methods "
+            f"({', '.join(method_names(PERTURBATION))}) take; method={method!r} does not.")
+    tap = as_tap(tap)
+    map_size(x, maps)  # a clear error now for upsampling a non-image input
+    spec = target_spec(target, batch_size(x))
+    check_tap_target(tap, x, spec)
+    return gradient_cam_kernel(tap, x, spec, options=GradientCamOptions(entry.fn, maps))
+
+
+def grad_cam(tap, x, target: Target = None, *, upsample: bool = True, normalize: bool = True,
+             relu: bool = True, interpolation: str = "bilinear", counterfactual: bool = False,
+             drop_tokens: int = 0, grid: tuple[int, int] | None = None) -> jax.Array:
+    """Grad-CAM maps: ``ReLU(sum_k w_k A^k)`` with ``w_k`` the spatial mean of ``d y^c / d A^k``.
+
+    One forward pass and one backward pass down to the tapped layer per batch, whatever the
+    number of classes. ``upsample=False, normalize=False, relu=False`` gives the raw map
+    ``sum_k w_k A^k`` at the layer's resolution (what Captum's ``LayerGradCam`` returns).
+    Arguments as in :func:`cam`.
+
+    Returns:
+      ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, gradcam_jax as gcj
+      >>> w = jax.random.normal(jax.random.key(0), (3, 5))
+      >>> tap = gcj.split_tap(lambda x: jax.nn.relu(x), lambda a: a.mean(axis=(1, 2)) @ w)
+      >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+      >>> maps = gcj.grad_cam(tap, x)            # each example's top class
+      >>> maps.shape, bool(maps.min() >= 0), bool(maps.max() <= 1)
+      ((2, 8, 8), True, True)
+
+    References:
+      Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+      Localization", ICCV 2017, https://arxiv.org/abs/1610.02391.
+    """
+    return cam(tap, x, target, "grad_cam", upsample=upsample, normalize=normalize, relu=relu,
+               interpolation=interpolation, counterfactual=counterfactual,
+               drop_tokens=drop_tokens, grid=grid)

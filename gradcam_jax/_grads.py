@@ -1,0 +1,95 @@
+"""The engine of the gradient methods: the activation and its gradient from one forward pass.
+
+``activations_and_grads(tap, x, target)``: one ``jax.vjp`` through the tap with respect to a
+zero ``delta`` at the layer returns the scores, the activation ``A`` and a pullback; the
+pullback of the target's cotangent is ``dA``. For K targets per example the pullback is
+``vmap``-ed over K cotangents — still one forward pass. The CAM explainers, Guided Grad-CAM
+and the dataset runner all get ``(A, dA)`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._tap import Tap, as_tap
+from ._targets import Target, TargetSpec, batch_size, check_target_against, pull_back, select_scores, target_spec
+
+__all__ = ["Grads", "activations_and_grads", "grads_for_spec", "tap_shapes", "check_tap_target"]
+
+
+class Grads(NamedTuple):
+    """What one forward pass and one (vmapped) pullback give.
+
+    scores: the model's output.
+    activation: ``A``, ``(B, ...)``.
+    grads: ``dA``; ``(B, ...)`` for one target per example, ``(K, B, ...)`` for K targets.
+    selected: the explained scores, ``(B,)`` or ``(B, K)``.
+    """
+
+    scores: Any
+    activation: jax.Array
+    grads: jax.Array
+    selected: jax.Array
+
+
+# One jitted function for shape inference, so eval_shape hits JAX's trace cache.
+_run_tap = jax.jit(lambda tap, x: tap(x))
+
+
+def tap_shapes(tap: Tap, x):
+    """The shapes and dtypes of ``tap(x)``: ``(scores, activation)``, without running it."""
+    return _run_tap.eval_shape(tap, x)
+
+
+def check_tap_target(tap: Tap, x, spec: TargetSpec) -> None:
+    """Range-check a concrete index target against the tap's number of classes (no compute)."""
+    check_target_against(spec, lambda: tap_shapes(tap, x)[0])
+
+
+def activations_and_grads(tap, x, target: Target = None) -> Grads:
+    """The activation at the tap and the gradient of the target score with respect to it.
+
+    One forward pass: ``jax.vjp`` of ``delta -> target(tap(x, delta))`` at ``delta = 0``. K
+    targets per example ``vmap`` the pullback over K cotangents.
+
+    Args:
+      tap: a :class:`~gradcam_jax.Tap` or a callable ``tap(x, delta) -> (scores, A)``.
+      x: the input batch.
+      target: see :func:`gradcam_jax.grad_cam`.
+
+    Returns:
+      :class:`Grads`.
+
+    Examples:
+      >>> import jax.numpy as jnp, gradcam_jax as gcj
+      >>> tap = gcj.split_tap(lambda x: 2.0 * x, lambda a: a.sum(axis=(1, 2)))
+      >>> out = gcj.activations_and_grads(tap, jnp.ones((1, 2, 2, 3)), target=[0, 2])
+      >>> out.activation.shape, out.grads.shape, out.selected.tolist()
+      ((1, 2, 2, 3), (2, 1, 2, 2, 3), [[8.0, 8.0]])
+    """
+    return grads_for_spec(as_tap(tap), x, target_spec(target, batch_size(x)))
+
+
+def grads_for_spec(tap: Tap, x, spec: TargetSpec) -> Grads:
+    """:func:`activations_and_grads` for a target already in normal form."""
+    scores_spec, act_spec = tap_shapes(tap, x)
+    check_target_against(spec, lambda: scores_spec)
+    if not jnp.issubdtype(act_spec.dtype, jnp.floating):
+        raise TypeError(f"The tapped layer's output has dtype {act_spec.dtype}; a float activation is needed.")
+    delta0 = jnp.zeros(act_spec.shape, act_spec.dtype)
+
+    def objective(delta):
+        scores, a = tap(x, delta)
+        return select_scores(spec, scores), (scores, a)
+
+    selected, pullback, (scores, a) = jax.vjp(objective, delta0, has_aux=True)
+    if selected.shape[0] != act_spec.shape[0]:
+        raise ValueError(
+            f"The explained scores have {selected.shape[0]} rows but the activation's batch is "
+            f"{act_spec.shape[0]}: a callable target must keep the batch axis."
+        )
+    (grads,) = pull_back(pullback, selected)
+    return Grads(scores, a, grads, selected)
