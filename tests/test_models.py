@@ -4,14 +4,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # test extras: torch==2.13.0 CPU
 
 import gradcam_jax as gcj
 from gradcam_jax.models import (
-    BasicBlock, Bottleneck, Stem, init_resnet, resnet18, resnet34, resnet50, resnet101,
+    BasicBlock,
+    Bottleneck,
+    Stem,
+    init_resnet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
     resnet152,
 )
+from gradcam_jax.models.resnet import resnet_for_torch, torch_state_dict_to_flax
 
-import torch  # noqa: E402  (test extras: torch==2.13.0 CPU)
 tnn = torch.nn
 
 
@@ -224,7 +232,7 @@ def _compare(flax_module, variables, torch_module, x_nchw):
     # Check the ported tree has exactly the structure flax expects (no missing/extra weights).
     expected = jax.eval_shape(flax_module.init, jax.random.key(0), x)
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(variables)
-    for e, v in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(variables)):
+    for e, v in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(variables), strict=True):
         assert e.shape == v.shape
     out = flax_module.apply(variables, x)
     assert out.shape == ref.shape
@@ -263,4 +271,64 @@ def test_parity_catches_a_wrong_stride_placement():
     tb = TorchBottleneck(64, 32, 2, gen)
     tb.conv1.stride, tb.conv2.stride = (2, 2), (1, 1)
     with pytest.raises(AssertionError):
-        _compare(Bottleneck(32, stride=2), _port(tb, _block_names(tb)), tb, torch.randn(2, 64, 16, 16, generator=gen))
+        x = torch.randn(2, 64, 16, 16, generator=gen)
+        _compare(Bottleneck(32, stride=2), _port(tb, _block_names(tb)), tb, x)
+
+
+# --------------------------------------------------------------------------------------------
+# The converter: a whole torchvision-layout network, by parameter name
+# --------------------------------------------------------------------------------------------
+
+
+class TorchResNet(tnn.Module):
+    """torchvision's names (conv1, bn1, layer{i}.{j}, fc) around the blocks above, any width."""
+
+    def __init__(self, block, stage_sizes, gen, width=16, num_classes=5):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_torch(3, width, 7, 2, gen), _bn_torch(width, gen)
+        self.maxpool = tnn.MaxPool2d(3, stride=2, padding=1)
+        expansion = 4 if block is TorchBottleneck else 1
+        cin = width
+        for i, n in enumerate(stage_sizes):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, width * 2 ** i, 2 if i > 0 and j == 0 else 1, gen))
+                cin = width * 2 ** i * expansion
+            setattr(self, f"layer{i + 1}", tnn.Sequential(*blocks))
+        self.fc = tnn.Linear(cin, num_classes)
+        self.stages = len(stage_sizes)
+
+    def forward(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        for i in range(1, self.stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("block, sizes", [(TorchBasicBlock, (2, 1, 1, 1)), (TorchBottleneck, (1, 2, 1, 1))])
+def test_torch_state_dict_to_flax_ports_a_whole_resnet(block, sizes):
+    gen = torch.Generator().manual_seed(3)
+    net = TorchResNet(block, sizes, gen).eval()
+    model = resnet_for_torch(net)
+    assert model.stage_sizes == sizes and model.width == 16 and model.num_classes == 5
+    assert model.block_cls is (Bottleneck if block is TorchBottleneck else BasicBlock)
+    variables = torch_state_dict_to_flax(net)
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
+    assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(lambda a: a.shape, expected)
+    x = torch.randn(2, 3, 48, 48, generator=gen)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    out = model.apply(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_state_dict_to_flax_names_what_does_not_fit():
+    net = TorchResNet(TorchBasicBlock, (1, 1, 1, 1), torch.Generator().manual_seed(4))
+    state = {k: v.numpy() for k, v in net.state_dict().items()}  # NumPy arrays, as load_pth returns
+    assert torch_state_dict_to_flax(state)["params"]["head"]["kernel"].shape == (128, 5)
+    with pytest.raises(ValueError, match="no tensor 'fc.bias'"):
+        torch_state_dict_to_flax({k: v for k, v in state.items() if k != "fc.bias"})
+    with pytest.raises(ValueError, match="does not use"):
+        torch_state_dict_to_flax({**state, "layer1.0.se.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="layer4"):
+        torch_state_dict_to_flax({k: v for k, v in state.items() if not k.startswith("layer4.")})

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # test extras: torch==2.13.0 CPU
 
 import gradcam_jax as gcj
 from gradcam_jax import zoo
-from gradcam_jax._pth import PthError, load_pth
-from gradcam_jax.zoo.efficientnet_lite import EfficientNetLite, same_padding, torch_state_dict_to_flax
-
-import torch  # noqa: E402  (test extras: torch==2.13.0 CPU)
+from gradcam_jax.models.efficientnet_lite import EfficientNetLite, same_padding, torch_state_dict_to_flax
+from gradcam_jax.zoo import PthError, load_pth
+from gradcam_jax.zoo._entries import lite0_checkpoint
 
 ASSETS = os.path.join(os.path.dirname(gcj.__file__), "assets")
 
@@ -63,7 +63,7 @@ def _assert_same(ours, ref):
             _assert_same(ours[k], ref[k])
     elif isinstance(ref, (list, tuple)):
         assert type(ours) is type(ref) and len(ours) == len(ref)
-        for a, b in zip(ours, ref):
+        for a, b in zip(ours, ref, strict=True):
             _assert_same(a, b)
     else:
         assert ours == ref
@@ -141,7 +141,7 @@ def test_pth_refuses_arbitrary_objects_and_damaged_files(tmp_path):
 
 @needs_weights
 def test_pth_reads_the_shipped_checkpoint_like_torch():
-    path = zoo._lite0_checkpoint()
+    path = lite0_checkpoint()
     ours = load_pth(path)
     ref = torch.load(path, map_location="cpu", weights_only=True)
     assert list(ours) == list(ref) and len(ours) == 296
@@ -203,7 +203,8 @@ def test_conversion_fills_exactly_the_flax_tree():
     want = jax.tree_util.tree_map(lambda a: tuple(a.shape), shapes)
     assert got == want
     # 4.65M parameters: EfficientNet-Lite0's published size.
-    n = sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(got["params"], is_leaf=lambda x: isinstance(x, tuple)))
+    shapes = jax.tree_util.tree_leaves(got["params"], is_leaf=lambda x: isinstance(x, tuple))
+    n = sum(int(np.prod(s)) for s in shapes)
     assert n == 4_652_008
     # Depthwise kernels are (k, k, 1, C) and the dense kernel (in, out).
     assert variables["params"]["blocks_1"]["depthwise"]["conv"]["kernel"].shape == (3, 3, 1, 96)
@@ -297,12 +298,13 @@ def _torch_reference_handwritten(state):
 
 
 def _torch_reference_package(dynamic_padding: bool):
-    import efficientnet_lite_pytorch as lite
     import contextlib
+
+    import efficientnet_lite_pytorch as lite
 
     kwargs = {"image_size": None} if dynamic_padding else {}
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
-        net = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(zoo._lite0_checkpoint()),
+        net = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_checkpoint()),
                                                 **kwargs)
     net.eval()
     return net
@@ -317,7 +319,7 @@ def test_logits_match_pytorch_on_real_photos(model, reference):
     if reference == "package":
         fwd = _torch_reference_package(dynamic_padding=False)
     else:
-        fwd = _torch_reference_handwritten(load_pth(zoo._lite0_checkpoint()))
+        fwd = _torch_reference_handwritten(load_pth(lite0_checkpoint()))
     with torch.no_grad():
         ref = fwd(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
     err = float(np.abs(ours - ref).max())
@@ -335,7 +337,7 @@ def test_logits_match_pytorch_at_another_size(model):
     x = model.preprocess(_photos()["coffee"], size=192)
     assert x.shape == (1, 192, 192, 3)
     ours = np.asarray(model.logits(x))
-    fwd = _torch_reference_handwritten(load_pth(zoo._lite0_checkpoint()))
+    fwd = _torch_reference_handwritten(load_pth(lite0_checkpoint()))
     with torch.no_grad():
         ref = fwd(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
     assert np.abs(ours - ref).max() < 1e-3
@@ -347,7 +349,8 @@ def test_preprocess(model):
     x = model.preprocess(gray)
     assert x.shape == (1, 224, 224, 3)
     np.testing.assert_allclose(np.asarray(x), 0.0, atol=1e-6)            # (127 - 127) / 128
-    np.testing.assert_allclose(np.asarray(model.preprocess(white, size=64)), 1.0, atol=1e-6)  # (255 - 127) / 128
+    # (255 - 127) / 128
+    np.testing.assert_allclose(np.asarray(model.preprocess(white, size=64)), 1.0, atol=1e-6)
     rgba = np.zeros((20, 10, 4), np.uint8)
     assert model.preprocess([rgba, white[0], gray]).shape == (3, 224, 224, 3)
     with pytest.raises(ValueError, match="RGB"):
@@ -363,7 +366,8 @@ def test_model_surface(model):
     with pytest.raises(ValueError, match="no class named"):
         model.class_index("unicorn")
     layers = model.layers
-    for name in ["stem", "blocks_0", "blocks_15", "blocks_15/depthwise/conv", "head", "head/conv", "head/bn", "fc"]:
+    for name in ["stem", "blocks_0", "blocks_15", "blocks_15/depthwise/conv", "head", "head/conv", "head/bn",
+                 "fc"]:
         assert name in layers
     assert "blocks_16" not in layers
     assert "Pretrained('efficientnet_lite0'" in repr(model)
@@ -376,7 +380,10 @@ def test_tap_is_the_final_feature_map_after_relu6(model):
     # A ReLU6 output (the BatchNorm before it is negative in places), and some units saturate.
     assert float(act.min()) == 0.0 and float(act.max()) == 6.0
     np.testing.assert_allclose(np.asarray(scores), np.asarray(model.logits(x)), atol=1e-4)
-    shape_at = lambda layer: jax.eval_shape(lambda t, x: t(x), model.tap_at(layer), x)[1].shape
+
+    def shape_at(layer):
+        return jax.eval_shape(lambda t, x: t(x), model.tap_at(layer), x)[1].shape
+
     assert shape_at("head/bn") == (1, 7, 7, 1280)
     assert shape_at("blocks_15") == (1, 7, 7, 320)
     assert shape_at("blocks_10") == (1, 14, 14, 112)
@@ -395,7 +402,8 @@ def test_cache_written_reused_and_recovered(model, cache, monkeypatch):
     assert len(files) == 1
     monkeypatch.setenv("GRADCAM_JAX_CACHE", str(cache))
     again = zoo.efficientnet_lite0()  # from the cache
-    for a, b in zip(jax.tree_util.tree_leaves(model.variables), jax.tree_util.tree_leaves(again.variables)):
+    for a, b in zip(jax.tree_util.tree_leaves(model.variables), jax.tree_util.tree_leaves(again.variables),
+                    strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     files[0].write_bytes(b"damaged")  # a damaged cache is rebuilt, not trusted
     rebuilt = zoo.efficientnet_lite0()

@@ -19,20 +19,26 @@ torchvision                 here
 Conv kernels are ``(kh, kw, in, out)`` here and ``(out, in, kh, kw)`` in torch; the Dense
 kernel is the transpose of ``fc.weight``. BatchNorm ``weight``/``bias`` are ``scale``/``bias``
 in ``params``; ``running_mean``/``running_var`` are ``mean``/``var`` in ``batch_stats``.
+:func:`torch_state_dict_to_flax` applies this table to a torchvision state dict, and
+:func:`resnet_for_torch` builds the matching model.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, Tuple, Type
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .torch_names import TorchNames, state_dict_arrays
+
 __all__ = [
     "ResNet", "ResNetStage", "BasicBlock", "Bottleneck", "Stem", "STAGE_SIZES",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "init_resnet",
+    "torch_state_dict_to_flax", "torch_stage_sizes", "torch_uses_bottleneck", "resnet_for_torch",
 ]
 
 Dtype = Any
@@ -42,7 +48,7 @@ Dtype = Any
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _pad(k: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     # Explicit symmetric padding k // 2, as torch does. "SAME" would pad asymmetrically for
     # stride 2 and shift every feature map by one pixel relative to torchvision.
     p = k // 2
@@ -129,7 +135,7 @@ def _shortcut(x, out_features: int, stride: int, train: bool, dtype: Dtype):
 class ResNetStage(nn.Module):
     """``num_blocks`` blocks at one resolution; the first one carries the stride."""
 
-    block_cls: Type[nn.Module]
+    block_cls: type[nn.Module]
     num_blocks: int
     features: int
     stride: int = 1
@@ -162,7 +168,7 @@ class ResNet(nn.Module):
     """
 
     stage_sizes: Sequence[int]
-    block_cls: Type[nn.Module]
+    block_cls: type[nn.Module]
     num_classes: int = 1000
     width: int = 64
     zero_init_residual: bool = False
@@ -213,3 +219,79 @@ def init_resnet(model: nn.Module, key, image_size: int = 224):
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     # jit: initialising op by op is slow for a 100-layer model.
     return jax.jit(functools.partial(model.init, train=False))(key, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: torchvision names -> the module paths above
+# --------------------------------------------------------------------------------------------
+
+
+def torch_stage_sizes(model_or_state) -> tuple[int, ...]:
+    """Blocks per stage of a torchvision-layout ResNet (a torch module or its state dict)."""
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    sizes = []
+    for i in range(1, 5):
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.")}
+        if not blocks:
+            raise ValueError(f"No parameters named 'layer{i}.*': not a torchvision-layout ResNet state dict.")
+        sizes.append(max(blocks) + 1)
+    return tuple(sizes)
+
+
+def torch_uses_bottleneck(model_or_state) -> bool:
+    """Whether a torchvision-layout ResNet has :class:`Bottleneck` blocks (ResNet-50 and deeper)."""
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    return "layer1.0.conv3.weight" in state
+
+
+def torch_state_dict_to_flax(torch_model) -> dict[str, dict]:
+    """Port a torchvision-layout ResNet's weights to :class:`ResNet` variables.
+
+    Accepts a torch module (``torchvision.models.resnet50()``) or its state dict (torch tensors
+    or NumPy arrays, e.g. from :func:`gradcam_jax.zoo.load_pth`); PyTorch is not imported here.
+    Returns ``{"params": ..., "batch_stats": ...}`` as nested dicts of float32 NumPy arrays,
+    laid out as in the table of this module's docstring.
+
+    Every tensor of the state dict except the BatchNorm step counters is used exactly once; an
+    unexpected or missing name raises ``ValueError``. Build the matching model with
+    :func:`resnet_for_torch` (or the same stage sizes and block type, e.g. :func:`resnet50` for
+    ``torchvision.models.resnet50()``); then ``model.apply(variables, x_nhwc)`` equals
+    ``net(x_nchw)`` (eval mode) to float32 rounding.
+    """
+    state = state_dict_arrays(torch_model)
+    names = TorchNames(state, source="The state dict", kind="a torchvision-layout ResNet",
+                       layout="this ResNet layout")
+    params: dict[str, dict] = {}
+    stats: dict[str, dict] = {}
+    stem_bn, stem_stats = names.bn("bn1")
+    params["stem"] = {"conv": names.conv("conv1"), "bn": stem_bn}
+    stats["stem"] = {"bn": stem_stats}
+    n_convs = 3 if torch_uses_bottleneck(state) else 2
+    for i, n_blocks in enumerate(torch_stage_sizes(state), start=1):
+        stage_p, stage_s = {}, {}
+        for j in range(n_blocks):
+            src = f"layer{i}.{j}."
+            block_p, block_s = {}, {}
+            for n in range(1, n_convs + 1):
+                block_p[f"conv{n}"] = names.conv(src + f"conv{n}")
+                block_p[f"bn{n}"], block_s[f"bn{n}"] = names.bn(src + f"bn{n}")
+            if src + "downsample.0.weight" in names:
+                block_p["downsample_conv"] = names.conv(src + "downsample.0")
+                block_p["downsample_bn"], block_s["downsample_bn"] = names.bn(src + "downsample.1")
+            stage_p[f"block{j}"], stage_s[f"block{j}"] = block_p, block_s
+        params[f"stage{i}"], stats[f"stage{i}"] = stage_p, stage_s
+    params["head"] = names.dense("fc")
+    names.check_all_used()
+    return {"params": params, "batch_stats": stats}
+
+
+def resnet_for_torch(torch_model, dtype: Dtype = None) -> ResNet:
+    """The :class:`ResNet` whose variables :func:`torch_state_dict_to_flax` fills for ``torch_model``.
+
+    ``dtype``: the computation dtype (default float32); parameters stay float32.
+    """
+    state = torch_model.state_dict() if hasattr(torch_model, "state_dict") else torch_model
+    block = Bottleneck if torch_uses_bottleneck(state) else BasicBlock
+    return ResNet(stage_sizes=torch_stage_sizes(state), block_cls=block,
+                  num_classes=int(state["fc.weight"].shape[0]), width=int(state["conv1.weight"].shape[0]),
+                  dtype=jnp.float32 if dtype is None else dtype)

@@ -8,96 +8,15 @@ and gives jitted ``logits`` / ``probs`` and ready taps.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import tempfile
-from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Pretrained", "cache_dir", "load_class_names"]
+from .._adapters import linen_layers, linen_tap
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-
-def cache_dir() -> Path:
-    """Where converted weights are kept: ``$GRADCAM_JAX_CACHE``, else
-    ``$XDG_CACHE_HOME/gradcam_jax``, else ``~/.cache/gradcam_jax``."""
-    env = os.environ.get("GRADCAM_JAX_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gradcam_jax"
-
-
-def load_class_names(name: str = "imagenet_classes.txt") -> Tuple[str, ...]:
-    """Class names shipped in ``gradcam_jax/assets`` (one per line, in class-index order)."""
-    text = (_ASSETS / name).read_text(encoding="utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
-
-
-def file_digest(path: Union[str, os.PathLike], n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
-def _flatten(tree: Dict, prefix: str = "") -> Dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: Dict[str, np.ndarray]) -> Dict:
-    tree: Dict = {}
-    for key, v in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-def save_variables(path: Path, variables: Dict) -> bool:
-    """Write variables to ``path`` (an ``.npz``) atomically. False when that is not possible
-    (a read-only or full disk): the caller then simply goes on without a cache."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **_flatten(variables))
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        if tmp is not None and os.path.exists(tmp):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        return False
-
-
-def load_variables(path: Path) -> Optional[Dict]:
-    """Variables saved by :func:`save_variables`, or None when missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return _unflatten({k: z[k] for k in z.files})
-    except Exception:  # a damaged cache file (bad zip, truncated array ...): rebuild it
-        return None
+__all__ = ["Pretrained"]
 
 
 class Pretrained:
@@ -117,9 +36,9 @@ class Pretrained:
     """
 
     def __init__(self, name: str, module, variables, class_names: Sequence[str], *,
-                 input_size: int = 224, mean: Union[float, Sequence[float]] = 127.0,
-                 std: Union[float, Sequence[float]] = 128.0, default_layer: str = "head",
-                 source: Optional[str] = None):
+                 input_size: int = 224, mean: float | Sequence[float] = 127.0,
+                 std: float | Sequence[float] = 128.0, default_layer: str = "head",
+                 source: str | None = None):
         self.name = name
         self.module = module
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
@@ -138,7 +57,7 @@ class Pretrained:
 
     # ---------------------------------------------------------------- input
 
-    def preprocess(self, images, size: Optional[int] = None) -> jax.Array:
+    def preprocess(self, images, size: int | None = None) -> jax.Array:
         """``uint8`` RGB images of any size -> the model's input ``(B, size, size, 3)`` float32.
 
         Each image is resized to ``size x size`` (default :attr:`input_size`) with antialiased
@@ -187,7 +106,7 @@ class Pretrained:
         """Softmax probabilities ``(B, num_classes)`` for a preprocessed batch."""
         return jax.nn.softmax(self.logits(x), axis=-1)
 
-    def top_k(self, x, k: int = 5) -> "list[list[tuple[int, str, float]]]":
+    def top_k(self, x, k: int = 5) -> list[list[tuple[int, str, float]]]:
         """The ``k`` most probable classes per example: ``[(index, name, probability), ...]``."""
         p = np.asarray(self.probs(x))
         order = np.argsort(-p, axis=-1)[:, :k]
@@ -212,15 +131,11 @@ class Pretrained:
 
     def tap_at(self, layer: str, **kwargs):
         """A :func:`gradcam_jax.linen_tap` at another layer (a path from :attr:`layers`)."""
-        from .._adapters import linen_tap
-
         return linen_tap(self.module, self.variables, layer, **kwargs)
 
     @functools.cached_property
-    def layers(self) -> Tuple[str, ...]:
+    def layers(self) -> tuple[str, ...]:
         """Every layer path, in call order (for :meth:`tap_at`)."""
-        from .._adapters import linen_layers
-
         x = jax.ShapeDtypeStruct((1, self.input_size, self.input_size, 3), jnp.float32)
         return tuple(linen_layers(self.module, self.variables, x))
 

@@ -31,18 +31,22 @@ before the ReLU6.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
+
+from .torch_names import TorchNames
 
 __all__ = ["EfficientNetLite", "ConvBN", "MBConv", "LITE0_STAGES", "same_padding",
            "torch_state_dict_to_flax", "random_variables"]
 
-# (repeats, kernel, stride of the first block, expand ratio, channels in, channels out)
-LITE0_STAGES: Tuple[Tuple[int, int, int, int, int, int], ...] = (
+#: One stage: (repeats, kernel, stride of the first block, expand ratio, channels in, channels out).
+Stage = tuple[int, int, int, int, int, int]
+
+LITE0_STAGES: tuple[Stage, ...] = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -56,7 +60,7 @@ BN_EPSILON = 1e-3
 BN_DECAY = 0.99
 
 
-def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow "SAME" padding of one spatial axis: ``(before, after)``.
 
     >>> same_padding(224, 3, 2), same_padding(56, 5, 2), same_padding(14, 5, 1)
@@ -127,7 +131,7 @@ class EfficientNetLite(nn.Module):
     ``mutable=["batch_stats"]``), dropout and stochastic depth (pass a ``"dropout"`` rng).
     """
 
-    stages: Sequence[Tuple[int, int, int, int, int, int]] = LITE0_STAGES
+    stages: Sequence[Stage] = LITE0_STAGES
     num_classes: int = 1000
     stem_features: int = 32
     head_features: int = 1280
@@ -163,65 +167,45 @@ class EfficientNetLite(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-    # torch (out, in / groups, kh, kw) -> flax (kh, kw, in / groups, out)
-    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
-
-
 def torch_state_dict_to_flax(state: Mapping[str, np.ndarray],
-                             stages=LITE0_STAGES) -> Dict[str, Dict]:
+                             stages: Sequence[Stage] = LITE0_STAGES) -> dict[str, dict]:
     """Map the PyTorch port's state dict (``_conv_stem.weight`` ...) to Flax variables.
 
     Returns ``{"params": ..., "batch_stats": ...}`` for :class:`EfficientNetLite`, as nested
     dicts of float32 NumPy arrays. Every tensor of the state dict except the BatchNorm step
     counters must be used, and every Flax variable filled: a mismatch raises ``ValueError``.
     """
-    used = set()
+    names = TorchNames(state, source="The checkpoint", kind="an EfficientNet-Lite state dict",
+                       layout="this architecture")
 
-    def take(key):
-        if key not in state:
-            raise ValueError(f"The checkpoint has no tensor {key!r}; is it an EfficientNet-Lite state dict?")
-        used.add(key)
-        return np.asarray(state[key], np.float32)
+    def conv_bn(conv_key: str, bn_key: str) -> tuple[dict, dict]:
+        conv = names.conv(conv_key)
+        bn_params, bn_stats = names.bn(bn_key)
+        return {"conv": conv, "bn": bn_params}, {"bn": bn_stats}
 
-    params: Dict[str, Dict] = {}
-    stats: Dict[str, Dict] = {}
-
-    def conv_bn(dst: str, conv_key: str, bn_key: str):
-        params[dst] = {
-            "conv": {"kernel": _conv_kernel(take(conv_key + ".weight"))},
-            "bn": {"scale": take(bn_key + ".weight"), "bias": take(bn_key + ".bias")},
-        }
-        stats[dst] = {"bn": {"mean": take(bn_key + ".running_mean"), "var": take(bn_key + ".running_var")}}
-
-    conv_bn("stem", "_conv_stem", "_bn0")
+    params: dict[str, dict] = {}
+    stats: dict[str, dict] = {}
+    params["stem"], stats["stem"] = conv_bn("_conv_stem", "_bn0")
     index = 0
     for repeats, _kernel, _stride, expand, _cin, _cout in stages:
         for _ in range(repeats):
             src = f"_blocks.{index}."
-            dst = f"blocks_{index}"
-            block_p: Dict[str, Dict] = {}
-            block_s: Dict[str, Dict] = {}
             parts = [("depthwise", "_depthwise_conv", "_bn1"), ("project", "_project_conv", "_bn2")]
             if expand != 1:
                 parts.insert(0, ("expand", "_expand_conv", "_bn0"))
+            block_p: dict[str, dict] = {}
+            block_s: dict[str, dict] = {}
             for name, conv, bn in parts:
-                conv_bn("_tmp", src + conv, src + bn)
-                block_p[name] = params.pop("_tmp")
-                block_s[name] = stats.pop("_tmp")
-            params[dst] = block_p
-            stats[dst] = block_s
+                block_p[name], block_s[name] = conv_bn(src + conv, src + bn)
+            params[f"blocks_{index}"], stats[f"blocks_{index}"] = block_p, block_s
             index += 1
-    conv_bn("head", "_conv_head", "_bn1")
-    params["fc"] = {"kernel": np.ascontiguousarray(take("_fc.weight").T), "bias": take("_fc.bias")}
-
-    unused = sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked"))
-    if unused:
-        raise ValueError(f"The checkpoint has tensors this architecture does not use: {unused[:10]}.")
+    params["head"], stats["head"] = conv_bn("_conv_head", "_bn1")
+    params["fc"] = names.dense("_fc")
+    names.check_all_used()
     return {"params": params, "batch_stats": stats}
 
 
-def random_variables(module, seed: int = 0, size: int = 224) -> Dict[str, Dict]:
+def random_variables(module, seed: int = 0, size: int = 224) -> dict[str, dict]:
     """Random variables for ``module``, drawn with NumPy in a fraction of a second.
 
     Convolution and dense kernels are He-normal (``std = sqrt(2 / fan_in)``), biases zero,

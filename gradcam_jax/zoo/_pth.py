@@ -30,7 +30,7 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, BinaryIO, Dict, Tuple, Union
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def _bfloat16():
 
 
 # Storage class name -> NumPy dtype (a callable for dtypes NumPy lacks).
-_STORAGE_DTYPES: Dict[str, Any] = {
+_STORAGE_DTYPES: dict[str, Any] = {
     "DoubleStorage": np.dtype("<f8"),
     "FloatStorage": np.dtype("<f4"),
     "HalfStorage": np.dtype("<f2"),
@@ -112,7 +112,7 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *unused) -> 
     offset = int(offset)
     if any(s == 0 for s in size):
         return np.zeros(size, storage.dtype)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if offset < 0 or last >= storage.size or any(s < 0 for s in stride):
         raise PthError(
             f"A tensor of size {size}, stride {stride} at offset {offset} does not fit its storage "
@@ -158,7 +158,7 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file, load_storage):
         super().__init__(file, encoding="latin1")
         self._load_storage = load_storage
-        self._cache: Dict[str, np.ndarray] = {}
+        self._cache: dict[str, np.ndarray] = {}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
@@ -221,16 +221,20 @@ def _read_legacy(buf: bytes):
     try:
         magic = plain_load()
     except Exception as e:
-        raise PthError(f"Not a PyTorch checkpoint (neither a zip archive nor a legacy pickle stream): {e}") from None
+        raise PthError(
+            f"Not a PyTorch checkpoint (neither a zip archive nor a legacy pickle stream): {e}"
+        ) from None
     if magic != _LEGACY_MAGIC:
-        raise PthError("Not a PyTorch checkpoint: the pickle stream does not start with torch's magic number.")
+        raise PthError(
+            "Not a PyTorch checkpoint: the pickle stream does not start with torch's magic number."
+        )
     protocol = plain_load()
     if protocol != _LEGACY_PROTOCOL:
         raise PthError(f"Unsupported legacy checkpoint protocol {protocol!r} (expected {_LEGACY_PROTOCOL}).")
     sys_info = plain_load()
     little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
 
-    wanted: Dict[str, Tuple[np.dtype, int]] = {}
+    wanted: dict[str, tuple[np.dtype, int]] = {}
 
     def defer(key, dtype, numel):
         # The raw data comes after the object's pickle: hand out a placeholder now, fill later.
@@ -239,7 +243,7 @@ def _read_legacy(buf: bytes):
 
     obj = _DeferredUnpickler(f, defer).load()
     keys = plain_load()
-    storages: Dict[str, np.ndarray] = {}
+    storages: dict[str, np.ndarray] = {}
     for key in keys:
         key = str(key)
         (count,) = struct.unpack("<q" if little else ">q", f.read(8))
@@ -319,7 +323,7 @@ def _resolve(obj, storages):
     return obj
 
 
-def load_pth(file: Union[str, os.PathLike, BinaryIO]) -> Any:
+def load_pth(file: str | os.PathLike | BinaryIO) -> Any:
     """Load what ``torch.save`` wrote, with tensors as NumPy arrays — no PyTorch needed.
 
     Args:
