@@ -76,6 +76,7 @@ def register_method(name: str, fn: Callable) -> None:
       >>> gcj.register_method("abs_grad_cam", lambda a, g: jnp.einsum("bc,bhwc->bhw", jnp.abs(g).mean((1, 2)), a))
       >>> "abs_grad_cam" in gcj.method_names("gradient")
       True
+      >>> del gcj.METHODS["abs_grad_cam"]
     """
     if not callable(fn):
         raise TypeError(f"register_method: {name!r} needs a callable fn(A, dA) -> map.")

@@ -88,6 +88,16 @@ METHODS = ["grad_cam", "cam", "grad_cam_plus_plus", "xgrad_cam", "hires_cam", "l
            "eigen_cam", "eigen_grad_cam"]
 
 
+ALIASES = {"gradient_sum": "cam", "gradcam++": "grad_cam_plus_plus"}
+
+
+def test_every_gradient_method_has_a_numpy_reference():
+    registered = {ALIASES.get(n, n) for n in gcj.method_names("gradient")}
+    assert registered == set(METHODS), "add a NumPy reference to np_method and the name to METHODS"
+    for alias, name in ALIASES.items():
+        assert gcj.METHODS[alias] == gcj.METHODS[name]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_raw_maps_match_numpy_formula(method):
     tap, x, v = make_problem()

@@ -36,8 +36,8 @@ from ._common import gaussian_blur, pixel_saliency, saliency_order, saliency_ran
 from .localization import (EMPTY_BOX, Localization, box_iou, boxes_to_masks, connected_components,
                            largest_component, localization_box, localization_correct, localization_errors,
                            pointing_game)
-from .removal import (ROAD, ConfidenceChange, Curve, confidence_change, deletion, insertion,
-                      noisy_linear_imputation, road)
+from .removal import ConfidenceChange, Curve, confidence_change, deletion, insertion
+from .road import ROAD, noisy_linear_imputation, road
 from .report import METRICS, MetricInfo, Report, evaluate
 from .sanity import SIMILARITIES, Sanity, cascading_randomization, randomize_layers, sanity_check
 from .similarity import faithfulness, pearson, rankdata, spearman, ssim

@@ -5,6 +5,7 @@ Nothing here is specific to one metric. All functions are pure and jittable.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,16 @@ from .._tap import scores_fn
 from .._targets import check_target_against, target_spec
 
 __all__ = ["saliency_order", "saliency_ranks", "pixel_saliency", "gaussian_blur", "removal_counts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RemovalOptions:
+    """The static options of the removal-metric kernels (one ``options`` argument each)."""
+
+    chunk: int
+    softmax: bool
+    n_steps: int = 0
+    counts: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import numpy as np
 
 from .._tap import scores_fn
 from .localization import box_iou, localization_box, pointing_game
-from .removal import confidence_change, deletion, insertion, road
+from .removal import confidence_change, deletion, insertion
+from .road import road
 from .similarity import faithfulness
 
 __all__ = ["MetricInfo", "METRICS", "Report", "evaluate"]
