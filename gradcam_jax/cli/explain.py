@@ -1,0 +1,416 @@
+"""The ``explain`` command: explain a pretrained classifier's predictions on image files.
+
+    gradcam-jax explain photo.jpg other.png --classes top3 --out explanations/
+    gradcam-jax explain --demo
+
+For each readable image it writes one PNG figure (a row per explained class: the image, then
+one panel per method) and, for the whole run, ``results.json`` (the top classes and their
+probabilities, the classes explained, the files written, the method(s) and the layer).
+Unreadable files are reported and skipped; the command then exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+from .. import viz, zoo
+from .._cam import cam, method_names
+from ..dataset import RecordError, load_image
+from ..guided import guided_backprop, guided_grad_cam
+from .common import (
+    EXIT_FAILED_FILES,
+    EXIT_OK,
+    PROG,
+    Progress,
+    UsageError,
+    error,
+    load_zoo_model,
+    parse_classes,
+    parse_methods,
+    positive_int,
+)
+
+__all__ = ["add_parser", "run", "PIXEL_METHODS", "DEFAULT_METHODS", "DEMO_CLASSES"]
+
+#: The two objects in the demo picture: espresso (967, right) and Egyptian cat (285, left).
+DEMO_CLASSES = "967,285"
+#: Methods whose maps are input gradients ``(H, W, C)``, drawn as images rather than heatmaps.
+PIXEL_METHODS: dict[str, Callable[..., jax.Array]] = {
+    "guided_backprop": guided_backprop,
+    "guided_grad_cam": guided_grad_cam,
+}
+DEFAULT_METHODS = "grad_cam,guided_backprop,guided_grad_cam"
+#: The CAM methods (every gradient method of gradcam_jax), then the pixel-space ones.
+METHODS = (*method_names("gradient"), *PIXEL_METHODS)
+
+METHODS_HELP = textwrap.fill(
+    f"methods: any gradient method of gradcam_jax ({', '.join(method_names('gradient'))}), "
+    f"plus {' and '.join(PIXEL_METHODS)}.",
+    width=92,
+)
+EXAMPLES = f"""\
+examples:
+  {PROG} explain --demo
+      explain the bundled two-object picture (a cat and an espresso cup) for its two
+      classes; writes gradcam-out/demo.png and gradcam-out/results.json
+  {PROG} explain photos/*.jpg --classes top3 --out maps/
+      one figure per photo, one row for each of its three most probable classes
+  {PROG} explain dog.jpg --classes "285,boxer" --methods grad_cam,grad_cam_plus_plus
+      chosen classes (ImageNet indices or exact names), two CAM methods side by side
+  {PROG} explain dog.jpg --layer blocks_15 --methods grad_cam
+      explain at another layer; `{PROG} layers` lists them
+
+{METHODS_HELP}
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``explain`` to the command's sub-commands; its parsed arguments carry ``func=run``."""
+    ex = subparsers.add_parser(
+        "explain",
+        help="explain a model's predictions on image files; write PNG figures and results.json",
+        description="Explain a pretrained classifier's predictions on IMAGE files. Writes one PNG "
+        "per image (a row per class: the image, then one panel per method) and "
+        "results.json into --out.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files (JPEG, PNG, ... anything Pillow reads); unreadable ones are reported and skipped",
+    )
+    ex.add_argument(
+        "--demo",
+        action="store_true",
+        help="explain the bundled demo picture (a cat and an espresso cup side by side; "
+        f"classes {DEMO_CLASSES} unless --classes is given)",
+    )
+    ex.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        metavar="NAME",
+        help=f"zoo model (default: %(default)s; available: {', '.join(zoo.MODELS)})",
+    )
+    ex.add_argument(
+        "--classes",
+        default=None,
+        metavar="SPEC",
+        help="which classes to explain per image: topK (the K most probable, default "
+        "top3) or a comma-separated list of class indices and/or exact class "
+        "names, e.g. 285,967 or 'tabby,espresso'",
+    )
+    ex.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        metavar="LIST",
+        help="comma-separated methods, one figure column each (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--layer",
+        default=None,
+        metavar="PATH",
+        help="layer to explain at, as a module path (default: the model's last "
+        "convolutional feature map, 'head' for efficientnet_lite0); see "
+        f"`{PROG} layers`",
+    )
+    ex.add_argument(
+        "--out",
+        default="gradcam-out",
+        metavar="DIR",
+        help="output folder, created if needed (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="images per forward pass (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)"
+    )
+    ex.add_argument("--cmap", default="jet", help="Matplotlib colormap for heatmaps (default: %(default)s)")
+    ex.add_argument("--dpi", type=positive_int, default=150, help="figure resolution (default: %(default)s)")
+    ex.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write each image's raw maps and class indices as NAME.npz",
+    )
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    ex.set_defaults(func=run)
+    return ex
+
+
+# --------------------------------------------------------------------------------------------
+# The job: arguments checked and resolved against the model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``explain`` run, its arguments checked: what to read, explain and write."""
+
+    paths: list[str]
+    classes_spec: str
+    methods: list[str]
+    model: zoo.Pretrained
+    layer: str
+    tap: object  # the model split at ``layer``
+    fixed: list[int] | None  # the classes named in --classes; None: each image's top k
+    k: int
+    batch_size: int
+    out_dir: Path
+    style: dict  # viz.figure_grid's alpha, cmap and dpi
+    save_maps: bool
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """Check ``args`` (a :class:`UsageError` names the first problem) and resolve them."""
+    paths = list(args.images)
+    if args.demo:
+        paths.insert(0, str(zoo.DEMO_IMAGE))
+    if not paths:
+        raise UsageError("no images given: pass IMAGE files, or --demo for the bundled example.")
+    classes_spec = args.classes or (DEMO_CLASSES if args.demo and not args.images else "top3")
+    classes = parse_classes(classes_spec)
+    methods = list(dict.fromkeys(parse_methods(args.methods, METHODS)))
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1]; got {args.alpha}.")
+    if args.cmap not in matplotlib.colormaps:
+        raise UsageError(
+            f"--cmap {args.cmap!r} is not a Matplotlib colormap (try jet, turbo, inferno, viridis)."
+        )
+    model = load_zoo_model(args.model)
+    fixed, k = _resolve_classes(classes, model)
+    layer = _resolve_layer(args.layer, model)
+    tap = model.tap if layer == model.default_layer else model.tap_at(layer)
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {str(out_dir)!r}: {e.strerror or e}") from None
+    style = {"alpha": args.alpha, "cmap": args.cmap, "dpi": args.dpi}
+    batch_size = min(args.batch_size, len(paths))
+    return Job(
+        paths, classes_spec, methods, model, layer, tap, fixed, k, batch_size, out_dir, style, args.save_maps
+    )
+
+
+def _resolve_classes(classes: int | list[int | str], model: zoo.Pretrained) -> tuple[list[int] | None, int]:
+    """The classes named in ``--classes`` (None: each image's most probable ones) and how many."""
+    n = len(model.class_names)
+    if isinstance(classes, int):
+        if classes > n:
+            raise UsageError(f"--classes top{classes}: {model.name} has only {n} classes.")
+        return None, classes
+    out = []
+    for item in classes:
+        if isinstance(item, int):
+            if not 0 <= item < n:
+                raise UsageError(
+                    f"--classes: class index {item} is out of range; {model.name} has {n} "
+                    f"classes (0-{n - 1})."
+                )
+            out.append(item)
+        else:
+            try:
+                out.append(model.class_index(item))
+            except ValueError as e:
+                raise UsageError(f"--classes: {e}") from None
+    return out, len(out)
+
+
+def _resolve_layer(spec: str | None, model: zoo.Pretrained) -> str:
+    layer = (spec or model.default_layer).strip("/")
+    if layer != model.default_layer and layer not in model.layers:
+        shown = ", ".join(p for p in model.layers if "/" not in p)
+        raise UsageError(
+            f"--layer {layer!r} is not a layer of {model.name}. Top-level layers: {shown}. "
+            f"`{PROG} layers --all` lists every submodule."
+        )
+    return layer
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+    """The file as a uint8 RGB array, or raise ValueError with a readable reason."""
+    try:
+        arr = load_image(path, size=None)
+    except RecordError as e:
+        raise ValueError(str(e)) from None
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise ValueError(f"image is only {arr.shape[1]} x {arr.shape[0]} pixels")
+    return arr
+
+
+@dataclass
+class Output:
+    """What a run has written so far (figures, maps, records) and the files it could not read."""
+
+    job: Job
+    progress: Progress
+    records: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    stems: set[str] = field(default_factory=set)
+
+    def fail(self, path: str, reason: str) -> None:
+        self.errors.append({"path": path, "error": reason})
+        if self.progress.enabled and self.progress.tty:  # end the bar's partial line first
+            sys.stderr.write("\n")
+        error(f"cannot read {path!r}: {reason}; skipped.")
+        self.progress.update(1, Path(path).name)
+
+    def explain(self, batch: list[tuple[str, np.ndarray]]) -> None:
+        """Explain one batch of decoded images and write their figures (and maps)."""
+        job = self.job
+        x = np.asarray(job.model.preprocess([image for _, image in batch]))
+        if len(batch) < job.batch_size:  # pad to a fixed batch: one compilation for the whole run
+            x = np.concatenate([x, np.repeat(x[-1:], job.batch_size - len(batch), axis=0)])
+        probs = np.asarray(job.model.probs(x))
+        if job.fixed is None:
+            targets = np.argsort(-probs, axis=-1)[:, : job.k]
+        else:
+            targets = np.broadcast_to(np.asarray(job.fixed, np.int64), (x.shape[0], job.k))
+        maps = explain_batch(job, x, targets)
+        for i, (path, image) in enumerate(batch):
+            self._write(path, image, {m: maps[m][i] for m in job.methods}, targets[i], probs[i])
+            self.progress.update(1, Path(path).name)
+
+    def _write(
+        self,
+        path: str,
+        image: np.ndarray,
+        maps: dict[str, np.ndarray],
+        targets: np.ndarray,
+        probs: np.ndarray,
+    ) -> None:
+        job = self.job
+        stem = _unique_stem(path, self.stems)
+        title = f"{Path(path).name}  ·  {_pretty_model(job.model.name)}  ·  layer {job.layer}"
+        names = job.model.class_names
+        fig = viz.figure_grid(
+            image, maps, targets.tolist(), class_names=names, probs=probs, title=title, **job.style
+        )
+        png = job.out_dir / f"{stem}.png"
+        viz.save_png(fig, png)
+        files = [str(png)]
+        if job.save_maps:
+            npz = job.out_dir / f"{stem}.npz"
+            arrays: dict[str, Any] = {"classes": np.asarray(targets), "probs": probs, **maps}
+            np.savez_compressed(npz, **arrays)
+            files.append(str(npz))
+        self.written.extend(files)
+        self.records.append(
+            {
+                "path": path,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+                "top": [_class_record(job.model, c, probs) for c in np.argsort(-probs)[:5]],
+                "explained": [_class_record(job.model, c, probs) for c in targets],
+                "files": files,
+            }
+        )
+
+
+def explain_batch(job: Job, x: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """All maps for one batch: method -> (B, K, H, W) heatmaps or (B, K, H, W, C) gradients."""
+    t = jnp.asarray(targets, jnp.int32)
+    out = {}
+    for name in job.methods:
+        if name in PIXEL_METHODS:
+            out[name] = np.asarray(PIXEL_METHODS[name](job.tap, x, target=t))
+        else:
+            out[name] = np.asarray(cam(job.tap, x, target=t, method=name))
+    return out
+
+
+def _unique_stem(path: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^\w.\-]+", "_", Path(path).stem) or "image"
+    name, i = stem, 2
+    while name.lower() in taken:
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name.lower())
+    return name
+
+
+def _class_record(model: zoo.Pretrained, c, probs: np.ndarray) -> dict:
+    c = int(c)
+    return {"index": c, "name": model.class_names[c], "prob": round(float(probs[c]), 6)}
+
+
+def _pretty_model(name: str) -> str:
+    return {"efficientnet_lite0": "EfficientNet-Lite0"}.get(name, name)
+
+
+def _write_results(output: Output, seconds: float) -> Path:
+    """Write the run's ``results.json``; returns its path."""
+    job = output.job
+    summary = {
+        "model": job.model.name,
+        "layer": job.layer,
+        "methods": job.methods,
+        "method": ",".join(job.methods),
+        "classes": job.classes_spec,
+        "input_size": job.model.input_size,
+        "images": output.records,
+        "errors": output.errors,
+        "files": output.written,
+        "seconds": seconds,
+    }
+    results = job.out_dir / "results.json"
+    results.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``explain`` for parsed ``args``: 0, or 1 when some files could not be read.
+
+    Raises :class:`UsageError` for bad arguments (before anything is written but the folder).
+    """
+    started = time.perf_counter()
+    job = job_from_args(args)
+    output = Output(job, Progress(len(job.paths), enabled=not args.quiet))
+    pending: list[tuple[str, np.ndarray]] = []
+    for path in job.paths:
+        try:
+            pending.append((path, read_image(path)))
+        except (OSError, ValueError) as e:
+            output.fail(path, str(e))
+            continue
+        if len(pending) == job.batch_size:
+            output.explain(pending)
+            pending = []
+    if pending:
+        output.explain(pending)
+    seconds = round(time.perf_counter() - started, 2)
+    results = _write_results(output, seconds)
+    if not args.quiet:
+        for rec in output.records:
+            best = ", ".join(f"{c['name']} {100 * c['prob']:.1f}%" for c in rec["explained"])
+            print(f"{rec['path']}: {best} -> {rec['files'][0]}", file=sys.stderr)
+        failed = f"; {len(output.errors)} file(s) could not be read" if output.errors else ""
+        print(
+            f"wrote {len(output.records)} figure(s) and {results} in {seconds:.1f}s" + failed, file=sys.stderr
+        )
+    return EXIT_FAILED_FILES if output.errors else EXIT_OK

@@ -1,0 +1,321 @@
+"""The ``explain-dir`` command: ``gradcam-jax explain-dir DIR --out STORE [...]``.
+
+Also runnable as ``python -m gradcam_jax.dataset DIR --out STORE [...]`` (:func:`main`). It
+checks its arguments and hands them to :func:`gradcam_jax.dataset.explain_dataset`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import jax
+
+from .._cam import method_names
+from ..dataset import explain_dataset
+from .common import (
+    EXIT_FAILED_FILES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    UsageError,
+    error,
+    load_zoo_model,
+    nonnegative_int,
+    parse_classes,
+    parse_methods,
+    positive_int,
+)
+
+__all__ = ["add_parser", "build_parser", "run", "main", "load_model"]
+
+EXPLAIN_DIR_PROG = f"{PROG} explain-dir"
+
+DESCRIPTION = """\
+Explain every image under DIR (recursively) with a pretrained classifier and write the maps,
+the predicted classes and probabilities, the file list and the unreadable files into a Zarr
+store. Uses every device JAX sees (and every host, with --distributed). Resumable: kill it at
+any moment and run the same command again; it continues where it stopped and the final store
+is identical to an uninterrupted run's. Running a finished job again does nothing."""
+
+EPILOG = f"""\
+examples:
+  {EXPLAIN_DIR_PROG} photos/ --out photos.zarr
+      Grad-CAM of each image's top class at EfficientNet-Lite0's last feature map (7 x 7)
+  {EXPLAIN_DIR_PROG} photos/ --out photos.zarr --classes top3 --resolution input \\
+        --methods grad_cam,grad_cam_plus_plus
+      three classes per image, two methods, maps upsampled to 224 x 224
+  python -c "import gradcam_jax as g; r = g.open_results('photos.zarr'); print(r['maps'].shape)"
+
+several hosts (the same command on each; --out on a shared file system):
+  {EXPLAIN_DIR_PROG} /data/imgs --out /shared/imgs.zarr --distributed
+      jax.distributed.initialize() finds the cluster itself on Cloud TPU, Slurm and Open MPI;
+      elsewhere add --coordinator-address HOST:PORT --num-processes N --process-id I
+
+exit status: {EXIT_OK} all images explained, {EXIT_FAILED_FILES} some files could not be read
+(recorded in the store's 'errors' and skipped), {EXIT_USAGE} bad arguments.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments, for ``gradcam-jax explain-dir`` and ``python -m gradcam_jax.dataset``."""
+    p.add_argument("dir", metavar="DIR", help="folder of images, read recursively in sorted order")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="STORE",
+        help="the Zarr store to write (a folder; continued if it holds this job)",
+    )
+    p.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        metavar="NAME",
+        help="a zoo model (default: %(default)s) or MODULE:FUNCTION returning a zoo-style "
+        "model (with .tap, .preprocess, .input_size) or a tap",
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        metavar="PATH",
+        help=f"layer to explain at (default: the model's last feature map); see `{PROG} layers`",
+    )
+    p.add_argument(
+        "--methods",
+        default="grad_cam",
+        metavar="LIST",
+        help="comma-separated CAM methods (default: %(default)s). More than one adds a method axis to maps",
+    )
+    p.add_argument(
+        "--classes",
+        default="top1",
+        metavar="SPEC",
+        help="classes explained per image: top1 (default: each image's predicted class), "
+        "topK (the K most probable), or a comma-separated list of class indices or "
+        "exact names (adds a target axis to maps)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="images per step over all devices and hosts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device-batch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="images per model call on each device (default 8; raise on GPUs/TPUs). "
+        "The store depends on it, never on the device count",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        metavar="PX",
+        help="side images are resized to (default: the model's input size)",
+    )
+    p.add_argument(
+        "--resolution",
+        choices=("layer", "input"),
+        default="layer",
+        help="maps at the layer's resolution (default) or upsampled to the input size",
+    )
+    p.add_argument(
+        "--top",
+        type=positive_int,
+        default=5,
+        metavar="K",
+        help="most probable classes (and probabilities) kept per image (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=None,
+        metavar="N",
+        help="loader threads decoding images (default: CPU count, at most 8)",
+    )
+    p.add_argument(
+        "--worker-processes",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="Grain loader processes on top of the threads (default: 0)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="delete an existing store of this job and start over"
+    )
+    dist = p.add_argument_group("several hosts (jax.distributed.initialize)")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() before anything else; alone it "
+        "auto-detects Cloud TPU, Slurm and Open MPI clusters",
+    )
+    dist.add_argument(
+        "--coordinator-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address and a free port (implies --distributed)",
+    )
+    dist.add_argument("--num-processes", type=positive_int, default=None, metavar="N")
+    dist.add_argument("--process-id", type=nonnegative_int, default=None, metavar="I")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=run)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``explain-dir`` to the command's sub-commands; its parsed arguments carry ``func=run``."""
+    p = subparsers.add_parser(
+        "explain-dir",
+        help="explain every image of a folder into a resumable Zarr store (all devices, all hosts)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m gradcam_jax.dataset``: the same arguments as ``explain-dir``."""
+    p = argparse.ArgumentParser(
+        prog="python -m gradcam_jax.dataset",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gradcam_jax.dataset DIR --out STORE [...]``; returns the exit status."""
+    return run(build_parser().parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments -> explain_dataset
+# --------------------------------------------------------------------------------------------
+
+
+def _import_module(name: str) -> ModuleType:
+    """A module by dotted name, or the Python file at ``name`` (a path ending in ``.py``)."""
+    if not (name.endswith(".py") or os.sep in name):
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_model(spec: str):
+    """``--model``: a zoo name, or ``MODULE:FUNCTION`` (or ``FILE.py:FUNCTION``) called with no
+    arguments, returning a zoo-style model or a tap."""
+    if ":" not in spec:
+        return load_zoo_model(spec, prefix="--model: ")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = _import_module(module_name)
+    except (ImportError, OSError) as e:
+        raise UsageError(f"--model {spec!r}: cannot import {module_name!r} ({e}).") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise UsageError(f"--model {spec!r}: {module_name!r} has no {attr!r}.")
+    if not callable(fn):
+        raise UsageError(f"--model {spec!r}: {attr!r} is not a function returning a model.")
+    return fn()
+
+
+def _target(spec: str, model) -> str | list[int] | None:
+    """``--classes`` as :func:`explain_dataset`'s ``target``."""
+    classes = parse_classes(spec)  # the explain command's syntax: topK or indices/names
+    if isinstance(classes, int):
+        return None if classes == 1 else f"top{classes}"
+    names = list(getattr(model, "class_names", []) or [])
+    out: list[int] = []
+    for item in classes:
+        if isinstance(item, int):
+            if names and not 0 <= item < len(names):
+                raise UsageError(
+                    f"--classes: class {item} is out of range; the model has {len(names)} classes."
+                )
+            out.append(item)
+        elif hasattr(model, "class_index"):
+            try:
+                out.append(model.class_index(item))
+            except ValueError as e:
+                raise UsageError(f"--classes: {e}") from None
+        else:
+            raise UsageError(f"--classes: {item!r} is not a class index (this model has no class names).")
+    return out
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    given = {
+        "coordinator_address": args.coordinator_address,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
+    given = {k: v for k, v in given.items() if v is not None and v != ""}
+    if args.distributed or given:
+        jax.distributed.initialize(**given)
+
+
+def _explain_dataset_arguments(args: argparse.Namespace) -> dict:
+    """Check ``args`` (a :class:`UsageError` names the first problem) into explain_dataset's keywords."""
+    if not os.path.isdir(args.dir):
+        raise UsageError(f"{args.dir!r} is not a folder.")
+    # Before anything touches a JAX backend: the distributed runtime must come first.
+    _initialize_distributed(args)
+    model = load_model(args.model)
+    methods = parse_methods(args.methods, method_names("gradient"))
+    target = _target(args.classes, model)
+    layer = args.layer.strip("/") if args.layer else None
+    if layer and hasattr(model, "layers") and layer not in model.layers:
+        shown = ", ".join(p for p in model.layers if "/" not in p)
+        raise UsageError(f"--layer {args.layer!r} is not a layer of the model. Top-level layers: {shown}.")
+    is_zoo_like = hasattr(model, "tap") and hasattr(model, "preprocess") and hasattr(model, "module")
+    if layer and not is_zoo_like:
+        raise UsageError(
+            "--layer applies to zoo-style models; this --model returned a tap (its layer is fixed)."
+        )
+    return dict(
+        source=args.dir,
+        model=model,
+        methods=methods[0] if len(methods) == 1 else methods,
+        target=target,
+        out=args.out,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+        resolution=args.resolution,
+        size=args.size,
+        layer=layer,
+        device_batch=args.device_batch,
+        top=args.top,
+        workers=args.workers,
+        worker_processes=args.worker_processes,
+        progress=not args.quiet,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``explain-dir`` for parsed ``args``: 0, 1 (unreadable files, recorded), 2 (bad arguments)."""
+    try:
+        done = explain_dataset(**_explain_dataset_arguments(args))
+    except (UsageError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        error(str(e), prog=EXPLAIN_DIR_PROG)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{EXPLAIN_DIR_PROG}: interrupted; run the same command again to continue.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED_FILES if done.unreadable else EXIT_OK
