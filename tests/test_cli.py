@@ -8,13 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli_model  # tests/cli_model.py
 import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_jax import cli
+import gradcam_jax as gcj
+from gradcam_jax import cli, zoo
+from gradcam_jax.cli import explain
+from gradcam_jax.cli.common import Progress, UsageError, parse_classes, parse_methods
+from gradcam_jax.dataset import open_results
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def needs_weights(fn):
     """Marks tests on the real checkpoint (a required dependency: never skipped)."""
     return fn
@@ -41,39 +48,53 @@ def _subprocess_env(cache):
 
 
 def test_parse_classes():
-    assert cli.parse_classes("top3") == ("top", 3)
-    assert cli.parse_classes(" TOP-1 ") == ("top", 1)
-    assert cli.parse_classes("285,967") == ("list", [285, 967])
-    assert cli.parse_classes("tabby, espresso ,7") == ("list", ["tabby", "espresso", 7])
-    with pytest.raises(cli.UsageError):
-        cli.parse_classes(" , ")
-    with pytest.raises(cli.UsageError):
-        cli.parse_classes("top0")
+    assert parse_classes("top3") == 3
+    assert parse_classes(" TOP-1 ") == 1
+    assert parse_classes("285,967") == [285, 967]
+    assert parse_classes("tabby, espresso ,7") == ["tabby", "espresso", 7]
+    with pytest.raises(UsageError):
+        parse_classes(" , ")
+    with pytest.raises(UsageError):
+        parse_classes("top0")
 
 
 def test_parse_methods():
-    assert cli.parse_methods("grad_cam,Grad-CAM-Plus-Plus,grad_cam") == ["grad_cam", "grad_cam_plus_plus"]
-    default = cli.parse_methods(None)
-    assert default[0] == "grad_cam" and set(default) <= {"grad_cam", "guided_backprop", "guided_grad_cam"}
-    with pytest.raises(cli.UsageError, match="unknown method.*available"):
-        cli.parse_methods("grad_cam,sorcery")
+    names = gcj.method_names("gradient")
+    assert parse_methods("grad_cam,Grad-CAM-Plus-Plus,grad_cam", names) == [
+        "grad_cam",
+        "grad_cam_plus_plus",
+        "grad_cam",
+    ]
+    with pytest.raises(UsageError, match="unknown method.*Sorcery; available: cam, "):
+        parse_methods("grad_cam,Sorcery", names)
+    with pytest.raises(UsageError, match="--methods is empty"):
+        parse_methods(" , ", names)
 
 
-def test_model_names_match_the_zoo():
-    from gradcam_jax import zoo
+def test_explain_methods_are_the_gradient_methods_and_the_guided_ones():
+    assert set(explain.METHODS) == set(gcj.method_names("gradient")) | {"guided_backprop", "guided_grad_cam"}
+    assert set(explain.DEFAULT_METHODS.split(",")) <= set(explain.METHODS)
 
-    assert sorted(cli.MODEL_NAMES) == sorted(zoo.MODELS)
+
+def test_help_lists_the_zoo_models_and_the_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["explain", "--help"])
+    assert exc.value.code == 0
+    assert f"available: {', '.join(zoo.MODELS)})" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"gradcam-jax {gcj.__version__}"
 
 
 def test_progress_bar_lines():
     out = io.StringIO()
-    bar = cli.Progress(5, enabled=True, stream=out)
+    bar = Progress(5, enabled=True, stream=out)
     for _ in range(5):
         bar.update(1, "x.jpg")
     lines = out.getvalue().splitlines()
     assert len(lines) == 5 and lines[-1].startswith("[" + "#" * 28 + "] 5/5 images")
     quiet = io.StringIO()
-    small = cli.Progress(3, enabled=True, stream=quiet)  # a few images: no bar
+    small = Progress(3, enabled=True, stream=quiet)  # a few images: no bar
     small.update(3)
     assert quiet.getvalue() == ""
 
@@ -84,7 +105,8 @@ def test_usage_errors(env, capsys, tmp_path):
     assert cli.main(["explain"]) == 2
     assert "no images given" in capsys.readouterr().err
     assert cli.main(["explain", "x.jpg", "--methods", "sorcery"]) == 2
-    assert "unknown method" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gradcam-jax explain ") and "gradcam-jax: error: unknown method" in err
     assert cli.main(["explain", "x.jpg", "--cmap", "no-such-map"]) == 2
     assert "colormap" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -107,8 +129,14 @@ def test_usage_errors_that_need_the_model(env, capsys, tmp_path):
 
 
 def test_help_in_a_subprocess():
-    r = subprocess.run([sys.executable, "-m", "gradcam_jax", "explain", "--help"], capture_output=True,
-                       text=True, env=_subprocess_env(Path("/nonexistent")), cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "gradcam_jax", "explain", "--help"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(Path("/nonexistent")),
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0
     for word in ("--demo", "--classes", "--methods", "--layer", "--out", "top3", "examples:"):
         assert word in r.stdout
@@ -116,23 +144,43 @@ def test_help_in_a_subprocess():
 
 @needs_weights
 def test_end_to_end(tmp_path, cache):
-    demo = Image.open(cli.DEMO_IMAGE).convert("RGB")
+    demo = Image.open(zoo.DEMO_IMAGE).convert("RGB")
     demo.crop((0, 0, 300, 300)).save(tmp_path / "cat.png")
     demo.crop((332, 0, 632, 300)).convert("L").save(tmp_path / "cup.jpg")  # grayscale is fine
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     out = tmp_path / "out"
-    args = ["--demo", "cat.png", "broken.jpg", "missing.png", "cup.jpg", "--classes", "top2",
-            "--out", str(out), "--batch-size", "2", "--save-maps", "--dpi", "80"]
-    r = subprocess.run([sys.executable, "-m", "gradcam_jax", "explain", *args], capture_output=True,
-                       text=True, env=_subprocess_env(cache), cwd=tmp_path, timeout=600)
+    args = [
+        "--demo",
+        "cat.png",
+        "broken.jpg",
+        "missing.png",
+        "cup.jpg",
+        "--classes",
+        "top2",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--save-maps",
+        "--dpi",
+        "80",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "gradcam_jax", "explain", *args],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(cache),
+        cwd=tmp_path,
+        timeout=600,
+    )
     print(r.stderr)
-    assert r.returncode == 1, r.stderr                       # some files failed ...
+    assert r.returncode == 1, r.stderr  # some files failed ...
     assert "cannot read 'broken.jpg'" in r.stderr
     assert "cannot read 'missing.png': no such file" in r.stderr
-    for name in ("demo", "cat", "cup"):                      # ... the others were written
+    for name in ("demo", "cat", "cup"):  # ... the others were written
         with Image.open(out / f"{name}.png") as im:
             assert im.format == "PNG" and im.width > 600 and im.height > 150
-    assert "5/5 images" in r.stderr                          # the progress bar, past 3 images
+    assert "5/5 images" in r.stderr  # the progress bar, past 3 images
 
     res = json.loads((out / "results.json").read_text())
     assert res["model"] == "efficientnet_lite0" and res["layer"] == "head"
@@ -140,11 +188,11 @@ def test_end_to_end(tmp_path, cache):
     assert [e["path"] for e in res["errors"]] == ["broken.jpg", "missing.png"]
     assert [Path(i["path"]).name for i in res["images"]] == ["demo.jpg", "cat.png", "cup.jpg"]
     demo_rec = res["images"][0]
-    assert {c["index"] for c in demo_rec["explained"]} == {285, 967}   # one class per object
+    assert {c["index"] for c in demo_rec["explained"]} == {285, 967}  # one class per object
     assert demo_rec["top"][0]["index"] in (285, 967) and 0 < demo_rec["top"][0]["prob"] < 1
     assert (demo_rec["width"], demo_rec["height"]) == (632, 300)
-    assert sorted(res["files"]) == sorted(str(out / f) for f in
-                                          ("demo.png", "demo.npz", "cat.png", "cat.npz", "cup.png", "cup.npz"))
+    names = ("demo.png", "demo.npz", "cat.png", "cat.npz", "cup.png", "cup.npz")
+    assert sorted(res["files"]) == sorted(str(out / f) for f in names)
 
     maps = np.load(out / "demo.npz")
     assert maps["grad_cam"].shape == (2, 224, 224)
@@ -156,8 +204,68 @@ def test_end_to_end(tmp_path, cache):
             assert maps[name].shape == (2, 224, 224, 3)
 
 
-def test_explain_dir_is_dispatched_when_present(env, tmp_path, capsys):
-    assert cli._explain_dir_registrar() is not None
+def test_import_gradcam_jax_leaves_the_command_out():
+    code = "import gradcam_jax, sys; print(sorted(m for m in sys.modules if m.startswith('gradcam_jax.cli')))"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(Path("/nonexistent")),
+        cwd=REPO,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+
+
+def test_explain_dir_is_a_subcommand(env, tmp_path, capsys):
     assert "explain-dir" in cli.build_parser().format_help()
-    assert cli.main(["explain-dir", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "s.zarr")]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    store, missing = str(tmp_path / "s.zarr"), str(tmp_path / "no-such-folder")
+    assert cli.main(["explain-dir", missing, "--out", store]) == 2
+    assert capsys.readouterr().err == f"gradcam-jax explain-dir: error: {missing!r} is not a folder.\n"
+    assert cli.main(["explain-dir", str(tmp_path), "--out", store, "--model", "no_such_module:f"]) == 2
+    assert "--model 'no_such_module:f': cannot import 'no_such_module'" in capsys.readouterr().err
+    assert cli.main(["explain-dir", str(tmp_path), "--out", store, "--model", "cli_model:nothing"]) == 2
+    assert "'cli_model' has no 'nothing'" in capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "explain-dir",
+                str(tmp_path),
+                "--out",
+                store,
+                "--model",
+                "cli_model:tiny_tap",
+                "--methods",
+                "grad_cam,score_cam",
+            ]
+        )
+        == 2
+    )
+    assert "unknown method(s) score_cam" in capsys.readouterr().err
+
+
+def test_explain_dir_with_a_model_from_a_module(env, tmp_path):
+    """``--model MODULE:FUNCTION`` (tests/cli_model.py, importable by name): a bare tap."""
+    images = tmp_path / "images"
+    images.mkdir()
+    r = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(r.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    (images / "broken.png").write_bytes(b"not a PNG")
+    store = tmp_path / "maps.zarr"
+    model = ["--model", "cli_model:tiny_tap", "--size", "16", "--classes", "top2", "--methods", "Grad-CAM"]
+    args = ["explain-dir", str(images), "--out", str(store), *model, "--batch-size", "4", "-q"]
+    assert cli.main(args) == 1  # one unreadable file, recorded in the store
+
+    res = open_results(store)
+    assert list(res["files"][:]) == ["broken.png", "img0.png", "img1.png", "img2.png"]
+    assert [f for f, _ in res.failures()] == ["broken.png"]
+    assert res.config["methods"] == ["grad_cam"] and res.config["summary"]["explained"] == 3
+    maps, targets = np.asarray(res["maps"][1:], np.float32), np.asarray(res["targets"][1:])
+    assert maps.shape == (3, 2, 16, 16)
+    tap = cli_model.tiny_tap()
+    x = np.stack([np.asarray(Image.open(images / f"img{i}.png"), np.float32) for i in range(3)])
+    scores = np.asarray(tap(x)[0])
+    np.testing.assert_array_equal(targets, np.argsort(-scores, axis=-1, kind="stable")[:, :2])
+    expected = np.asarray(gcj.grad_cam(tap, x, target=targets, upsample=False))
+    np.testing.assert_allclose(maps, expected, atol=2e-3)  # the store keeps float16 maps
