@@ -64,16 +64,16 @@ def main(argv=None):
                                    process_id=args.process_id, initialization_timeout=60)
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 
-    from gradcam_jax.dataset import _sources, explain_dataset
+    from gradcam_jax.dataset import explain_dataset, sources
 
     if args.slow > 0:
-        original = _sources.load_image
+        original = sources.load_image
 
         def slow_load(file, size=224):
             time.sleep(args.slow)
             return original(file, size)
 
-        _sources.load_image = slow_load
+        sources.load_image = slow_load
 
     methods = args.methods.split(",")
     run = explain_dataset(args.src, model(), methods=methods[0] if len(methods) == 1 else methods,

@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 import gradcam_jax as gcj
-from gradcam_jax.dataset import (explain_dataset, list_images, load_image, open_results,
-                                 RecordError)
+from gradcam_jax.dataset import RecordError, explain_dataset, list_images, load_image, open_results
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -109,7 +108,7 @@ def _worker(*args, timeout=120):
 def _expected(tiny, image_dir, files, ok):
     """Direct computation: decode, preprocess, gcj.grad_cam at the layer, softmax top-5."""
     x = np.stack([load_image(image_dir / f, 16) if good else np.zeros((16, 16, 3), np.uint8)
-                  for f, good in zip(files, ok)])
+                  for f, good in zip(files, ok, strict=True)])
     xp = tiny.preprocess(x)
     maps = np.asarray(gcj.grad_cam(tiny.tap, xp, upsample=False))
     probs = np.asarray(tiny.probs(xp))
@@ -126,7 +125,7 @@ def test_list_images_is_sorted_recursive_and_skips_hidden(image_dir):
     files = list_images(image_dir)
     assert files == sorted(files)
     assert len(files) == N_GOOD + len(CORRUPT)
-    assert CORRUPT <= set(files)
+    assert set(files) >= CORRUPT
     assert "README.txt" not in files and ".hidden.png" not in files
     assert any(f.startswith("a/b/") for f in files)
 
@@ -162,7 +161,7 @@ def test_folder_store_matches_direct_grad_cam(image_dir, tiny, tmp_path):
     files = np.asarray(res["files"][:]).astype(object).tolist()
     assert files == list_images(image_dir)
     ok = res.ok()
-    assert {f for f, good in zip(files, ok) if not good} == CORRUPT
+    assert {f for f, good in zip(files, ok, strict=True) if not good} == CORRUPT
     assert sorted(f for f, _ in res.failures()) == sorted(CORRUPT)
     assert all(reason for _, reason in res.failures())
 
@@ -179,9 +178,8 @@ def test_folder_store_matches_direct_grad_cam(image_dir, tiny, tmp_path):
 
 
 def test_store_is_plain_zarr_and_tensorstore_reads_numbers(image_dir, tiny, tmp_path):
-    import zarr
-
     import tensorstore as ts
+    import zarr
 
     out = tmp_path / "s.zarr"
     explain_dataset(image_dir, tiny, out=out, batch_size=16, progress=False)
@@ -195,8 +193,9 @@ def test_store_is_plain_zarr_and_tensorstore_reads_numbers(image_dir, tiny, tmp_
 
 def test_array_source_methods_topk_input_resolution(tiny, tmp_path):
     x = np.random.default_rng(3).integers(0, 256, (13, 16, 16, 3), dtype=np.uint8)
-    run = explain_dataset(x, tiny, out=tmp_path / "a.zarr", methods=["grad_cam", "grad_cam_plus_plus", "layer_cam"],
-                          target="top2", batch_size=4, device_batch=2, resolution="input", progress=False)
+    methods = ["grad_cam", "grad_cam_plus_plus", "layer_cam"]
+    run = explain_dataset(x, tiny, out=tmp_path / "a.zarr", methods=methods, target="top2", batch_size=4,
+                          device_batch=2, resolution="input", progress=False)
     assert run.processed == 13 and run.unreadable == 0
     res = open_results(run.path)
     assert res.methods == ["grad_cam", "grad_cam_plus_plus", "layer_cam"]
@@ -217,14 +216,14 @@ def test_per_record_and_fixed_targets(tiny, tmp_path):
     res = explain_dataset(x, tiny, out=tmp_path / "l.zarr", target=labels, batch_size=8,
                           progress=False).results()
     np.testing.assert_array_equal(res["targets"][:], labels)
-    np.testing.assert_allclose(res["maps"][:].astype(np.float32),
-                               np.asarray(gcj.grad_cam(tiny.tap, xp, target=labels, upsample=False)), atol=1e-3)
+    ref = np.asarray(gcj.grad_cam(tiny.tap, xp, target=labels, upsample=False))
+    np.testing.assert_allclose(res["maps"][:].astype(np.float32), ref, atol=1e-3)
     res = explain_dataset(x, tiny, out=tmp_path / "f.zarr", target=[4, 1], batch_size=8, top=2,
                           progress=False).results()
     assert res["maps"].shape == (10, 2, 16, 16) and res["classes"].shape == (10, 2)
     np.testing.assert_array_equal(res["targets"][:], np.broadcast_to([4, 1], (10, 2)))
-    np.testing.assert_allclose(res["maps"][:].astype(np.float32),
-                               np.asarray(gcj.grad_cam(tiny.tap, xp, target=[4, 1], upsample=False)), atol=1e-3)
+    ref = np.asarray(gcj.grad_cam(tiny.tap, xp, target=[4, 1], upsample=False))
+    np.testing.assert_allclose(res["maps"][:].astype(np.float32), ref, atol=1e-3)
 
 
 def test_plain_tap_with_preprocess(tmp_path):
@@ -255,14 +254,14 @@ def test_failed_run_resumes_with_the_stored_file_list(image_dir, tiny, tmp_path,
     ends with the bytes of an uninterrupted one."""
     import shutil
 
-    from gradcam_jax.dataset import _store
+    from gradcam_jax.dataset import store
 
     folder = tmp_path / "imgs"
     shutil.copytree(image_dir, folder)
     ref = tmp_path / "ref.zarr"
     explain_dataset(folder, tiny, out=ref, batch_size=8, progress=False)
 
-    real = _store.write_marker
+    real = store.write_marker
     calls = []
 
     def failing(*args, **kwargs):
@@ -272,10 +271,10 @@ def test_failed_run_resumes_with_the_stored_file_list(image_dir, tiny, tmp_path,
         return real(*args, **kwargs)
 
     out = tmp_path / "out.zarr"
-    monkeypatch.setattr(_store, "write_marker", failing)
+    monkeypatch.setattr(store, "write_marker", failing)
     with pytest.raises(RuntimeError, match="writing the store failed"):
         explain_dataset(folder, tiny, out=out, batch_size=8, progress=False)
-    monkeypatch.setattr(_store, "write_marker", real)
+    monkeypatch.setattr(store, "write_marker", real)
     assert not open_results(out).complete and len(list((out / ".progress").glob("*.json"))) == 2
 
     shutil.copy(folder / "a" / "b" / "img002.png", folder / "zz_new.png")
@@ -392,10 +391,10 @@ def test_two_process_jax_distributed_run(image_dir, tmp_path):
     _worker("--src", image_dir, "--out", single, "--batch-size", 16, "--device-batch", 4)
     out = tmp_path / "multi.zarr"
     coord = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--src", str(image_dir), "--out", str(out),
-                               "--batch-size", "16", "--device-batch", "4", "--devices", "2", "--coordinator", coord,
-                               "--num-processes", "2", "--process-id", str(i)],
-                              env=_env(), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [sys.executable, str(WORKER), "--src", str(image_dir), "--out", str(out), "--batch-size", "16",
+            "--device-batch", "4", "--devices", "2", "--coordinator", coord, "--num-processes", "2"]
+    procs = [subprocess.Popen(args + ["--process-id", str(i)], env=_env(), cwd=str(REPO),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = []
     try:
@@ -407,7 +406,7 @@ def test_two_process_jax_distributed_run(image_dir, tmp_path):
                 q.kill()
                 q.communicate()
     results = []
-    for p, (stdout, stderr) in zip(procs, outputs):
+    for p, (stdout, stderr) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, stderr[-3000:]
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     assert [(r["devices"], r["processes"]) for r in results] == [(4, 2), (4, 2)]
@@ -433,19 +432,19 @@ def test_command_line(image_dir, tmp_path):
     assert res["maps"].shape == (N_GOOD + 3, 2, 2, 16, 16) and res.methods == ["grad_cam", "xgrad_cam"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=120)
     assert proc.returncode == 1 and "already complete" in proc.stderr
-    bad = subprocess.run(cmd[:4] + ["--out", str(tmp_path / "x"), "--model", f"{WORKER}:model", "--methods", "nope"],
-                         capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=120)
+    bad_cmd = cmd[:4] + ["--out", str(tmp_path / "x"), "--model", f"{WORKER}:model", "--methods", "nope"]
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=120)
     assert bad.returncode == 2 and "unknown method" in bad.stderr
 
 
 def test_add_explain_dir_command_registers_a_subcommand():
     import argparse
 
-    from gradcam_jax.dataset import add_explain_dir_command, run_explain_dir
+    from gradcam_jax.cli import explain_dir
 
     parser = argparse.ArgumentParser(prog="gradcam-jax")
     sub = parser.add_subparsers(dest="command")
-    add_explain_dir_command(sub)
+    explain_dir.add_parser(sub)
     args = parser.parse_args(["explain-dir", "photos", "--out", "s.zarr", "--batch-size", "8", "--no-resume"])
-    assert args.handler is run_explain_dir and args.command == "explain-dir"
+    assert args.func is explain_dir.run and args.command == "explain-dir"
     assert (args.dir, args.out, args.batch_size, args.no_resume) == ("photos", "s.zarr", 8, True)

@@ -16,34 +16,63 @@ restarts the iterator exactly where the last commit left it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "Source", "as_source", "make_loader"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RecordError",
+    "list_images",
+    "load_image",
+    "Source",
+    "as_source",
+    "RecordSpec",
+    "record_spec",
+    "BlockRows",
+    "LoadRecord",
+    "make_loader",
+]
 
 #: File name endings read from a folder (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                    ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+)
 
 
-def list_images(root, extensions: Optional[Sequence[str]] = None) -> List[str]:
+def list_images(root: str | os.PathLike, extensions: Sequence[str] | None = None) -> list[str]:
     """Image files under ``root``, recursively, as POSIX paths relative to ``root``, sorted.
 
     The order is by code point of the relative path: the same on every host and every run.
     Hidden folders (``.git``, ``.progress``...) are not entered. Symbolic links to files are
     listed; links to folders are not followed (no cycles).
     """
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower()
-                 for e in (extensions or IMAGE_EXTENSIONS))
+    exts = tuple(
+        e.lower() if e.startswith(".") else "." + e.lower() for e in (extensions or IMAGE_EXTENSIONS)
+    )
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root!r} is not a folder.")
-    out: List[str] = []
+    out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, root)
@@ -64,7 +93,7 @@ class RecordError(Exception):
     """A record that cannot be turned into a model input (recorded in the store, skipped)."""
 
 
-def _pil_to_array(im, size: Optional[int]) -> np.ndarray:
+def _pil_to_array(im, size: int | None) -> np.ndarray:
     from PIL import Image
 
     if size is not None and im.format == "JPEG":
@@ -79,14 +108,16 @@ def _pil_to_array(im, size: Optional[int]) -> np.ndarray:
     if size is not None and im.size != (size, size):
         # Pillow's bilinear filter widens with the reduction factor: antialiased, like
         # jax.image.resize(..., antialias=True) in the zoo's preprocess. Aspect ratio not kept.
-        im = im.resize((size, size), Image.BILINEAR)
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise RecordError(f"decoded to an unexpected shape {arr.shape}")
     return arr
 
 
-def load_image(file, size: Optional[int] = 224) -> np.ndarray:
+def load_image(
+    file: str | os.PathLike | bytes | bytearray | memoryview, size: int | None = 224
+) -> np.ndarray:
     """Decode an image file (a path, or encoded bytes) to ``uint8`` RGB ``(size, size, 3)``.
 
     This is the loader's decoder: JPEGs are decoded at a reduced DCT scale when they are much
@@ -123,7 +154,7 @@ def load_image(file, size: Optional[int] = 224) -> np.ndarray:
         raise RecordError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
-def _array_image(item, size: Optional[int]) -> np.ndarray:
+def _array_image(item, size: int | None) -> np.ndarray:
     arr = np.asarray(item)
     if arr.dtype == np.uint8 and arr.ndim in (2, 3):
         if arr.ndim == 2:
@@ -135,7 +166,9 @@ def _array_image(item, size: Optional[int]) -> np.ndarray:
         if arr.shape[-1] == 3 and size is not None and arr.shape[:2] != (size, size):
             from PIL import Image
 
-            arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((size, size), Image.BILINEAR))
+            arr = np.asarray(
+                Image.fromarray(np.ascontiguousarray(arr)).resize((size, size), Image.Resampling.BILINEAR)
+            )
     return np.ascontiguousarray(arr)
 
 
@@ -151,7 +184,7 @@ class Source:
     for ``"folder"``.
     """
 
-    def __init__(self, kind: str, names: List[str], items=None, root: Optional[str] = None):
+    def __init__(self, kind: str, names: list[str], items=None, root: str | None = None):
         self.kind = kind
         self.names = list(names)
         self.items = items
@@ -160,7 +193,7 @@ class Source:
     def __len__(self):
         return len(self.names)
 
-    def with_names(self, names: List[str]) -> "Source":
+    def with_names(self, names: list[str]) -> Source:
         """The same source read through another (the store's) list of names."""
         if self.kind == "folder":
             return Source("folder", names, None, self.root)
@@ -172,12 +205,12 @@ class Source:
 
     def raw(self, i: int):
         if self.kind == "folder":
-            return os.path.join(self.root, *self.names[i].split("/"))
+            return os.path.join(str(self.root), *self.names[i].split("/"))
         if self.kind == "paths":
             return self.names[i]
         return self.items[i]
 
-    def load(self, i: int, size: Optional[int]) -> np.ndarray:
+    def load(self, i: int, size: int | None) -> np.ndarray:
         item = self.raw(i)
         if isinstance(item, dict):
             if "image" not in item:
@@ -198,7 +231,7 @@ class Source:
         return h.hexdigest()[:16]
 
 
-def as_source(source, extensions: Optional[Sequence[str]] = None) -> Source:
+def as_source(source: Any, extensions: Sequence[str] | None = None) -> Source:
     """Normalise what :func:`explain_dataset` accepts into a :class:`Source`."""
     if isinstance(source, Source):
         return source
@@ -208,12 +241,16 @@ def as_source(source, extensions: Optional[Sequence[str]] = None) -> Source:
             return Source("folder", list_images(root, extensions), None, os.path.abspath(root))
         if os.path.exists(root):
             return Source("paths", [root])
-        raise FileNotFoundError(f"{root!r}: no such folder. Pass a folder of images, a list of image "
-                                f"paths, an array (N, H, W, C) or a sequence of images.")
+        raise FileNotFoundError(
+            f"{root!r}: no such folder. Pass a folder of images, a list of image "
+            f"paths, an array (N, H, W, C) or a sequence of images."
+        )
     if isinstance(source, np.ndarray) or (hasattr(source, "shape") and hasattr(source, "__array__")):
         arr = source if isinstance(source, np.ndarray) else np.asarray(source)
         if arr.ndim < 2:
-            raise ValueError(f"an array source must be (N, H, W, C) (or (N, ...) model inputs); got shape {arr.shape}.")
+            raise ValueError(
+                f"an array source must be (N, H, W, C) (or (N, ...) model inputs); got shape {arr.shape}."
+            )
         return Source("array", [f"#{i}" for i in range(arr.shape[0])], arr)
     if isinstance(source, (list, tuple)) and all(isinstance(s, (str, os.PathLike)) for s in source):
         return Source("paths", [os.fspath(s) for s in source])
@@ -230,21 +267,32 @@ def as_source(source, extensions: Optional[Sequence[str]] = None) -> Source:
     )
 
 
-def element_spec(source: Source, size: Optional[int]) -> Tuple[Tuple[int, ...], np.dtype]:
-    """Shape and dtype of one loaded record (what padding and unreadable records become)."""
+@dataclasses.dataclass(frozen=True)
+class RecordSpec:
+    """One loaded record: its ``shape`` and ``dtype`` (what padding and unreadable records
+    become), and the ``size`` images are resized to (``None``: kept as decoded)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    size: int | None
+
+
+def record_spec(source: Source, size: int | None) -> RecordSpec:
+    """The :class:`RecordSpec` of ``source``'s records (images: ``(size, size, 3)`` ``uint8``;
+    other records: as the first readable one loads)."""
     if source.kind in ("folder", "paths"):
         if size is None:
             raise ValueError("reading image files needs a size to resize them to (size=224, say).")
-        return (size, size, 3), np.dtype(np.uint8)
+        return RecordSpec((size, size, 3), np.dtype(np.uint8), size)
     last = None
     for i in range(min(len(source), 16)):
         try:
             a = source.load(i, size)
-            return tuple(a.shape), a.dtype
+            return RecordSpec(tuple(a.shape), a.dtype, size)
         except RecordError as e:
             last = e
     if size is not None:
-        return (size, size, 3), np.dtype(np.uint8)
+        return RecordSpec((size, size, 3), np.dtype(np.uint8), size)
     raise ValueError(f"cannot tell the records' shape: the first ones do not load ({last}).")
 
 
@@ -253,11 +301,13 @@ def element_spec(source: Source, size: Optional[int]) -> Tuple[Tuple[int, ...], 
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class BlockRows:
     """Local position ``k`` of process block ``block`` -> global record index."""
 
-    def __init__(self, batch: int, rows: int, block: int):
-        self.batch, self.rows, self.block = batch, rows, block
+    batch: int
+    rows: int
+    block: int
 
     def __call__(self, k: int) -> int:
         return (k // self.rows) * self.batch + self.block * self.rows + k % self.rows
@@ -266,13 +316,11 @@ class BlockRows:
 class LoadRecord:
     """``k -> {"x", "row", "error"[, "target"]}`` for the Grain pipeline (picklable)."""
 
-    def __init__(self, source: Source, size: Optional[int], shape, dtype, rows: BlockRows,
-                 targets: Optional[np.ndarray]):
-        self.source, self.size, self.shape, self.dtype = source, size, tuple(shape), np.dtype(dtype)
-        self.rows, self.targets = rows, targets
+    def __init__(self, source: Source, record: RecordSpec, rows: BlockRows, targets: np.ndarray | None):
+        self.source, self.record, self.rows, self.targets = source, record, rows, targets
 
     def blank(self):
-        return np.zeros(self.shape, self.dtype)
+        return np.zeros(self.record.shape, self.record.dtype)
 
     def __call__(self, k):
         row = self.rows(int(k))
@@ -281,43 +329,63 @@ class LoadRecord:
             x = self.blank()
         else:
             try:
-                x = self.source.load(row, self.size)
-                if tuple(x.shape) != self.shape:
-                    raise RecordError(f"the record has shape {tuple(x.shape)} but the first records have "
-                                      f"{self.shape}; pass size= to resize images, or give arrays of one shape")
-                if x.dtype != self.dtype:
-                    x = x.astype(self.dtype)
+                x = self.source.load(row, self.record.size)
+                if tuple(x.shape) != self.record.shape:
+                    raise RecordError(
+                        f"the record has shape {tuple(x.shape)} but the first records have "
+                        f"{self.record.shape}; pass size= to resize images, or give arrays "
+                        f"of one shape"
+                    )
+                if x.dtype != self.record.dtype:
+                    x = x.astype(self.record.dtype)
             except RecordError as e:
                 x, error = self.blank(), str(e) or "unreadable"
             except Exception as e:  # never let one record stop the run
                 x, error = self.blank(), f"{type(e).__name__}: {e}"
         out = {"x": x, "row": np.int64(row), "error": error}
         if self.targets is not None:
-            t = self.targets[row] if row < len(self.source) else np.zeros(self.targets.shape[1:], self.targets.dtype)
+            t = (
+                self.targets[row]
+                if row < len(self.source)
+                else np.zeros(self.targets.shape[1:], self.targets.dtype)
+            )
             out["target"] = np.asarray(t, np.int32)
         return out
 
 
-def make_loader(source: Source, *, size, shape, dtype, batch: int, rows: int, block: int,
-                num_steps: int, targets=None, workers: int = 4, worker_processes: int = 0,
-                prefetch: Optional[int] = None, first_step: int = 0):
+def make_loader(
+    load: LoadRecord,
+    num_steps: int,
+    *,
+    workers: int = 4,
+    worker_processes: int = 0,
+    prefetch: int | None = None,
+    first_step: int = 0,
+) -> Any:
     """The Grain pipeline for one process: an ``IterDataset`` of local batches of ``rows``.
 
-    Batch ``b`` of the iterator holds global records ``b * batch + block * rows + [0, rows)``.
-    ``workers`` threads decode ahead (``prefetch`` batches); ``worker_processes > 0`` adds
-    Grain's multiprocessing prefetch (spawned processes) on top, for hosts with many cores.
-    ``first_step > 0`` starts the pipeline at that batch (used when no Grain state was saved).
+    Batch ``b`` of the iterator holds global records ``b * batch + block * rows + [0, rows)``
+    (``load.rows``), for ``b`` up to ``num_steps``. ``workers`` threads decode ahead
+    (``prefetch`` batches); ``worker_processes > 0`` adds Grain's multiprocessing prefetch
+    (spawned processes) on top, for hosts with many cores. ``first_step > 0`` starts the
+    pipeline at that batch (used when no Grain state was saved).
     """
     import grain
 
-    load = LoadRecord(source, size, shape, dtype, BlockRows(batch, rows, block), targets)
+    rows = load.rows.rows
     # Batches are formed on the random-access MapDataset, so a worker (thread or process)
     # produces whole batches and Grain hands them out in order: batch b of the iterator is
     # always local positions [b * rows, (b + 1) * rows).
-    ds = grain.MapDataset.range(first_step * rows, num_steps * rows).map(load).batch(rows, drop_remainder=False)
+    ds = (
+        grain.MapDataset.range(first_step * rows, num_steps * rows)
+        .map(load)
+        .batch(rows, drop_remainder=False)
+    )
     threads = max(int(workers), 0)
     buffer = prefetch if prefetch is not None else max(2, threads + 1)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer if threads else 0))
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer if threads else 0)
+    )
     if worker_processes and worker_processes > 0:
         # Grain's multiprocessing reads absl flags; outside an absl app they are unparsed, which
         # it reports as an error. Use the defaults (as absl.app would with no arguments).
@@ -325,6 +393,7 @@ def make_loader(source: Source, *, size, shape, dtype, batch: int, rows: int, bl
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_processes),
-                                                         per_worker_buffer_size=2))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=int(worker_processes), per_worker_buffer_size=2)
+        )
     return it

@@ -27,18 +27,38 @@ TensorStore's ``zarr3`` driver. Strings use Zarr's ``string`` data type (``vlen-
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "Results", "open_results", "create_store", "read_config", "write_marker",
-           "read_markers", "finalize", "clean_partials", "ARRAYS"]
+__all__ = [
+    "FORMAT",
+    "ARRAYS",
+    "Results",
+    "open_results",
+    "require",
+    "create_store",
+    "delete_store",
+    "read_config",
+    "read_names",
+    "config_mismatch",
+    "write_marker",
+    "read_markers",
+    "finalize",
+    "clean_partials",
+    "drop_progress",
+    "open_arrays",
+    "digest_arrays",
+    "array_layout",
+]
 
 FORMAT = "gradcam_jax.dataset/1"
 ATTR = "gradcam_jax"
@@ -48,12 +68,12 @@ ARRAYS = ("maps", "targets", "classes", "probs", "errors")
 
 def require(*modules: str) -> None:
     """Fail with an installation hint when an optional dependency of dataset runs is missing."""
-    import importlib.util
-
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"gradcam_jax dataset runs need {', '.join(missing)}: pip install "
-                          f"'gradcam-jax[dataset]' (grain, zarr>=3, tqdm).")
+        raise ImportError(
+            f"gradcam_jax dataset runs need {', '.join(missing)}: pip install "
+            f"'gradcam-jax[dataset]' (grain, zarr>=3, tqdm)."
+        )
 
 
 def _zarr():
@@ -95,7 +115,25 @@ def delete_store(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def create_store(path: Path, config: Dict[str, Any], names: List[str], layout: Dict[str, Any]) -> None:
+def array_layout(
+    n: int, rows: int, top: int, map_shape: tuple[int, ...], target_shape: tuple[int, ...], method_axis: bool
+) -> dict[str, tuple]:
+    """The per-record arrays of a store of ``n`` records chunked by ``rows``: ``name -> (shape,
+    dtype, chunks, fill_value, dimension_names)``. ``map_shape`` and ``target_shape`` are one
+    record's maps (``([M,] [K,] h, w)``) and explained classes (``()`` or ``(K,)``)."""
+    target_dims = ["target"] if target_shape else []
+    map_dims = ["record"] + (["method"] if method_axis else []) + target_dims
+    map_dims += ["y", "x"][: len(map_shape) + 1 - len(map_dims)]
+    return {
+        "maps": ((n,) + map_shape, "float16", (rows,) + map_shape, np.nan, map_dims),
+        "targets": ((n,) + target_shape, "int32", (rows,) + target_shape, -1, ["record"] + target_dims),
+        "classes": ((n, top), "int32", (rows, top), -1, ["record", "rank"]),
+        "probs": ((n, top), "float32", (rows, top), np.nan, ["record", "rank"]),
+        "errors": ((n,), str, (rows,), "", ["record"]),
+    }
+
+
+def create_store(path: Path, config: dict[str, Any], names: list[str], layout: dict[str, Any]) -> None:
     """Create the store atomically: build it in a sibling folder, then rename it to ``path``.
 
     ``layout`` maps each array name to ``(shape, dtype, chunks, fill_value, dimension_names)``.
@@ -109,13 +147,20 @@ def create_store(path: Path, config: Dict[str, Any], names: List[str], layout: D
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         group.attrs[ATTR] = dict(config, complete=False)
         n = len(names)
-        files = group.create_array("files", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),),
-                                   fill_value="", dimension_names=["record"])
+        files = group.create_array(
+            "files",
+            shape=(n,),
+            dtype=str,
+            chunks=(max(1, min(n, 65536)),),
+            fill_value="",
+            dimension_names=["record"],
+        )
         if n:
             files[:] = np.array(names, dtype=object)
         for name, (shape, dtype, chunks, fill, dims) in layout.items():
-            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill,
-                               dimension_names=dims)
+            group.create_array(
+                name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill, dimension_names=dims
+            )
         (tmp / PROGRESS).mkdir()
         os.replace(tmp, path)
     except BaseException:
@@ -123,7 +168,38 @@ def create_store(path: Path, config: Dict[str, Any], names: List[str], layout: D
         raise
 
 
-def read_config(path: Path) -> Optional[Dict[str, Any]]:
+def digest_arrays(arrays: Iterable[Any]) -> str:
+    """A short digest of arrays (their dtypes, shapes and bytes), for the configuration."""
+    h = hashlib.sha256()
+    for leaf in arrays:
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_names(path: Path) -> list[str]:
+    """The record names (``files``) a store holds: the job's list of records."""
+    group = _zarr().open_group(str(path), mode="r")
+    return [str(v) for v in strings(group["files"][:])]
+
+
+#: Configuration entries that describe a job without defining it (a folder moved, class names
+#: relabelled): a store whose other entries match is the same job.
+INFO_KEYS = frozenset({"complete", "summary", "root", "class_names"})
+
+
+def config_mismatch(stored: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The entries (sorted) in which a stored job and a new run's configuration differ."""
+    keys = (set(stored) | set(config)) - INFO_KEYS
+
+    def same(k):
+        return json.dumps(stored.get(k), sort_keys=True) == json.dumps(config.get(k), sort_keys=True)
+
+    return sorted(k for k in keys if not same(k))
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
     """The run configuration stored in ``path``, or None when ``path`` is no store of ours."""
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
@@ -147,7 +223,7 @@ def _marker_name(step: int, block: int) -> str:
     return f"{step:09d}.{block:05d}.json"
 
 
-def write_marker(path: Path, step: int, block: int, payload: Dict[str, Any]) -> None:
+def write_marker(path: Path, step: int, block: int, payload: dict[str, Any]) -> None:
     """Commit ``(step, block)``: write the marker under a temporary name, then rename (atomic)."""
     d = Path(path) / PROGRESS
     final = d / _marker_name(step, block)
@@ -157,10 +233,10 @@ def write_marker(path: Path, step: int, block: int, payload: Dict[str, Any]) -> 
     os.replace(tmp, final)
 
 
-def read_markers(path: Path, block: Optional[int] = None) -> Dict[Tuple[int, int], Dict[str, Any]]:
+def read_markers(path: Path, block: int | None = None) -> dict[tuple[int, int], dict[str, Any]]:
     """Committed ``(step, block) -> marker`` (of one block, or all)."""
     d = Path(path) / PROGRESS
-    out: Dict[Tuple[int, int], Dict[str, Any]] = {}
+    out: dict[tuple[int, int], dict[str, Any]] = {}
     if not d.is_dir():
         return out
     for entry in os.scandir(d):
@@ -196,7 +272,7 @@ def clean_partials(path: Path) -> int:
     return removed
 
 
-def finalize(path: Path, summary: Dict[str, Any]) -> None:
+def finalize(path: Path, summary: dict[str, Any]) -> None:
     """Mark the store complete (one atomic metadata write), then drop the commit markers."""
     zarr = _zarr()
     group = zarr.open_group(str(path), mode="r+")
@@ -208,7 +284,14 @@ def finalize(path: Path, summary: Dict[str, Any]) -> None:
 
 
 def drop_progress(path: Path) -> None:
+    """Remove the commit markers (all of them)."""
     shutil.rmtree(Path(path) / PROGRESS, ignore_errors=True)
+
+
+def open_arrays(path: Path) -> dict[str, Any]:
+    """The per-record arrays of :data:`ARRAYS`, opened for writing."""
+    group = _zarr().open_group(str(path), mode="r+")
+    return {name: group[name] for name in ARRAYS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +299,7 @@ def drop_progress(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def strings(a) -> np.ndarray:
+def strings(a: Any) -> np.ndarray:
     """A Zarr string array's values as a NumPy object array of ``str`` (any NumPy string dtype)."""
     return np.asarray(a).astype(object)
 
@@ -241,12 +324,15 @@ class Results(Mapping):
         zarr = _zarr()
         self.path = Path(path)
         if read_config(self.path) is None:
-            raise FileNotFoundError(f"{str(self.path)!r} is not a gradcam_jax results store (no "
-                                    f"zarr.json with gradcam_jax attributes).")
+            raise FileNotFoundError(
+                f"{str(self.path)!r} is not a gradcam_jax results store (no "
+                f"zarr.json with gradcam_jax attributes)."
+            )
         self.group = zarr.open_group(str(self.path), mode="r")
-        self.config: Dict[str, Any] = dict(self.group.attrs[ATTR])
-        self._keys = tuple(k for k in ("maps", "classes", "probs", "targets", "files", "errors")
-                           if k in self.group)
+        self.config: dict[str, Any] = dict(self.group.attrs[ATTR])
+        self._keys = tuple(
+            k for k in ("maps", "classes", "probs", "targets", "files", "errors") if k in self.group
+        )
 
     def __getitem__(self, key):
         if key not in self._keys:
@@ -260,7 +346,7 @@ class Results(Mapping):
         return len(self._keys)
 
     @property
-    def methods(self) -> List[str]:
+    def methods(self) -> list[str]:
         return list(self.config.get("methods", []))
 
     @property
@@ -268,11 +354,11 @@ class Results(Mapping):
         return bool(self.config.get("complete"))
 
     @property
-    def summary(self) -> Optional[Dict[str, Any]]:
+    def summary(self) -> dict[str, Any] | None:
         return self.config.get("summary")
 
     @property
-    def class_names(self) -> Optional[List[str]]:
+    def class_names(self) -> list[str] | None:
         return self.config.get("class_names")
 
     @property
@@ -283,7 +369,7 @@ class Results(Mapping):
         """Boolean ``(N,)``: the records that were explained (no error)."""
         return strings(self["errors"][:]) == ""
 
-    def failures(self) -> List[Tuple[str, str]]:
+    def failures(self) -> list[tuple[str, str]]:
         """``[(file, reason), ...]`` for every record that was skipped."""
         errors = strings(self["errors"][:])
         bad = np.flatnonzero(errors != "")
@@ -297,7 +383,7 @@ class Results(Mapping):
         return f"Results({str(self.path)!r}, {self.num_records} records, {state}, keys={list(self._keys)})"
 
 
-def open_results(path) -> Results:
+def open_results(path: str | os.PathLike) -> Results:
     """Read a store written by :func:`gradcam_jax.explain_dataset` (or ``gradcam-jax explain-dir``).
 
     Returns a :class:`Results`: a mapping of NumPy-compatible arrays ``maps``, ``classes``,
