@@ -1,6 +1,6 @@
 """End-to-end dataset throughput against compute-only throughput, for a zoo model.
 
-    python benchmarks/bench_dataset.py --images 256 --batch-size 32 --size 224
+    python -m benchmarks.bench_dataset --images 256 --batch-size 32 --size 224
 
 Builds (or takes, ``--src``) a folder of JPEG photos of about ImageNet's size (500 x 375,
 crops of the bundled demo picture), then measures, in one process, with the step compiled
@@ -24,25 +24,21 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-try:
-    import gradcam_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax
-
 from gradcam_jax import zoo
-from gradcam_jax.dataset import _run, _sources, explain_dataset
+from gradcam_jax.dataset import explain_dataset, sources
+from gradcam_jax.dataset.distributed import replicate
+from gradcam_jax.dataset.run import describe_job
+from gradcam_jax.dataset.step import build_step
 
-DEMO = Path(__file__).resolve().parents[1] / "gradcam_jax" / "assets" / "demo.jpg"
+from .harness import median, time_round_robin
 
 
 def parse_args(argv=None):
@@ -66,7 +62,7 @@ def make_photos(root: Path, n: int, seed: int = 0) -> None:
     from PIL import Image
 
     r = np.random.default_rng(seed)
-    base = Image.open(DEMO).convert("RGB")
+    base = Image.open(zoo.DEMO_IMAGE).convert("RGB")
     W, H = base.size
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -80,16 +76,20 @@ def make_photos(root: Path, n: int, seed: int = 0) -> None:
 
 
 def loader_only(src_dir: Path, size: int, batch: int, workers: int) -> float:
-    src = _sources.as_source(src_dir)
+    src = sources.as_source(src_dir)
     steps = -(-len(src) // batch)
-    it = iter(_sources.make_loader(src, size=size, shape=(size, size, 3), dtype=np.uint8, batch=batch,
-                                   rows=batch, block=0, num_steps=steps, workers=workers))
+    load = sources.LoadRecord(src, sources.record_spec(src, size), sources.BlockRows(batch, batch, 0), None)
+    it = iter(sources.make_loader(load, steps, workers=workers))
     t0 = time.perf_counter()
     n = 0
     for _ in range(steps):
         b = next(it)
         n += int((np.asarray(b["row"]) < len(src)).sum())
     return n / (time.perf_counter() - t0)
+
+
+def store_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
 
 
 def main(argv=None):
@@ -102,13 +102,14 @@ def main(argv=None):
             src_dir = work / "photos"
             t = time.perf_counter()
             make_photos(src_dir, args.images)
-            print(f"# generated {args.images} JPEGs (500x375) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            print(f"# generated {args.images} JPEGs (500x375) in {time.perf_counter() - t:.1f}s",
+                  file=sys.stderr)
         try:
             model = zoo.efficientnet_lite0(None if args.weights == "random" else "imagenet")
         except ImportError:
             model = zoo.efficientnet_lite0(None)
         workers = min(os.cpu_count() or 1, 8) if args.workers is None else args.workers
-        n_images = len(_sources.list_images(src_dir))
+        n_images = len(sources.list_images(src_dir))
 
         # Compile once, through a small warm-up run: explain_dataset caches its step, and the
         # compute-only measurement below calls the very same compiled function.
@@ -122,35 +123,23 @@ def main(argv=None):
                         workers=workers, progress=False)
         compile_s = time.perf_counter() - t
 
-        # Compute only: the cached step on one fixed, device-resident batch.
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        mesh = _run._default_mesh("data")
-        per_device = args.batch_size // mesh.shape["data"]
-        import math
-
-        micro = args.device_batch or math.gcd(per_device, _run.DEFAULT_DEVICE_BATCH)
-        pre = _run._PretrainedPreprocess(model, args.size)
-        _, fns, axis = _run._resolve_methods("grad_cam")
-        options = _run.step_options(pre, fns, axis, "top", None, 5, args.resolution, True, True,
-                                    "bilinear", False, 0, None)
-        step = _run._build_step(mesh, "data", per_device, micro, options)
-        sharding = NamedSharding(mesh, P("data"))
-        batch = _sources.LoadRecord(_sources.as_source(src_dir), args.size, (args.size, args.size, 3), np.uint8,
-                                    _sources.BlockRows(args.batch_size, args.batch_size, 0), None)
+        # Compute only: the cached step on one fixed, device-resident batch. describe_job gives
+        # the job explain_dataset runs below (so the same step), without running it.
+        job = describe_job(src_dir, model, out=work / "run.zarr", batch_size=args.batch_size,
+                           device_batch=args.device_batch, resolution=args.resolution, size=args.size,
+                           workers=workers, progress=False)
+        step = build_step(job.step)
+        micro = job.plan.micro
+        rows = sources.BlockRows(args.batch_size, args.batch_size, 0)
+        batch = sources.LoadRecord(job.source, job.record, rows, None)
         x_host = np.stack([batch(i)["x"] for i in range(args.batch_size)])
-        x = jax.device_put(x_host, sharding)
-        tt = jax.device_put(np.zeros((args.batch_size,), np.int32), sharding)
-        tap = _run._replicate(model.tap, NamedSharding(mesh, P()))
+        x = jax.device_put(x_host, job.plan.sharding)
+        tt = jax.device_put(np.zeros((args.batch_size,), np.int32), job.plan.sharding)
+        tap = replicate(job.model.tap, job.plan.replicated)
         jax.block_until_ready(step(tap, x, tt))
 
         def compute_round():
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(step(tap, x, tt))
-                times.append(time.perf_counter() - t)
-            return times
+            return time_round_robin([lambda: step(tap, x, tt)], args.repeats)[0]
 
         times = compute_round()
 
@@ -158,30 +147,31 @@ def main(argv=None):
         loader_ips = loader_only(src_dir, args.size, args.batch_size, workers)
 
         # End to end.
-        hits_before = _run._build_step.cache_info().hits
+        hits_before = build_step.cache_info().hits
         out = work / "run.zarr"
         run = explain_dataset(src_dir, model, out=out, batch_size=args.batch_size,
                               device_batch=args.device_batch, resolution=args.resolution, size=args.size,
                               workers=workers, progress=False)
         e2e_ips = run.processed / run.seconds
         times += compute_round()
-        compute_ips = args.batch_size / statistics.median(times)
+        compute_ips = args.batch_size / median(times)
 
         dev = jax.devices()[0]
         print(f"# {platform.node()}  {dev.platform}:{dev.device_kind}  x{jax.device_count()}  "
               f"cpus={os.cpu_count()}  jax {jax.__version__}")
-        print(f"# model efficientnet_lite0 ({model.source or 'random'}), {args.size}px, batch {args.batch_size}, "
+        print(f"# model efficientnet_lite0 ({model.source or 'random'}), {args.size}px, "
+              f"batch {args.batch_size}, "
               f"device_batch {micro}, grad_cam top class, maps at {args.resolution} resolution, "
               f"{workers} loader threads, {n_images} images")
         print(f"{'warm-up run (compile)':28s} {compile_s:8.1f} s")
         print(f"{'loader only':28s} {loader_ips:8.1f} images/s")
         print(f"{'compute only (same step)':28s} {compute_ips:8.1f} images/s   "
-              f"(median of {len(times)} calls, {1e3 * statistics.median(times):.0f} ms/batch)")
+              f"(median of {len(times)} calls, {1e3 * median(times):.0f} ms/batch)")
         print(f"{'end to end (explain_dataset)':28s} {e2e_ips:8.1f} images/s   "
-              f"({run.processed} images in {run.seconds:.1f} s, store {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.2f} MB)")
+              f"({run.processed} images in {run.seconds:.1f} s, store {store_mb(out):.2f} MB)")
         print(f"{'ratio end-to-end / compute':28s} {e2e_ips / compute_ips:8.2f}")
         # The end-to-end run reused the compiled step (no compilation inside its timing).
-        assert _run._build_step.cache_info().hits > hits_before, "explain_dataset rebuilt its step"
+        assert build_step.cache_info().hits > hits_before, "explain_dataset rebuilt its step"
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
