@@ -15,7 +15,7 @@ from PIL import Image
 
 import gradcam_jax as gcj
 from gradcam_jax import cli, zoo
-from gradcam_jax.cli import explain
+from gradcam_jax.cli import explain_job
 from gradcam_jax.cli.common import Progress, UsageError, parse_classes, parse_methods
 from gradcam_jax.dataset import open_results
 
@@ -72,8 +72,9 @@ def test_parse_methods():
 
 
 def test_explain_methods_are_the_gradient_methods_and_the_guided_ones():
-    assert set(explain.METHODS) == set(gcj.method_names("gradient")) | {"guided_backprop", "guided_grad_cam"}
-    assert set(explain.DEFAULT_METHODS.split(",")) <= set(explain.METHODS)
+    guided = {"guided_backprop", "guided_grad_cam"}
+    assert set(explain_job.METHODS) == set(gcj.method_names("gradient")) | guided
+    assert set(explain_job.DEFAULT_METHODS.split(",")) <= set(explain_job.METHODS)
 
 
 def test_help_lists_the_zoo_models_and_the_version(capsys):

@@ -17,45 +17,20 @@ import re
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
 from .. import viz, zoo
 from .._cam import cam, method_names
 from ..dataset import RecordError, load_image
-from ..guided import guided_backprop, guided_grad_cam
-from .common import (
-    EXIT_FAILED_FILES,
-    EXIT_OK,
-    PROG,
-    Progress,
-    UsageError,
-    error,
-    load_zoo_model,
-    parse_classes,
-    parse_methods,
-    positive_int,
-)
+from .common import EXIT_FAILED_FILES, EXIT_OK, PROG, Progress, error, positive_int
+from .explain_job import DEFAULT_METHODS, DEMO_CLASSES, PIXEL_METHODS, Job, job_from_args
 
-__all__ = ["add_parser", "run", "PIXEL_METHODS", "DEFAULT_METHODS", "DEMO_CLASSES"]
-
-#: The two objects in the demo picture: espresso (967, right) and Egyptian cat (285, left).
-DEMO_CLASSES = "967,285"
-#: Methods whose maps are input gradients ``(H, W, C)``, drawn as images rather than heatmaps.
-PIXEL_METHODS: dict[str, Callable[..., jax.Array]] = {
-    "guided_backprop": guided_backprop,
-    "guided_grad_cam": guided_grad_cam,
-}
-DEFAULT_METHODS = "grad_cam,guided_backprop,guided_grad_cam"
-#: The CAM methods (every gradient method of gradcam_jax), then the pixel-space ones.
-METHODS = (*method_names("gradient"), *PIXEL_METHODS)
+__all__ = ["add_parser", "run", "read_image", "explain_batch", "Output", "EXAMPLES"]
 
 METHODS_HELP = textwrap.fill(
     f"methods: any gradient method of gradcam_jax ({', '.join(method_names('gradient'))}), "
@@ -89,25 +64,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ex.add_argument(
+    _add_input_arguments(ex)
+    _add_output_arguments(ex)
+    ex.set_defaults(func=run)
+    return ex
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """What to explain: images, model, classes, methods, layer."""
+    p.add_argument(
         "images",
         nargs="*",
         metavar="IMAGE",
         help="image files (JPEG, PNG, ... anything Pillow reads); unreadable ones are reported and skipped",
     )
-    ex.add_argument(
+    p.add_argument(
         "--demo",
         action="store_true",
         help="explain the bundled demo picture (a cat and an espresso cup side by side; "
         f"classes {DEMO_CLASSES} unless --classes is given)",
     )
-    ex.add_argument(
+    p.add_argument(
         "--model",
         default="efficientnet_lite0",
         metavar="NAME",
         help=f"zoo model (default: %(default)s; available: {', '.join(zoo.MODELS)})",
     )
-    ex.add_argument(
+    p.add_argument(
         "--classes",
         default=None,
         metavar="SPEC",
@@ -115,13 +98,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "top3) or a comma-separated list of class indices and/or exact class "
         "names, e.g. 285,967 or 'tabby,espresso'",
     )
-    ex.add_argument(
+    p.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
         metavar="LIST",
         help="comma-separated methods, one figure column each (default: %(default)s)",
     )
-    ex.add_argument(
+    p.add_argument(
         "--layer",
         default=None,
         metavar="PATH",
@@ -129,122 +112,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "convolutional feature map, 'head' for efficientnet_lite0); see "
         f"`{PROG} layers`",
     )
-    ex.add_argument(
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how: the folder, the batch size, the figures' look."""
+    p.add_argument(
         "--out",
         default="gradcam-out",
         metavar="DIR",
         help="output folder, created if needed (default: %(default)s)",
     )
-    ex.add_argument(
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=8,
         metavar="N",
         help="images per forward pass (default: %(default)s)",
     )
-    ex.add_argument(
+    p.add_argument(
         "--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)"
     )
-    ex.add_argument("--cmap", default="jet", help="Matplotlib colormap for heatmaps (default: %(default)s)")
-    ex.add_argument("--dpi", type=positive_int, default=150, help="figure resolution (default: %(default)s)")
-    ex.add_argument(
+    p.add_argument("--cmap", default="jet", help="Matplotlib colormap for heatmaps (default: %(default)s)")
+    p.add_argument("--dpi", type=positive_int, default=150, help="figure resolution (default: %(default)s)")
+    p.add_argument(
         "--save-maps",
         action="store_true",
         help="also write each image's raw maps and class indices as NAME.npz",
     )
-    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    ex.set_defaults(func=run)
-    return ex
-
-
-# --------------------------------------------------------------------------------------------
-# The job: arguments checked and resolved against the model
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """One ``explain`` run, its arguments checked: what to read, explain and write."""
-
-    paths: list[str]
-    classes_spec: str
-    methods: list[str]
-    model: zoo.Pretrained
-    layer: str
-    tap: object  # the model split at ``layer``
-    fixed: list[int] | None  # the classes named in --classes; None: each image's top k
-    k: int
-    batch_size: int
-    out_dir: Path
-    style: dict  # viz.figure_grid's alpha, cmap and dpi
-    save_maps: bool
-
-
-def job_from_args(args: argparse.Namespace) -> Job:
-    """Check ``args`` (a :class:`UsageError` names the first problem) and resolve them."""
-    paths = list(args.images)
-    if args.demo:
-        paths.insert(0, str(zoo.DEMO_IMAGE))
-    if not paths:
-        raise UsageError("no images given: pass IMAGE files, or --demo for the bundled example.")
-    classes_spec = args.classes or (DEMO_CLASSES if args.demo and not args.images else "top3")
-    classes = parse_classes(classes_spec)
-    methods = list(dict.fromkeys(parse_methods(args.methods, METHODS)))
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f"--alpha must be in [0, 1]; got {args.alpha}.")
-    if args.cmap not in matplotlib.colormaps:
-        raise UsageError(
-            f"--cmap {args.cmap!r} is not a Matplotlib colormap (try jet, turbo, inferno, viridis)."
-        )
-    model = load_zoo_model(args.model)
-    fixed, k = _resolve_classes(classes, model)
-    layer = _resolve_layer(args.layer, model)
-    tap = model.tap if layer == model.default_layer else model.tap_at(layer)
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the output folder {str(out_dir)!r}: {e.strerror or e}") from None
-    style = {"alpha": args.alpha, "cmap": args.cmap, "dpi": args.dpi}
-    batch_size = min(args.batch_size, len(paths))
-    return Job(
-        paths, classes_spec, methods, model, layer, tap, fixed, k, batch_size, out_dir, style, args.save_maps
-    )
-
-
-def _resolve_classes(classes: int | list[int | str], model: zoo.Pretrained) -> tuple[list[int] | None, int]:
-    """The classes named in ``--classes`` (None: each image's most probable ones) and how many."""
-    n = len(model.class_names)
-    if isinstance(classes, int):
-        if classes > n:
-            raise UsageError(f"--classes top{classes}: {model.name} has only {n} classes.")
-        return None, classes
-    out = []
-    for item in classes:
-        if isinstance(item, int):
-            if not 0 <= item < n:
-                raise UsageError(
-                    f"--classes: class index {item} is out of range; {model.name} has {n} "
-                    f"classes (0-{n - 1})."
-                )
-            out.append(item)
-        else:
-            try:
-                out.append(model.class_index(item))
-            except ValueError as e:
-                raise UsageError(f"--classes: {e}") from None
-    return out, len(out)
-
-
-def _resolve_layer(spec: str | None, model: zoo.Pretrained) -> str:
-    layer = (spec or model.default_layer).strip("/")
-    if layer != model.default_layer and layer not in model.layers:
-        shown = ", ".join(p for p in model.layers if "/" not in p)
-        raise UsageError(
-            f"--layer {layer!r} is not a layer of {model.name}. Top-level layers: {shown}. "
-            f"`{PROG} layers --all` lists every submodule."
-        )
-    return layer
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
 # --------------------------------------------------------------------------------------------

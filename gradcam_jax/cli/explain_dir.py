@@ -66,6 +66,15 @@ exit status: {EXIT_OK} all images explained, {EXIT_FAILED_FILES} some files coul
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The command's arguments, for ``gradcam-jax explain-dir`` and ``python -m gradcam_jax.dataset``."""
+    _add_job_arguments(p)
+    _add_runner_arguments(p)
+    _add_distributed_arguments(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=run)
+
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """What to explain, with what, into which store."""
     p.add_argument("dir", metavar="DIR", help="folder of images, read recursively in sorted order")
     p.add_argument(
         "--out",
@@ -100,6 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "topK (the K most probable), or a comma-separated list of class indices or "
         "exact names (adds a target axis to maps)",
     )
+
+
+def _add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    """How the run goes: batches, loader, resuming (none of them changes the maps but --device-batch)."""
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -152,6 +165,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-resume", action="store_true", help="delete an existing store of this job and start over"
     )
+
+
+def _add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """Several hosts: the arguments of ``jax.distributed.initialize``."""
     dist = p.add_argument_group("several hosts (jax.distributed.initialize)")
     dist.add_argument(
         "--distributed",
@@ -167,8 +184,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     dist.add_argument("--num-processes", type=positive_int, default=None, metavar="N")
     dist.add_argument("--process-id", type=nonnegative_int, default=None, metavar="I")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=run)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,0 +1,118 @@
+"""The ``explain`` command's job: its arguments checked and resolved against the zoo model.
+
+:func:`job_from_args` turns parsed arguments into a :class:`Job` (what to read, explain and
+write) or raises :class:`~.common.UsageError` naming the first problem; :mod:`.explain` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import matplotlib
+
+from .. import zoo
+from .._cam import method_names
+from ..guided import guided_backprop, guided_grad_cam
+from .common import PROG, UsageError, load_zoo_model, parse_classes, parse_methods
+
+__all__ = ["Job", "job_from_args", "DEMO_CLASSES", "PIXEL_METHODS", "DEFAULT_METHODS", "METHODS"]
+
+#: The two objects in the demo picture: espresso (967, right) and Egyptian cat (285, left).
+DEMO_CLASSES = "967,285"
+#: Methods whose maps are input gradients ``(H, W, C)``, drawn as images rather than heatmaps.
+PIXEL_METHODS: dict[str, Callable[..., jax.Array]] = {
+    "guided_backprop": guided_backprop,
+    "guided_grad_cam": guided_grad_cam,
+}
+DEFAULT_METHODS = "grad_cam,guided_backprop,guided_grad_cam"
+#: The CAM methods (every gradient method of gradcam_jax), then the pixel-space ones.
+METHODS = (*method_names("gradient"), *PIXEL_METHODS)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``explain`` run, its arguments checked: what to read, explain and write."""
+
+    paths: list[str]
+    classes_spec: str
+    methods: list[str]
+    model: zoo.Pretrained
+    layer: str
+    tap: object  # the model split at ``layer``
+    fixed: list[int] | None  # the classes named in --classes; None: each image's top k
+    k: int
+    batch_size: int
+    out_dir: Path
+    style: dict  # viz.figure_grid's alpha, cmap and dpi
+    save_maps: bool
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """Check ``args`` (a :class:`UsageError` names the first problem) and resolve them."""
+    paths = list(args.images)
+    if args.demo:
+        paths.insert(0, str(zoo.DEMO_IMAGE))
+    if not paths:
+        raise UsageError("no images given: pass IMAGE files, or --demo for the bundled example.")
+    classes_spec = args.classes or (DEMO_CLASSES if args.demo and not args.images else "top3")
+    classes = parse_classes(classes_spec)
+    methods = list(dict.fromkeys(parse_methods(args.methods, METHODS)))
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1]; got {args.alpha}.")
+    if args.cmap not in matplotlib.colormaps:
+        raise UsageError(
+            f"--cmap {args.cmap!r} is not a Matplotlib colormap (try jet, turbo, inferno, viridis)."
+        )
+    model = load_zoo_model(args.model)
+    fixed, k = _resolve_classes(classes, model)
+    layer = _resolve_layer(args.layer, model)
+    tap = model.tap if layer == model.default_layer else model.tap_at(layer)
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {str(out_dir)!r}: {e.strerror or e}") from None
+    style = {"alpha": args.alpha, "cmap": args.cmap, "dpi": args.dpi}
+    batch_size = min(args.batch_size, len(paths))
+    return Job(
+        paths, classes_spec, methods, model, layer, tap, fixed, k, batch_size, out_dir, style, args.save_maps
+    )
+
+
+def _resolve_classes(classes: int | list[int | str], model: zoo.Pretrained) -> tuple[list[int] | None, int]:
+    """The classes named in ``--classes`` (None: each image's most probable ones) and how many."""
+    n = len(model.class_names)
+    if isinstance(classes, int):
+        if classes > n:
+            raise UsageError(f"--classes top{classes}: {model.name} has only {n} classes.")
+        return None, classes
+    out = []
+    for item in classes:
+        if isinstance(item, int):
+            if not 0 <= item < n:
+                raise UsageError(
+                    f"--classes: class index {item} is out of range; {model.name} has {n} "
+                    f"classes (0-{n - 1})."
+                )
+            out.append(item)
+        else:
+            try:
+                out.append(model.class_index(item))
+            except ValueError as e:
+                raise UsageError(f"--classes: {e}") from None
+    return out, len(out)
+
+
+def _resolve_layer(spec: str | None, model: zoo.Pretrained) -> str:
+    layer = (spec or model.default_layer).strip("/")
+    if layer != model.default_layer and layer not in model.layers:
+        shown = ", ".join(p for p in model.layers if "/" not in p)
+        raise UsageError(
+            f"--layer {layer!r} is not a layer of {model.name}. Top-level layers: {shown}. "
+            f"`{PROG} layers --all` lists every submodule."
+        )
+    return layer
