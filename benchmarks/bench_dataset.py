@@ -51,8 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--resolution", choices=("layer", "input"), default="layer")
     p.add_argument("--workers", type=int, default=None, help="loader threads (default: CPU count, <= 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed compute-only calls per round (default 5)")
-    p.add_argument("--weights", choices=("imagenet", "random"), default="imagenet",
-                   help="zoo weights (random if the weights package is missing)")
+    p.add_argument(
+        "--weights",
+        choices=("imagenet", "random"),
+        default="imagenet",
+        help="zoo weights (random if the weights package is missing)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the generated folder and store")
     return p.parse_args(argv)
 
@@ -102,8 +106,10 @@ def main(argv=None):
             src_dir = work / "photos"
             t = time.perf_counter()
             make_photos(src_dir, args.images)
-            print(f"# generated {args.images} JPEGs (500x375) in {time.perf_counter() - t:.1f}s",
-                  file=sys.stderr)
+            print(
+                f"# generated {args.images} JPEGs (500x375) in {time.perf_counter() - t:.1f}s",
+                file=sys.stderr,
+            )
         try:
             model = zoo.efficientnet_lite0(None if args.weights == "random" else "imagenet")
         except ImportError:
@@ -118,16 +124,32 @@ def main(argv=None):
         for f in sorted(src_dir.iterdir())[: args.batch_size]:
             shutil.copy(f, warm_dir / f.name)
         t = time.perf_counter()
-        explain_dataset(warm_dir, model, out=work / "warm.zarr", batch_size=args.batch_size,
-                        device_batch=args.device_batch, resolution=args.resolution, size=args.size,
-                        workers=workers, progress=False)
+        explain_dataset(
+            warm_dir,
+            model,
+            out=work / "warm.zarr",
+            batch_size=args.batch_size,
+            device_batch=args.device_batch,
+            resolution=args.resolution,
+            size=args.size,
+            workers=workers,
+            progress=False,
+        )
         compile_s = time.perf_counter() - t
 
         # Compute only: the cached step on one fixed, device-resident batch. describe_job gives
         # the job explain_dataset runs below (so the same step), without running it.
-        job = describe_job(src_dir, model, out=work / "run.zarr", batch_size=args.batch_size,
-                           device_batch=args.device_batch, resolution=args.resolution, size=args.size,
-                           workers=workers, progress=False)
+        job = describe_job(
+            src_dir,
+            model,
+            out=work / "run.zarr",
+            batch_size=args.batch_size,
+            device_batch=args.device_batch,
+            resolution=args.resolution,
+            size=args.size,
+            workers=workers,
+            progress=False,
+        )
         step = build_step(job.step)
         micro = job.plan.micro
         rows = sources.BlockRows(args.batch_size, args.batch_size, 0)
@@ -149,26 +171,42 @@ def main(argv=None):
         # End to end.
         hits_before = build_step.cache_info().hits
         out = work / "run.zarr"
-        run = explain_dataset(src_dir, model, out=out, batch_size=args.batch_size,
-                              device_batch=args.device_batch, resolution=args.resolution, size=args.size,
-                              workers=workers, progress=False)
+        run = explain_dataset(
+            src_dir,
+            model,
+            out=out,
+            batch_size=args.batch_size,
+            device_batch=args.device_batch,
+            resolution=args.resolution,
+            size=args.size,
+            workers=workers,
+            progress=False,
+        )
         e2e_ips = run.processed / run.seconds
         times += compute_round()
         compute_ips = args.batch_size / median(times)
 
         dev = jax.devices()[0]
-        print(f"# {platform.node()}  {dev.platform}:{dev.device_kind}  x{jax.device_count()}  "
-              f"cpus={os.cpu_count()}  jax {jax.__version__}")
-        print(f"# model efficientnet_lite0 ({model.source or 'random'}), {args.size}px, "
-              f"batch {args.batch_size}, "
-              f"device_batch {micro}, grad_cam top class, maps at {args.resolution} resolution, "
-              f"{workers} loader threads, {n_images} images")
+        print(
+            f"# {platform.node()}  {dev.platform}:{dev.device_kind}  x{jax.device_count()}  "
+            f"cpus={os.cpu_count()}  jax {jax.__version__}"
+        )
+        print(
+            f"# model efficientnet_lite0 ({model.source or 'random'}), {args.size}px, "
+            f"batch {args.batch_size}, "
+            f"device_batch {micro}, grad_cam top class, maps at {args.resolution} resolution, "
+            f"{workers} loader threads, {n_images} images"
+        )
         print(f"{'warm-up run (compile)':28s} {compile_s:8.1f} s")
         print(f"{'loader only':28s} {loader_ips:8.1f} images/s")
-        print(f"{'compute only (same step)':28s} {compute_ips:8.1f} images/s   "
-              f"(median of {len(times)} calls, {1e3 * median(times):.0f} ms/batch)")
-        print(f"{'end to end (explain_dataset)':28s} {e2e_ips:8.1f} images/s   "
-              f"({run.processed} images in {run.seconds:.1f} s, store {store_mb(out):.2f} MB)")
+        print(
+            f"{'compute only (same step)':28s} {compute_ips:8.1f} images/s   "
+            f"(median of {len(times)} calls, {1e3 * median(times):.0f} ms/batch)"
+        )
+        print(
+            f"{'end to end (explain_dataset)':28s} {e2e_ips:8.1f} images/s   "
+            f"({run.processed} images in {run.seconds:.1f} s, store {store_mb(out):.2f} MB)"
+        )
         print(f"{'ratio end-to-end / compute':28s} {e2e_ips / compute_ips:8.2f}")
         # The end-to-end run reused the compiled step (no compilation inside its timing).
         assert build_step.cache_info().hits > hits_before, "explain_dataset rebuilt its step"

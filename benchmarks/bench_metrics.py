@@ -1,7 +1,7 @@
 """Throughput of deletion / insertion against the plain forward pass of the same model.
 
-    python benchmarks/bench_metrics.py                       # 1,000 images x 50 steps, 32 x 32
-    python benchmarks/bench_metrics.py --images 200 --steps 20 --repeats 1    # quicker
+    python -m benchmarks.bench_metrics                       # 1,000 images x 50 steps, 32 x 32
+    python -m benchmarks.bench_metrics --images 200 --steps 20 --repeats 1    # quicker
 
 Deletion and insertion (Petsiuk et al. 2018) evaluate the model on ``images x (steps + 1)``
 perturbed images. ``gradcam_jax.metrics`` builds every perturbed image on device inside the
@@ -25,19 +25,18 @@ Runs unchanged on CPU or GPU (whatever ``jax.devices()[0]`` is).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
-import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from gradcam_jax import metrics
 
-from gradcam_jax import metrics  # noqa: E402
+from .harness import compile_and_warm, median, table, time_round_robin
 
 
 def parse_args(argv=None):
@@ -57,18 +56,45 @@ def small_cnn(key, classes=10):
     shapes = [(3, 3, 3, 32), (3, 3, 32, 64), (3, 3, 64, 128)]
     keys = jax.random.split(key, len(shapes) + 1)
     params = {
-        "convs": [jax.random.normal(k, s) * np.sqrt(2.0 / (9 * s[2])) for k, s in zip(keys, shapes)],
+        "convs": [
+            jax.random.normal(k, s) * np.sqrt(2.0 / (9 * s[2]))
+            for k, s in zip(keys[:-1], shapes, strict=True)
+        ],
         "dense": jax.random.normal(keys[-1], (128, classes)) / np.sqrt(128),
     }
     strides = (1, 2, 2)
 
     def fn(x):
-        for w, s in zip(params["convs"], strides):
-            x = jax.nn.relu(jax.lax.conv_general_dilated(x, w, (s, s), "SAME",
-                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        for w, s in zip(params["convs"], strides, strict=True):
+            x = jax.nn.relu(
+                jax.lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            )
         return jnp.mean(x, axis=(1, 2)) @ params["dense"]
 
     return fn
+
+
+def build_rows(args, fn, x, maps, target):
+    """(name, jitted function, arguments, forward-pass images per call) per measurement."""
+    n = args.images
+    calls = -(-n // args.chunk)
+    per = -(-n // calls)
+    pad = calls * per - n
+
+    @jax.jit
+    def forward(x):  # the floor: the same chunked loop with nothing but the model in it
+        xp = jnp.concatenate([x, x[:pad]]) if pad else x
+        out = jax.lax.map(fn, xp.reshape((calls, per) + x.shape[1:]))
+        return out.reshape(calls * per, -1)[:n]
+
+    def curve(metric):
+        return jax.jit(lambda x, m, t: metric(fn, x, m, t, n_steps=args.steps, chunk_size=args.chunk).auc)
+
+    return [
+        ("forward (floor)", forward, (x,), n),
+        ("deletion", curve(metrics.deletion), (x, maps, target), n * (args.steps + 1)),
+        ("insertion", curve(metrics.insertion), (x, maps, target), n * (args.steps + 1)),
+    ]
 
 
 def main(argv=None):
@@ -82,64 +108,49 @@ def main(argv=None):
     x = jax.random.normal(kx, (n, s, s, 3), jnp.float32)
     maps = jax.random.uniform(km, (n, s, s), jnp.float32)
     target = jnp.argmax(jax.jit(fn)(x), axis=-1)
+    rows = build_rows(args, fn, x, maps, target)
 
-    calls = -(-n // args.chunk)
-    per = -(-n // calls)
-    pad = calls * per - n
-
-    @jax.jit
-    def forward(x):  # the floor: the same chunked loop with nothing but the model in it
-        xp = jnp.concatenate([x, x[:pad]]) if pad else x
-        out = jax.lax.map(fn, xp.reshape((calls, per) + x.shape[1:]))
-        return out.reshape(calls * per, -1)[:n]
-
-    deletion = jax.jit(lambda x, m, t: metrics.deletion(fn, x, m, t, n_steps=args.steps, chunk_size=args.chunk).auc)
-    insertion = jax.jit(lambda x, m, t: metrics.insertion(fn, x, m, t, n_steps=args.steps, chunk_size=args.chunk).auc)
-    rows = [("forward (floor)", forward, (x,), n),
-            ("deletion", deletion, (x, maps, target), n * (args.steps + 1)),
-            ("insertion", insertion, (x, maps, target), n * (args.steps + 1))]
-
-    print(f"device: {device.platform} / {device.device_kind}; host: {platform.machine()}, "
-          f"{os.cpu_count()} CPUs; jax {jax.__version__}")
-    print(f"model: small CNN (3 conv + dense, random weights), {n} images of {s}x{s}x3, {args.steps} steps "
-          f"({args.steps + 1} points per curve), chunk {args.chunk} images per forward, "
-          f"{args.repeats} rounds (median; compile + 1 warm-up excluded)")
+    print(
+        f"device: {device.platform} / {device.device_kind}; host: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs; jax {jax.__version__}"
+    )
+    print(
+        f"model: small CNN (3 conv + dense, random weights), {n} images of {s}x{s}x3, {args.steps} steps "
+        f"({args.steps + 1} points per curve), chunk {args.chunk} images per forward, "
+        f"{args.repeats} rounds (median; compile + 1 warm-up excluded)"
+    )
     print()
-    compiled = []
+    calls = []
     for name, f, fargs, _ in rows:
         t0 = time.perf_counter()
-        c = f.lower(*fargs).compile()
-        jax.block_until_ready(c(*fargs))
-        compiled.append(c)
+        compiled, _ = compile_and_warm(f, fargs)
+        calls.append(functools.partial(compiled, *fargs))
         print(f"  compiled + warmed {name} in {time.perf_counter() - t0:.1f} s", flush=True)
-    times = [[] for _ in rows]
-    for _ in range(args.repeats):
-        for i, (c, (_, _, fargs, _)) in enumerate(zip(compiled, rows)):
-            # Short calls (the floor) are repeated for at least 2 s, so that timer resolution and
-            # brief hiccups do not decide the ratio; the time kept is per call.
-            calls, t0 = 0, time.perf_counter()
-            while True:
-                jax.block_until_ready(c(*fargs))
-                calls += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= 2.0:
-                    break
-            times[i].append(elapsed / calls)
+    # Short calls (the floor) are repeated for at least 2 s per round, so that timer resolution and
+    # brief hiccups do not decide the ratio; the time kept is per call.
+    times = time_round_robin(calls, args.repeats, min_seconds=2.0)
     print()
-    floor_ips = rows[0][3] / statistics.median(times[0])
-    header = f"| {'measurement':<16} | {'forward images':>14} | {'seconds':>8} | {'images/s':>9} | {'ratio to forward':>16} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    ratios = {}
-    for (name, _, _, count), t in zip(rows, times):
-        med = statistics.median(t)
+    floor_ips = rows[0][3] / median(times[0])
+    ratios, cells = {}, []
+    for (name, _, _, count), t in zip(rows, times, strict=True):
+        med = median(t)
         ips = count / med
         ratios[name] = ips / floor_ips
-        print(f"| {name:<16} | {count:>14,} | {med:>8.2f} | {ips:>9,.0f} | {ratios[name]:>16.2f} |")
+        cells.append((name, f"{count:,}", f"{med:.2f}", f"{ips:,.0f}", f"{ratios[name]:.2f}"))
+    print(
+        table(
+            ("measurement", "forward images", "seconds", "images/s", "ratio to forward"),
+            cells,
+            align="lrrrr",
+            markdown=True,
+        )
+    )
     print()
     worst = min(ratios["deletion"], ratios["insertion"])
-    print(f"deletion / insertion throughput = {worst:.2f}x the plain forward's (target >= 0.70): "
-          f"{'PASS' if worst >= 0.7 else 'FAIL'}")
+    print(
+        f"deletion / insertion throughput = {worst:.2f}x the plain forward's (target >= 0.70): "
+        f"{'PASS' if worst >= 0.7 else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":
