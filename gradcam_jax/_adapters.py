@@ -6,7 +6,8 @@ None of them edits the user's model. Framework imports happen inside the functio
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def _linen_scores(out, apply_kwargs):
     return out
 
 
-def linen_layers(module, variables, x, **apply_kwargs) -> "list[str]":
+def linen_layers(module, variables, x, **apply_kwargs) -> list[str]:
     """The module paths of every layer called on ``x``, in call order (repeats kept).
 
     Use it to find the ``layer=`` for :func:`linen_tap`.
@@ -66,7 +67,7 @@ def linen_layers(module, variables, x, **apply_kwargs) -> "list[str]":
     return [p for p in paths if p]
 
 
-def linen_tap(module, variables, layer: str, *, call: Optional[int] = None,
+def linen_tap(module, variables, layer: str, *, call: int | None = None,
               layer_method: str = "__call__", **apply_kwargs) -> Tap:
     """Split a Flax Linen module at the layer whose module path is ``layer``.
 
@@ -98,54 +99,70 @@ def linen_tap(module, variables, layer: str, *, call: Optional[int] = None,
     if not isinstance(layer, str):
         raise TypeError(f"linen_tap: layer must be a module path string like 'stage4/block2'; got {layer!r}.")
     layer = layer.strip("/")
-    import flax.linen as nn
-
-    def apply(variables, x, edit):
-        paths = []
-        hits = []
-        taken = []
-
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name != layer_method:
-                return next_fun(*args, **kwargs)
-            path = "/".join(context.module.path)
-            paths.append(path)  # in the order layers are entered, as linen_layers lists them
-            out = next_fun(*args, **kwargs)
-            if path != layer:
-                return out
-            index = len(hits)
-            hits.append(index)
-            if call is None or call == index:
-                _check_array_output(out, repr(layer))
-                taken.append(out)
-                if edit is not None:
-                    out = edit(out)
-            return out
-
-        with nn.intercept_methods(interceptor):
-            scores = _linen_scores(module.apply(variables, x, **apply_kwargs), apply_kwargs)
-
-        if not hits:
-            raise ValueError(
-                f"linen_tap: layer {layer!r} was not called. Layers called, in order: "
-                f"{_list_layers([p for p in paths if p])}."
-            )
-        if call is None and len(hits) > 1:
-            raise ValueError(
-                f"linen_tap: layer {layer!r} was called {len(hits)} times in one forward pass (a "
-                f"shared or recurrent layer). Pick one call with linen_tap(..., call=i), "
-                f"0 <= i < {len(hits)}."
-            )
-        if call is not None and not taken:
-            raise ValueError(
-                f"linen_tap: call={call} asked for, but layer {layer!r} was called only "
-                f"{len(hits)} time(s); use 0 <= call < {len(hits)}."
-            )
-        return scores, taken[0]
-
+    apply = _linen_apply(module, layer, call, layer_method, apply_kwargs)
     key = ("linen", ByIdentity(module), layer, call, layer_method,
            tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())))
     return Tap(KeyedFunction(apply, key), variables, layer)
+
+
+def _linen_apply(module, layer: str, call: int | None, layer_method: str, apply_kwargs: dict):
+    """The tap's ``apply(variables, x, edit) -> (scores, activation)`` for :func:`linen_tap`."""
+    import flax.linen as nn
+
+    def apply(variables, x, edit):
+        paths, hits, taken = [], [], []
+        interceptor = _linen_interceptor(layer, call, layer_method, edit, paths, hits, taken)
+        with nn.intercept_methods(interceptor):
+            scores = _linen_scores(module.apply(variables, x, **apply_kwargs), apply_kwargs)
+        _check_linen_calls(layer, call, paths, hits, taken)
+        return scores, taken[0]
+
+    return apply
+
+
+def _linen_interceptor(layer: str, call: int | None, layer_method: str, edit, paths: list, hits: list,
+                       taken: list):
+    """An interceptor recording every layer entered (``paths``), each call of ``layer`` (``hits``)
+    and the tapped output (``taken``), which it edits with ``edit``."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != layer_method:
+            return next_fun(*args, **kwargs)
+        path = "/".join(context.module.path)
+        paths.append(path)  # in the order layers are entered, as linen_layers lists them
+        out = next_fun(*args, **kwargs)
+        if path != layer:
+            return out
+        index = len(hits)
+        hits.append(index)
+        if call is None or call == index:
+            _check_array_output(out, repr(layer))
+            taken.append(out)
+            if edit is not None:
+                out = edit(out)
+        return out
+
+    return interceptor
+
+
+def _check_linen_calls(layer: str, call: int | None, paths: list, hits: list, taken: list) -> None:
+    """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
+    if not hits:
+        raise ValueError(
+            f"linen_tap: layer {layer!r} was not called. Layers called, in order: "
+            f"{_list_layers([p for p in paths if p])}."
+        )
+    if call is None and len(hits) > 1:
+        raise ValueError(
+            f"linen_tap: layer {layer!r} was called {len(hits)} times in one forward pass (a "
+            f"shared or recurrent layer). Pick one call with linen_tap(..., call=i), "
+            f"0 <= i < {len(hits)}."
+        )
+    if call is not None and not taken:
+        raise ValueError(
+            f"linen_tap: call={call} asked for, but layer {layer!r} was called only "
+            f"{len(hits)} time(s); use 0 <= call < {len(hits)}."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +212,8 @@ def _nnx_swap(root, target, replacement):
             continue
         parent = root
         for part in path[:-1]:
-            parent = parent[part] if isinstance(part, int) or not hasattr(parent, str(part)) else getattr(parent, part)
+            by_item = isinstance(part, int) or not hasattr(parent, str(part))
+            parent = parent[part] if by_item else getattr(parent, part)
         last = path[-1]
         if isinstance(last, int) or not hasattr(parent, str(last)):
             parent[last] = replacement
@@ -205,7 +223,7 @@ def _nnx_swap(root, target, replacement):
     return found
 
 
-def nnx_tap(model, layer: Union[str, Callable[[Any], Any]]) -> Tap:
+def nnx_tap(model, layer: str | Callable[[Any], Any]) -> Tap:
     """Split a Flax NNX model at a submodule.
 
     Args:
@@ -258,6 +276,24 @@ def nnx_tap(model, layer: Union[str, Callable[[Any], Any]]) -> Tap:
 # --------------------------------------------------------------------------------------------
 
 
+class _ChannelAxis:
+    """Moves the channel axis of images (and activations) between the library's channels-last
+    layout and a channels-first model's; arrays of lower rank pass unchanged."""
+
+    def __init__(self, batched: bool, channels_first: bool):
+        self.rank = 4 if batched else 3  # an image, with the batch axis when the model takes it
+        self.axis = 1 if batched else 0
+        self.channels_first = channels_first
+
+    def to_model(self, x):
+        """``(…, H, W, C)`` -> ``(…, C, H, W)``: the input, and an edit's value."""
+        return jnp.moveaxis(x, -1, self.axis) if self.channels_first and x.ndim >= self.rank else x
+
+    def to_library(self, a):
+        """``(…, C, H, W)`` -> ``(…, H, W, C)``: the tapped activation."""
+        return jnp.moveaxis(a, self.axis, -1) if self.channels_first and a.ndim >= self.rank else a
+
+
 def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
                 channels_first: bool = True) -> Tap:
     """Split an Equinox model at the submodule that ``where`` picks (as in ``eqx.tree_at``).
@@ -275,7 +311,8 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
     import equinox as eqx
 
     if not callable(where):
-        raise TypeError("equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2].")
+        raise TypeError("equinox_tap: where must be a callable picking the submodule, "
+                        "e.g. lambda m: m.layers[2].")
 
     class _EqxRecorder(eqx.Module):
         inner: Any
@@ -288,27 +325,14 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
             self.sink.append(out)
             return self.edit(out) if self.edit is not None else out
 
-    image_rank = 4 if batched else 3
-
-    def to_model(x):
-        return jnp.moveaxis(x, -1, 1 if batched else 0) if channels_first and x.ndim >= image_rank else x
-
-    def to_library(a):
-        if channels_first and a.ndim >= image_rank:
-            return jnp.moveaxis(a, 1 if batched else 0, -1)
-        return a
-
-    def from_library(a):
-        if channels_first and a.ndim >= image_rank:
-            return jnp.moveaxis(a, -1, 1 if batched else 0)
-        return a
+    axes = _ChannelAxis(batched, channels_first)
 
     def one(model, x, edit):
         sink = []
         if edit is not None:
-            edit = Edit(edit.kind, from_library(edit.value))
+            edit = Edit(edit.kind, axes.to_model(edit.value))
         wrapped = eqx.tree_at(where, model, replace_fn=lambda sub: _EqxRecorder(sub, edit, sink))
-        scores = wrapped(to_model(x))
+        scores = wrapped(axes.to_model(x))
         if not sink:
             raise ValueError("equinox_tap: the submodule picked by `where` was not called by the model.")
         if len(sink) > 1:
@@ -316,7 +340,7 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
                 f"equinox_tap: the submodule picked by `where` was called {len(sink)} times; tap one "
                 f"that is called once."
             )
-        return scores, to_library(sink[0])
+        return scores, axes.to_library(sink[0])
 
     # Only the arrays are the tap's parameters (traced by jit); activations functions, flags and
     # other static fields of the model stay Python values.

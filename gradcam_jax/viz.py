@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -50,13 +50,9 @@ METHOD_TITLES = {
 # --------------------------------------------------------------------------------------------
 
 
-def _to_numpy(a) -> np.ndarray:
-    return np.asarray(a)
-
-
 def _as_uint8_image(image) -> np.ndarray:
     """``uint8`` RGB from uint8, bool, or float in [0, 1]; gray and RGBA handled."""
-    im = _to_numpy(image)
+    im = np.asarray(image)
     if im.dtype == np.uint8:
         out = im
     elif im.dtype == bool:
@@ -85,7 +81,8 @@ def resize_map(m, size) -> np.ndarray:
     if m.shape[-2:] == (h, w):
         return m
     flat = m.reshape((-1,) + m.shape[-2:])
-    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f, np.float32)).resize((w, h), Image.BILINEAR)) for f in flat])
+    images = (Image.fromarray(np.ascontiguousarray(f, np.float32)) for f in flat)
+    out = np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in images])
     return out.reshape(m.shape[:-2] + (h, w))
 
 
@@ -183,7 +180,7 @@ def _looks_rgb(a: np.ndarray) -> bool:
     return a.ndim == 3 and a.shape[-1] in (1, 3, 4) and a.shape[0] > 4
 
 
-def _rows_in(a: np.ndarray) -> Optional[int]:
+def _rows_in(a: np.ndarray) -> int | None:
     """How many class rows one image's array holds, or None when it is one shared map."""
     if a.ndim == 4 or (a.ndim == 3 and not _looks_rgb(a)):
         return a.shape[0]
@@ -203,9 +200,12 @@ def _split_classes(name: str, arr, k: int) -> np.ndarray:
     )
 
 
-def figure_grid(image, maps: Mapping[str, object], classes: Optional[Sequence[int]] = None, *,
-                class_names: Optional[Sequence[str]] = None, probs=None, alpha: float = 0.5,
-                cmap="jet", title: Optional[str] = None, panel_width: float = 2.6,
+_BASE_FONT = 9.5
+
+
+def figure_grid(image, maps: Mapping[str, object], classes: Sequence[int] | None = None, *,
+                class_names: Sequence[str] | None = None, probs=None, alpha: float = 0.5,
+                cmap="jet", title: str | None = None, panel_width: float = 2.6,
                 dpi: float = 150, show_image: bool = True):
     """A publication-style grid: one row per class, one column per method.
 
@@ -236,87 +236,118 @@ def figure_grid(image, maps: Mapping[str, object], classes: Optional[Sequence[in
     """
     img = _as_uint8_image(image)
     if img.ndim == 4:
-        b = img.shape[0]
-        cls_b = None if classes is None else np.asarray(classes).reshape(b, -1)
-        p_b = None if probs is None else np.asarray(probs).reshape(b, -1)
-        titles = title if isinstance(title, (list, tuple)) else [title] * b
-        return [
-            figure_grid(img[i], {k: np.asarray(v)[i] for k, v in maps.items()},
-                        None if cls_b is None else cls_b[i], class_names=class_names,
-                        probs=None if p_b is None else p_b[i], alpha=alpha, cmap=cmap,
-                        title=titles[i], panel_width=panel_width, dpi=dpi, show_image=show_image)
-            for i in range(b)
-        ]
+        return _figure_grid_batch(img, maps, classes, probs, title, class_names=class_names, alpha=alpha,
+                                  cmap=cmap, panel_width=panel_width, dpi=dpi, show_image=show_image)
     if img.ndim != 3:
         raise ValueError(f"figure_grid: image must be (H, W, 3) or (B, H, W, 3); got {img.shape}.")
     if not maps and not show_image:
         raise ValueError("figure_grid: nothing to draw (no maps and show_image=False).")
 
-    # Rows.
-    if classes is not None:
-        rows = [int(c) for c in np.asarray(classes).reshape(-1)]
-    else:
-        counts = [_rows_in(np.asarray(v)) for v in maps.values()]
-        rows = [None] * next((n for n in counts if n is not None), 1)
-    k = len(rows)
-    panels = {name: _split_classes(name, v, k) for name, v in maps.items()}
-    row_probs = None
-    if probs is not None:
-        p = np.asarray(probs, np.float32).reshape(-1)
-        if classes is not None and p.size > k and all(r is not None and r < p.size for r in rows):
-            row_probs = [float(p[r]) for r in rows]
-        elif p.size == k:
-            row_probs = [float(v) for v in p]
-        else:
-            raise ValueError(f"figure_grid: probs has {p.size} values for {k} rows; give one per class "
-                             f"of the model or one per row.")
+    rows = _grid_rows(maps, classes)
+    panels = {name: _split_classes(name, v, len(rows)) for name, v in maps.items()}
+    row_probs = _grid_row_probs(probs, rows, by_class=classes is not None)
+    labels = [_row_label(cls, class_names, None if row_probs is None else row_probs[r])
+              for r, cls in enumerate(rows)]
+    labelled = any(r is not None for r in rows) or bool(row_probs)
+    fig_w, fig_h, left, rects = _grid_layout(img.shape[:2], len(panels) + int(show_image), len(rows),
+                                             panel_width, labelled=labelled, titled=bool(title))
+    fig = _new_figure(fig_w, fig_h, dpi)
+    _draw_grid(fig, rects, img, panels, labels, show_image=show_image, alpha=alpha, cmap=cmap)
+    if title:
+        fig.text(left / fig_w, 1 - 0.16 / fig_h, title, ha="left", va="top", fontsize=_BASE_FONT,
+                 color="0.25")
+    return fig
 
-    h, w = img.shape[:2]
-    ncols = len(panels) + int(show_image)
+
+def _figure_grid_batch(img: np.ndarray, maps: Mapping[str, object], classes, probs, title,
+                       **options) -> list:
+    """:func:`figure_grid` of each image of a batch ``(B, H, W, 3)``, with its maps, classes, probs."""
+    b = img.shape[0]
+    cls_b = None if classes is None else np.asarray(classes).reshape(b, -1)
+    p_b = None if probs is None else np.asarray(probs).reshape(b, -1)
+    titles = title if isinstance(title, (list, tuple)) else [title] * b
+    return [
+        figure_grid(img[i], {k: np.asarray(v)[i] for k, v in maps.items()},
+                    None if cls_b is None else cls_b[i], probs=None if p_b is None else p_b[i],
+                    title=titles[i], **options)
+        for i in range(b)
+    ]
+
+
+def _grid_rows(maps: Mapping[str, object], classes) -> list[int | None]:
+    """The rows' classes: ``classes``, or as many ``None`` as the maps have rows (at least one)."""
+    if classes is not None:
+        return [int(c) for c in np.asarray(classes).reshape(-1)]
+    counts = [_rows_in(np.asarray(v)) for v in maps.values()]
+    return [None] * next((n for n in counts if n is not None), 1)
+
+
+def _grid_row_probs(probs, rows: list[int | None], *, by_class: bool) -> list[float] | None:
+    """Each row's probability, from one per class of the model (when ``by_class``) or one per row."""
+    if probs is None:
+        return None
+    k = len(rows)
+    p = np.asarray(probs, np.float32).reshape(-1)
+    if by_class and p.size > k and all(r is not None and r < p.size for r in rows):
+        return [float(p[r]) for r in rows]
+    if p.size == k:
+        return [float(v) for v in p]
+    raise ValueError(f"figure_grid: probs has {p.size} values for {k} rows; give one per class "
+                     f"of the model or one per row.")
+
+
+def _grid_layout(image_hw: tuple[int, int], ncols: int, nrows: int, panel_width: float, *,
+                 labelled: bool, titled: bool) -> tuple[float, float, float, list[list[tuple]]]:
+    """The figure's size and left margin in inches, and each panel's ``rects[row][col]`` in figure
+    coordinates (for ``fig.add_axes``). Panels keep the image's aspect; very tall ones are capped."""
+    h, w = image_hw
     pw = float(panel_width)
     ph = pw * h / w
     if ph > 1.6 * pw:  # very tall images: cap the height, narrow the panel
         ph = 1.6 * pw
         pw = ph * w / h
     gap_x, gap_y = 0.06, 0.10
-    left = 0.42 if any(r is not None for r in rows) or row_probs else 0.1
-    top = 0.34 + (0.30 if title else 0.0)
+    left = 0.42 if labelled else 0.1
+    top = 0.34 + (0.30 if titled else 0.0)
     bottom, right = 0.08, 0.08
     fig_w = left + ncols * pw + (ncols - 1) * gap_x + right
-    fig_h = top + k * ph + (k - 1) * gap_y + bottom
-    fig = _new_figure(fig_w, fig_h, dpi)
+    fig_h = top + nrows * ph + (nrows - 1) * gap_y + bottom
+    rects = [[((left + c * (pw + gap_x)) / fig_w, (fig_h - top - (r + 1) * ph - r * gap_y) / fig_h,
+               pw / fig_w, ph / fig_h) for c in range(ncols)] for r in range(nrows)]
+    return fig_w, fig_h, left, rects
 
+
+def _draw_grid(fig, rects: list[list[tuple]], img: np.ndarray, panels: dict[str, np.ndarray],
+               labels: list[str], *, show_image: bool, alpha: float, cmap) -> None:
+    """Every panel: headers on the first row, row labels on the first column."""
+    columns: list[str | None] = ([None] if show_image else []) + list(panels)
     headers = (["Image"] if show_image else []) + [METHOD_TITLES.get(n, n) for n in panels]
-    base_font = 9.5
-    for r in range(k):
-        y0 = fig_h - top - (r + 1) * ph - r * gap_y
-        for c in range(ncols):
-            x0 = left + c * (pw + gap_x)
-            ax = fig.add_axes((x0 / fig_w, y0 / fig_h, pw / fig_w, ph / fig_h))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if show_image and c == 0:
-                shown = img
-            else:
-                name = list(panels)[c - int(show_image)]
-                a = np.asarray(panels[name][r])
-                if a.ndim == 3:
-                    shown = _resize_rgb(gradient_image(a), (h, w))
-                else:
-                    shown = overlay(img, a, alpha=alpha, cmap=cmap)
-            ax.imshow(shown)
-            if r == 0:
-                ax.set_title(headers[c], fontsize=base_font + 0.5, fontweight="bold", pad=4)
-            if c == 0:
-                label = _row_label(rows[r], class_names, None if row_probs is None else row_probs[r])
-                if label:
-                    ax.set_ylabel(label, fontsize=base_font, labelpad=4, linespacing=1.25)
-    if title:
-        fig.text(left / fig_w, 1 - 0.16 / fig_h, title, ha="left", va="top", fontsize=base_font,
-                 color="0.25")
-    return fig
+    for r, label in enumerate(labels):
+        for c, name in enumerate(columns):
+            shown = img if name is None else _panel_image(img, panels[name][r], alpha, cmap)
+            _draw_panel(fig, rects[r][c], shown, header=headers[c] if r == 0 else None,
+                        label=label if c == 0 else "")
+
+
+def _panel_image(img: np.ndarray, panel, alpha: float, cmap) -> np.ndarray:
+    """One method's map for one row as RGB: a gradient image, or a heatmap overlaid on ``img``."""
+    a = np.asarray(panel)
+    if a.ndim == 3:
+        return _resize_rgb(gradient_image(a), img.shape[:2])
+    return overlay(img, a, alpha=alpha, cmap=cmap)
+
+
+def _draw_panel(fig, rect, shown: np.ndarray, *, header: str | None, label: str) -> None:
+    """One bare axes showing ``shown``, with a bold ``header`` above and ``label`` on its left."""
+    ax = fig.add_axes(rect)
+    ax.set(xticks=[], yticks=[])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.imshow(shown)
+    if header is not None:
+        ax.set_title(header, fontsize=_BASE_FONT + 0.5, fontweight="bold", pad=4)
+    if label:
+        ax.set_ylabel(label, fontsize=_BASE_FONT, labelpad=4, linespacing=1.25)
 
 
 def _row_label(cls, class_names, prob) -> str:
@@ -339,14 +370,14 @@ def _row_label(cls, class_names, prob) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def png_bytes(fig_or_image, dpi: Optional[float] = None) -> bytes:
+def png_bytes(fig_or_image, dpi: float | None = None) -> bytes:
     """A figure (or a ``uint8`` image) encoded as PNG."""
     buf = io.BytesIO()
     _write_png(fig_or_image, buf, dpi)
     return buf.getvalue()
 
 
-def save_png(fig_or_image, path: Union[str, os.PathLike], dpi: Optional[float] = None) -> str:
+def save_png(fig_or_image, path: str | os.PathLike, dpi: float | None = None) -> str:
     """Write a Matplotlib figure, or an image array (``uint8``, or floats in [0, 1]), as PNG.
 
     Returns the path written. Parent folders are created.
@@ -369,5 +400,6 @@ def _write_png(obj, f, dpi):
 
     img = _as_uint8_image(obj)
     if img.ndim != 3:
-        raise ValueError(f"save_png: an image must be (H, W, 3); got shape {img.shape}. Save batch items one by one.")
+        raise ValueError(f"save_png: an image must be (H, W, 3); got shape {img.shape}. "
+                         f"Save batch items one by one.")
     Image.fromarray(img).save(f, format="PNG")
