@@ -96,120 +96,111 @@ def store_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
 
 
+def photo_folder(args, work: Path) -> Path:
+    if args.src:
+        return Path(args.src)
+    src_dir = work / "photos"
+    t = time.perf_counter()
+    make_photos(src_dir, args.images)
+    print(f"# generated {args.images} JPEGs (500x375) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    return src_dir
+
+
+def run_options(args, workers: int) -> dict:
+    """The options of every explain_dataset run here (and of describe_job: the same job)."""
+    return dict(
+        batch_size=args.batch_size,
+        device_batch=args.device_batch,
+        resolution=args.resolution,
+        size=args.size,
+        workers=workers,
+        progress=False,
+    )
+
+
+def warm_up(args, model, src_dir: Path, work: Path, workers: int) -> float:
+    """Compile once, through a small run (seconds): explain_dataset caches its step, and the
+    compute-only measurement calls the very same compiled function."""
+    warm_dir = work / "warm"
+    warm_dir.mkdir()
+    for f in sorted(src_dir.iterdir())[: args.batch_size]:
+        shutil.copy(f, warm_dir / f.name)
+    t = time.perf_counter()
+    explain_dataset(warm_dir, model, out=work / "warm.zarr", **run_options(args, workers))
+    return time.perf_counter() - t
+
+
+def compute_only(args, model, src_dir: Path, work: Path, workers: int):
+    """(a call of the cached step on one fixed, device-resident batch; micro-batch). describe_job
+    gives the job explain_dataset runs (so the same step), without running it."""
+    job = describe_job(src_dir, model, out=work / "run.zarr", **run_options(args, workers))
+    step = build_step(job.step)
+    rows = sources.BlockRows(args.batch_size, args.batch_size, 0)
+    batch = sources.LoadRecord(job.source, job.record, rows, None)
+    x_host = np.stack([batch(i)["x"] for i in range(args.batch_size)])
+    x = jax.device_put(x_host, job.plan.sharding)
+    tt = jax.device_put(np.zeros((args.batch_size,), np.int32), job.plan.sharding)
+    tap = replicate(job.model.tap, job.plan.replicated)
+    jax.block_until_ready(step(tap, x, tt))
+    return (lambda: step(tap, x, tt)), job.plan.micro
+
+
+def measure(args, model, src_dir: Path, work: Path, workers: int) -> dict:
+    """Every figure: warm-up, compute only (before and after the end-to-end run), loader only, end to end."""
+    compile_s = warm_up(args, model, src_dir, work, workers)
+    call, micro = compute_only(args, model, src_dir, work, workers)
+    times = time_round_robin([call], args.repeats)[0]
+    loader_ips = loader_only(src_dir, args.size, args.batch_size, workers)
+    hits_before = build_step.cache_info().hits
+    out = work / "run.zarr"
+    run = explain_dataset(src_dir, model, out=out, **run_options(args, workers))
+    times += time_round_robin([call], args.repeats)[0]
+    # The end-to-end run reused the compiled step (no compilation inside its timing).
+    assert build_step.cache_info().hits > hits_before, "explain_dataset rebuilt its step"
+    return dict(
+        compile_s=compile_s, micro=micro, times=times, loader_ips=loader_ips, run=run, store_mb=store_mb(out)
+    )
+
+
+def report(args, model, workers: int, n_images: int, m: dict) -> None:
+    run, times = m["run"], m["times"]
+    e2e_ips = run.processed / run.seconds
+    compute_ips = args.batch_size / median(times)
+    dev = jax.devices()[0]
+    print(
+        f"# {platform.node()}  {dev.platform}:{dev.device_kind}  x{jax.device_count()}  "
+        f"cpus={os.cpu_count()}  jax {jax.__version__}"
+    )
+    print(
+        f"# model efficientnet_lite0 ({model.source or 'random'}), {args.size}px, batch {args.batch_size}, "
+        f"device_batch {m['micro']}, grad_cam top class, maps at {args.resolution} resolution, "
+        f"{workers} loader threads, {n_images} images"
+    )
+    print(f"{'warm-up run (compile)':28s} {m['compile_s']:8.1f} s")
+    print(f"{'loader only':28s} {m['loader_ips']:8.1f} images/s")
+    print(
+        f"{'compute only (same step)':28s} {compute_ips:8.1f} images/s   "
+        f"(median of {len(times)} calls, {1e3 * median(times):.0f} ms/batch)"
+    )
+    print(
+        f"{'end to end (explain_dataset)':28s} {e2e_ips:8.1f} images/s   "
+        f"({run.processed} images in {run.seconds:.1f} s, store {m['store_mb']:.2f} MB)"
+    )
+    print(f"{'ratio end-to-end / compute':28s} {e2e_ips / compute_ips:8.2f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_dataset_"))
     try:
-        if args.src:
-            src_dir = Path(args.src)
-        else:
-            src_dir = work / "photos"
-            t = time.perf_counter()
-            make_photos(src_dir, args.images)
-            print(
-                f"# generated {args.images} JPEGs (500x375) in {time.perf_counter() - t:.1f}s",
-                file=sys.stderr,
-            )
+        src_dir = photo_folder(args, work)
         try:
             model = zoo.efficientnet_lite0(None if args.weights == "random" else "imagenet")
         except ImportError:
             model = zoo.efficientnet_lite0(None)
         workers = min(os.cpu_count() or 1, 8) if args.workers is None else args.workers
         n_images = len(sources.list_images(src_dir))
-
-        # Compile once, through a small warm-up run: explain_dataset caches its step, and the
-        # compute-only measurement below calls the very same compiled function.
-        warm_dir = work / "warm"
-        warm_dir.mkdir()
-        for f in sorted(src_dir.iterdir())[: args.batch_size]:
-            shutil.copy(f, warm_dir / f.name)
-        t = time.perf_counter()
-        explain_dataset(
-            warm_dir,
-            model,
-            out=work / "warm.zarr",
-            batch_size=args.batch_size,
-            device_batch=args.device_batch,
-            resolution=args.resolution,
-            size=args.size,
-            workers=workers,
-            progress=False,
-        )
-        compile_s = time.perf_counter() - t
-
-        # Compute only: the cached step on one fixed, device-resident batch. describe_job gives
-        # the job explain_dataset runs below (so the same step), without running it.
-        job = describe_job(
-            src_dir,
-            model,
-            out=work / "run.zarr",
-            batch_size=args.batch_size,
-            device_batch=args.device_batch,
-            resolution=args.resolution,
-            size=args.size,
-            workers=workers,
-            progress=False,
-        )
-        step = build_step(job.step)
-        micro = job.plan.micro
-        rows = sources.BlockRows(args.batch_size, args.batch_size, 0)
-        batch = sources.LoadRecord(job.source, job.record, rows, None)
-        x_host = np.stack([batch(i)["x"] for i in range(args.batch_size)])
-        x = jax.device_put(x_host, job.plan.sharding)
-        tt = jax.device_put(np.zeros((args.batch_size,), np.int32), job.plan.sharding)
-        tap = replicate(job.model.tap, job.plan.replicated)
-        jax.block_until_ready(step(tap, x, tt))
-
-        def compute_round():
-            return time_round_robin([lambda: step(tap, x, tt)], args.repeats)[0]
-
-        times = compute_round()
-
-        # Loader only.
-        loader_ips = loader_only(src_dir, args.size, args.batch_size, workers)
-
-        # End to end.
-        hits_before = build_step.cache_info().hits
-        out = work / "run.zarr"
-        run = explain_dataset(
-            src_dir,
-            model,
-            out=out,
-            batch_size=args.batch_size,
-            device_batch=args.device_batch,
-            resolution=args.resolution,
-            size=args.size,
-            workers=workers,
-            progress=False,
-        )
-        e2e_ips = run.processed / run.seconds
-        times += compute_round()
-        compute_ips = args.batch_size / median(times)
-
-        dev = jax.devices()[0]
-        print(
-            f"# {platform.node()}  {dev.platform}:{dev.device_kind}  x{jax.device_count()}  "
-            f"cpus={os.cpu_count()}  jax {jax.__version__}"
-        )
-        print(
-            f"# model efficientnet_lite0 ({model.source or 'random'}), {args.size}px, "
-            f"batch {args.batch_size}, "
-            f"device_batch {micro}, grad_cam top class, maps at {args.resolution} resolution, "
-            f"{workers} loader threads, {n_images} images"
-        )
-        print(f"{'warm-up run (compile)':28s} {compile_s:8.1f} s")
-        print(f"{'loader only':28s} {loader_ips:8.1f} images/s")
-        print(
-            f"{'compute only (same step)':28s} {compute_ips:8.1f} images/s   "
-            f"(median of {len(times)} calls, {1e3 * median(times):.0f} ms/batch)"
-        )
-        print(
-            f"{'end to end (explain_dataset)':28s} {e2e_ips:8.1f} images/s   "
-            f"({run.processed} images in {run.seconds:.1f} s, store {store_mb(out):.2f} MB)"
-        )
-        print(f"{'ratio end-to-end / compute':28s} {e2e_ips / compute_ips:8.2f}")
-        # The end-to-end run reused the compiled step (no compilation inside its timing).
-        assert build_step.cache_info().hits > hits_before, "explain_dataset rebuilt its step"
+        report(args, model, workers, n_images, measure(args, model, src_dir, work, workers))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
