@@ -67,8 +67,9 @@ def linen_layers(module, variables, x, **apply_kwargs) -> list[str]:
     return [p for p in paths if p]
 
 
-def linen_tap(module, variables, layer: str, *, call: int | None = None,
-              layer_method: str = "__call__", **apply_kwargs) -> Tap:
+def linen_tap(
+    module, variables, layer: str, *, call: int | None = None, layer_method: str = "__call__", **apply_kwargs
+) -> Tap:
     """Split a Flax Linen module at the layer whose module path is ``layer``.
 
     The layer is found with ``flax.linen.intercept_methods``: the model is not edited and no
@@ -100,8 +101,14 @@ def linen_tap(module, variables, layer: str, *, call: int | None = None,
         raise TypeError(f"linen_tap: layer must be a module path string like 'stage4/block2'; got {layer!r}.")
     layer = layer.strip("/")
     apply = _linen_apply(module, layer, call, layer_method, apply_kwargs)
-    key = ("linen", ByIdentity(module), layer, call, layer_method,
-           tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())))
+    key = (
+        "linen",
+        ByIdentity(module),
+        layer,
+        call,
+        layer_method,
+        tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())),
+    )
     return Tap(KeyedFunction(apply, key), variables, layer)
 
 
@@ -120,8 +127,9 @@ def _linen_apply(module, layer: str, call: int | None, layer_method: str, apply_
     return apply
 
 
-def _linen_interceptor(layer: str, call: int | None, layer_method: str, edit, paths: list, hits: list,
-                       taken: list):
+def _linen_interceptor(
+    layer: str, call: int | None, layer_method: str, edit, paths: list, hits: list, taken: list
+):
     """An interceptor recording every layer entered (``paths``), each call of ``layer`` (``hits``)
     and the tapped output (``taken``), which it edits with ``edit``."""
 
@@ -294,8 +302,9 @@ class _ChannelAxis:
         return jnp.moveaxis(a, self.axis, -1) if self.channels_first and a.ndim >= self.rank else a
 
 
-def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
-                channels_first: bool = True) -> Tap:
+def equinox_tap(
+    model, where: Callable[[Any], Any], *, batched: bool = False, channels_first: bool = True
+) -> Tap:
     """Split an Equinox model at the submodule that ``where`` picks (as in ``eqx.tree_at``).
 
     Args:
@@ -311,8 +320,9 @@ def equinox_tap(model, where: Callable[[Any], Any], *, batched: bool = False,
     import equinox as eqx
 
     if not callable(where):
-        raise TypeError("equinox_tap: where must be a callable picking the submodule, "
-                        "e.g. lambda m: m.layers[2].")
+        raise TypeError(
+            "equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2]."
+        )
 
     class _EqxRecorder(eqx.Module):
         inner: Any

@@ -13,8 +13,13 @@ import jax
 import numpy as np
 
 __all__ = [
-    "partition_callable", "combine_callable", "hashable", "ByIdentity", "KeyedFunction",
-    "PytreeCallable", "as_pytree",
+    "partition_callable",
+    "combine_callable",
+    "hashable",
+    "ByIdentity",
+    "KeyedFunction",
+    "PytreeCallable",
+    "as_pytree",
 ]
 
 
@@ -86,10 +91,11 @@ def partition_callable(fn):
 def combine_callable(arrays, static):
     """The inverse of :func:`partition_callable`."""
     treedef, rest = static
-    leaves = [a if s is None else (s.obj if isinstance(s, ByIdentity) else s)
-              for a, s in zip(arrays, rest, strict=True)]
+    leaves = [
+        a if s is None else (s.obj if isinstance(s, ByIdentity) else s)
+        for a, s in zip(arrays, rest, strict=True)
+    ]
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
 
 
 @jax.tree_util.register_pytree_node_class

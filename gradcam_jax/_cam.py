@@ -25,7 +25,13 @@ from ._tap import Tap, as_tap
 from ._targets import Target, TargetSpec, batch_size, target_spec
 
 __all__ = [
-    "Method", "METHODS", "cam", "grad_cam", "register_method", "method_names", "canonical_method_name",
+    "Method",
+    "METHODS",
+    "cam",
+    "grad_cam",
+    "register_method",
+    "method_names",
+    "canonical_method_name",
     "gradient_method",
 ]
 
@@ -73,7 +79,9 @@ def register_method(name: str, fn: Callable) -> None:
 
     Examples:
       >>> import jax.numpy as jnp, gradcam_jax as gcj
-      >>> gcj.register_method("abs_grad_cam", lambda a, g: jnp.einsum("bc,bhwc->bhw", jnp.abs(g).mean((1, 2)), a))
+      >>> def abs_grad_cam(a, g):  # weights: the spatial mean of |dA|
+      ...     return jnp.einsum("bc,bhwc->bhw", jnp.abs(g).mean((1, 2)), a)
+      >>> gcj.register_method("abs_grad_cam", abs_grad_cam)
       >>> "abs_grad_cam" in gcj.method_names("gradient")
       True
       >>> del gcj.METHODS["abs_grad_cam"]
@@ -89,7 +97,9 @@ def resolve_method(method: str | Callable) -> Method:
         try:
             return METHODS[canonical_method_name(method)]
         except KeyError:
-            raise ValueError(f"Unknown CAM method {method!r}. Known methods: {', '.join(method_names())}.") from None
+            raise ValueError(
+                f"Unknown CAM method {method!r}. Known methods: {', '.join(method_names())}."
+            ) from None
     if callable(method):
         return Method(GRADIENT, method)
     raise TypeError(f"method must be a registered name or a function (A, dA) -> map; got {method!r}.")
@@ -121,10 +131,21 @@ def gradient_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GradientCam
     return maps_from_grads(out, options.method, options.maps, map_size(x, options.maps))
 
 
-def cam(tap, x, target: Target = None, method: str | Callable = "grad_cam", *,
-        upsample: bool = True, normalize: bool = True, relu: bool = True,
-        interpolation: str = "bilinear", counterfactual: bool = False, drop_tokens: int = 0,
-        grid: tuple[int, int] | None = None, **method_options) -> jax.Array:
+def cam(
+    tap,
+    x,
+    target: Target = None,
+    method: str | Callable = "grad_cam",
+    *,
+    upsample: bool = True,
+    normalize: bool = True,
+    relu: bool = True,
+    interpolation: str = "bilinear",
+    counterfactual: bool = False,
+    drop_tokens: int = 0,
+    grid: tuple[int, int] | None = None,
+    **method_options,
+) -> jax.Array:
     """Class activation maps by any registered method.
 
     Gradient methods cost one forward pass and a backward pass to the layer per batch; the
@@ -172,12 +193,23 @@ def cam(tap, x, target: Target = None, method: str | Callable = "grad_cam", *,
     if entry.kind == PERTURBATION:
         if counterfactual:
             raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
-        return entry.fn(tap, x, target, upsample=upsample, normalize=normalize, relu=relu,
-                        interpolation=interpolation, drop_tokens=drop_tokens, grid=grid, **method_options)
+        return entry.fn(
+            tap,
+            x,
+            target,
+            upsample=upsample,
+            normalize=normalize,
+            relu=relu,
+            interpolation=interpolation,
+            drop_tokens=drop_tokens,
+            grid=grid,
+            **method_options,
+        )
     if method_options:
         raise TypeError(
             f"cam got options {sorted(method_options)} that only the perturbation methods "
-            f"({', '.join(method_names(PERTURBATION))}) take; method={method!r} does not.")
+            f"({', '.join(method_names(PERTURBATION))}) take; method={method!r} does not."
+        )
     tap = as_tap(tap)
     map_size(x, maps)  # a clear error now for upsampling a non-image input
     spec = target_spec(target, batch_size(x))
@@ -185,9 +217,19 @@ def cam(tap, x, target: Target = None, method: str | Callable = "grad_cam", *,
     return gradient_cam_kernel(tap, x, spec, options=GradientCamOptions(entry.fn, maps))
 
 
-def grad_cam(tap, x, target: Target = None, *, upsample: bool = True, normalize: bool = True,
-             relu: bool = True, interpolation: str = "bilinear", counterfactual: bool = False,
-             drop_tokens: int = 0, grid: tuple[int, int] | None = None) -> jax.Array:
+def grad_cam(
+    tap,
+    x,
+    target: Target = None,
+    *,
+    upsample: bool = True,
+    normalize: bool = True,
+    relu: bool = True,
+    interpolation: str = "bilinear",
+    counterfactual: bool = False,
+    drop_tokens: int = 0,
+    grid: tuple[int, int] | None = None,
+) -> jax.Array:
     """Grad-CAM maps: ``ReLU(sum_k w_k A^k)`` with ``w_k`` the spatial mean of ``d y^c / d A^k``.
 
     One forward pass and one backward pass down to the tapped layer per batch, whatever the
@@ -211,6 +253,16 @@ def grad_cam(tap, x, target: Target = None, *, upsample: bool = True, normalize:
       Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
       Localization", ICCV 2017, https://arxiv.org/abs/1610.02391.
     """
-    return cam(tap, x, target, "grad_cam", upsample=upsample, normalize=normalize, relu=relu,
-               interpolation=interpolation, counterfactual=counterfactual,
-               drop_tokens=drop_tokens, grid=grid)
+    return cam(
+        tap,
+        x,
+        target,
+        "grad_cam",
+        upsample=upsample,
+        normalize=normalize,
+        relu=relu,
+        interpolation=interpolation,
+        counterfactual=counterfactual,
+        drop_tokens=drop_tokens,
+        grid=grid,
+    )

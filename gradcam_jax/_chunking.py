@@ -8,7 +8,7 @@ device), so memory is set by ``chunk`` alone and the model appears once in the c
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from ._tap import Tap, as_tap
-from ._targets import Target, TargetSpec, batch_size, check_target_against, pull_back, select_scores, target_spec
+from ._targets import (
+    Target,
+    TargetSpec,
+    batch_size,
+    check_target_against,
+    pull_back,
+    select_scores,
+    target_spec,
+)
 
 __all__ = ["Grads", "activations_and_grads", "grads_for_spec", "tap_shapes", "check_tap_target"]
 
@@ -78,7 +86,9 @@ def grads_for_spec(tap: Tap, x, spec: TargetSpec) -> Grads:
     scores_spec, act_spec = tap_shapes(tap, x)
     check_target_against(spec, lambda: scores_spec)
     if not jnp.issubdtype(act_spec.dtype, jnp.floating):
-        raise TypeError(f"The tapped layer's output has dtype {act_spec.dtype}; a float activation is needed.")
+        raise TypeError(
+            f"The tapped layer's output has dtype {act_spec.dtype}; a float activation is needed."
+        )
     delta0 = jnp.zeros(act_spec.shape, act_spec.dtype)
 
     def objective(delta):

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from ._grads import Grads
 from .postprocess import check_interpolation, normalize_maps, upsample_to
 
-__all__ = ["MapOptions", "kernel", "to_grid", "finish_maps", "maps_from_grads", "check_image_batch", "map_size"]
+__all__ = [
+    "MapOptions",
+    "kernel",
+    "to_grid",
+    "finish_maps",
+    "maps_from_grads",
+    "check_image_batch",
+    "map_size",
+]
 
 #: ``jax.jit`` with one static argument, ``options`` (a frozen dataclass): every explainer's
 #: kernel has the signature ``kernel(model, x, target, ..., *, options)``.
@@ -48,7 +56,9 @@ class MapOptions:
         for name in ("upsample", "normalize", "relu", "counterfactual"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         if isinstance(self.drop_tokens, bool) or int(self.drop_tokens) < 0:
-            raise ValueError(f"drop_tokens must be an int >= 0 (leading tokens to drop); got {self.drop_tokens!r}.")
+            raise ValueError(
+                f"drop_tokens must be an int >= 0 (leading tokens to drop); got {self.drop_tokens!r}."
+            )
         object.__setattr__(self, "drop_tokens", int(self.drop_tokens))
         if self.grid is not None:
             grid = tuple(int(v) for v in self.grid)
@@ -85,7 +95,8 @@ def to_grid(a, drop_tokens: int = 0, grid: tuple[int, int] | None = None):
     if a.ndim == 4:
         if drop_tokens or grid is not None:
             raise ValueError(
-                "drop_tokens and grid apply to token activations (B, N, C); this layer's output is (B, h, w, C)."
+                "drop_tokens and grid apply to token activations (B, N, C); "
+                "this layer's output is (B, h, w, C)."
             )
         return a
     if a.ndim == 2:
@@ -98,7 +109,8 @@ def to_grid(a, drop_tokens: int = 0, grid: tuple[int, int] | None = None):
             grid = (side, side)
         if grid[0] * grid[1] != n:
             raise ValueError(
-                f"grid={tuple(grid)} holds {grid[0] * grid[1]} tokens, but {n} remain after dropping {drop_tokens}."
+                f"grid={tuple(grid)} holds {grid[0] * grid[1]} tokens, "
+                f"but {n} remain after dropping {drop_tokens}."
             )
         return tokens.reshape(a.shape[0], grid[0], grid[1], a.shape[-1])
     raise ValueError(

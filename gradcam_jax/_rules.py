@@ -26,8 +26,15 @@ import numpy as np
 from jax.extend import core as jcore
 
 __all__ = [
-    "Rule", "GUIDED", "DECONV", "transform", "count_relus",
-    "guided_relu", "deconv_relu", "guided_relu6", "deconv_relu6",
+    "Rule",
+    "GUIDED",
+    "DECONV",
+    "transform",
+    "count_relus",
+    "guided_relu",
+    "deconv_relu",
+    "guided_relu6",
+    "deconv_relu6",
 ]
 
 
@@ -76,8 +83,7 @@ def _straight_through_min(y, c):
     return jnp.minimum(y, c)
 
 
-_straight_through_min.defvjp(lambda y, c: (jnp.minimum(y, c), c),
-                             lambda c, g: (g, jnp.zeros_like(c)))
+_straight_through_min.defvjp(lambda y, c: (jnp.minimum(y, c), c), lambda c, g: (g, jnp.zeros_like(c)))
 
 
 def guided_relu6(x):
@@ -103,14 +109,33 @@ DECONV = Rule("deconvnet", deconv_relu, _straight_through_min)
 # The jaxpr rewrite
 # --------------------------------------------------------------------------------------------
 
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint", "remat",
-          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
+_CALLS = {
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "remat2",
+    "checkpoint",
+    "remat",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "custom_lin",
+}
 _CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
 # What jax.nn.relu / relu6 / clip are made of: a custom-derivative function built only from
 # these is a (clipped) ReLU and gets our rule; any other one (softplus = logaddexp(x, 0),
 # mish, celu...) keeps its own derivative even though it contains a max(x, 0).
-_PURE_CLIP_OPS = {"max", "min", "clamp", "jit", "pjit", "closed_call", "convert_element_type",
-                  "broadcast_in_dim"}
+_PURE_CLIP_OPS = {
+    "max",
+    "min",
+    "clamp",
+    "jit",
+    "pjit",
+    "closed_call",
+    "convert_element_type",
+    "broadcast_in_dim",
+}
 
 
 def _known(v, env_known):
@@ -172,11 +197,11 @@ def count_relus(jaxpr, known_args: list[Any] | None = None) -> int:
     """
     jaxpr, consts = _closed_parts(jaxpr)
     known = {}
-    for v, c in zip(jaxpr.constvars, consts):
+    for v, c in zip(jaxpr.constvars, consts, strict=False):
         k = _concrete(c)
         if k is not None:
             known[v] = k
-    for v, k in zip(jaxpr.invars, known_args or []):
+    for v, k in zip(jaxpr.invars, known_args or [], strict=False):
         if k is not None:
             known[v] = k
     n = 0
@@ -211,13 +236,19 @@ _SHAPE_OPS = {"convert_element_type", "broadcast_in_dim", "reshape", "squeeze", 
 
 def _propagate_known(eqn, ins, known):
     """Track compile-time constants through the shape ops that build a broadcast zero."""
-    if eqn.primitive.name in _SHAPE_OPS and len(eqn.outvars) == 1 and ins and ins[0] is not None \
-            and all(i is not None for i in ins):
+    if (
+        eqn.primitive.name in _SHAPE_OPS
+        and len(eqn.outvars) == 1
+        and ins
+        and ins[0] is not None
+        and all(i is not None for i in ins)
+    ):
         val = ins[0]
         if val.size == 1 or _is_zero(val):
             out_aval = eqn.outvars[0].aval
-            known[eqn.outvars[0]] = np.broadcast_to(val.reshape(()) if val.size == 1 else val.flat[0],
-                                                     out_aval.shape).astype(out_aval.dtype)
+            known[eqn.outvars[0]] = np.broadcast_to(
+                val.reshape(()) if val.size == 1 else val.flat[0], out_aval.shape
+            ).astype(out_aval.dtype)
 
 
 def _bind(eqn, invals):
@@ -237,9 +268,9 @@ class _Counter:
 
 def _eval(jaxpr, consts, args, rule: Rule, counter: _Counter, known_args=None):
     """Evaluate ``jaxpr`` with every ReLU replaced by ``rule``'s."""
-    env = {}
-    known = {}
-    relu_outs = set()
+    env: dict[Any, Any] = {}
+    known: dict[Any, Any] = {}
+    relu_outs: set[Any] = set()
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -270,7 +301,7 @@ def _eval(jaxpr, consts, args, rule: Rule, counter: _Counter, known_args=None):
 def _eval_eqn(eqn, invals, ins, relu_outs, rule: Rule, counter: _Counter):
     """One equation under ``rule``: its outputs, or ``None`` to bind it unchanged."""
     name = eqn.primitive.name
-    out_aval = eqn.outvars[0].aval if eqn.outvars else None
+    out_aval: Any = eqn.outvars[0].aval if eqn.outvars else None
 
     def relu_out(i):
         v = eqn.invars[i]
@@ -282,8 +313,11 @@ def _eval_eqn(eqn, invals, ins, relu_outs, rule: Rule, counter: _Counter):
         counter.n += 1
         relu_outs.add(eqn.outvars[0])
         return [rule.relu(x)]
-    if name == "min" and len(invals) == 2 and (
-            (relu_out(0) and ins[1] is not None) or (relu_out(1) and ins[0] is not None)):
+    if (
+        name == "min"
+        and len(invals) == 2
+        and ((relu_out(0) and ins[1] is not None) or (relu_out(1) and ins[0] is not None))
+    ):
         y, c = (invals[0], invals[1]) if relu_out(0) else (invals[1], invals[0])
         y = jnp.broadcast_to(y, out_aval.shape)
         return [rule.clip(y, jnp.broadcast_to(jnp.asarray(c, out_aval.dtype), out_aval.shape))]
@@ -315,30 +349,32 @@ def _eval_call(eqn, invals, ins, rule: Rule, counter: _Counter):
         return _eval(sj, sc, list(a), rule, counter, ins)
 
     if eqn.primitive.name in ("remat2", "checkpoint", "remat"):
-        inner = jax.checkpoint(inner, policy=eqn.params.get("policy"),
-                               prevent_cse=eqn.params.get("prevent_cse", True))
+        inner = jax.checkpoint(
+            inner, policy=eqn.params.get("policy"), prevent_cse=eqn.params.get("prevent_cse", True)
+        )
     return list(inner(*invals))
 
 
 def _eval_scan(eqn, invals, rule, counter):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
-    consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
+    consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
     body, body_consts = _closed_parts(p["jaxpr"])
 
     def step(carry, x):
         out = _eval(body, body_consts, list(consts) + list(carry) + list(x), rule, counter)
         return out[:ncarry], out[ncarry:]
 
-    carry, ys = jax.lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
-                             unroll=p.get("unroll", 1))
+    carry, ys = jax.lax.scan(
+        step, list(init), list(xs), length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1)
+    )
     return list(carry) + list(ys)
 
 
 def _eval_while(eqn, invals, rule, counter):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
     cj, cc = _closed_parts(p["cond_jaxpr"])
     bj, bc = _closed_parts(p["body_jaxpr"])
 

@@ -102,7 +102,7 @@ class Tap:
         """
         return self.apply(self.params, x, Edit("replace", jnp.asarray(activation)))[0]
 
-    def with_params(self, params) -> "Tap":
+    def with_params(self, params) -> Tap:
         """The same split with other parameters (for example randomised ones)."""
         return Tap(self.apply, params, self.name)
 

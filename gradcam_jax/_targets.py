@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +19,18 @@ import numpy as np
 from ._callables import combine_callable, partition_callable
 
 __all__ = [
-    "Target", "TargetSpec", "target_spec", "check_target_range", "check_target_against",
-    "select_scores", "pull_back", "batch_size", "parse_top_k",
+    "Target",
+    "TargetSpec",
+    "target_spec",
+    "check_target_range",
+    "check_target_against",
+    "select_scores",
+    "pull_back",
+    "batch_size",
+    "parse_top_k",
 ]
 
-Target = Union[None, int, Sequence[int], np.ndarray, jax.Array, Callable[[Any], jax.Array]]
+Target = None | int | Sequence[int] | np.ndarray | jax.Array | Callable[[Any], jax.Array]
 
 KINDS = ("top", "index", "multi", "fn")
 

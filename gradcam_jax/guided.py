@@ -26,14 +26,41 @@ from . import methods
 from ._callables import PytreeCallable, as_pytree
 from ._grads import Grads, check_tap_target, tap_shapes
 from ._maps import MapOptions, check_image_batch, kernel, maps_from_grads
-from ._rules import (DECONV, GUIDED, Rule, count_relus, deconv_relu, deconv_relu6, guided_relu,
-                     guided_relu6, transform)
+from ._rules import (
+    DECONV,
+    GUIDED,
+    Rule,
+    count_relus,
+    deconv_relu,
+    deconv_relu6,
+    guided_relu,
+    guided_relu6,
+    transform,
+)
 from ._tap import Tap, as_tap, scores_fn
-from ._targets import Target, TargetSpec, batch_size, check_target_against, pull_back, select_scores, target_spec
+from ._targets import (
+    Target,
+    TargetSpec,
+    batch_size,
+    check_target_against,
+    pull_back,
+    select_scores,
+    target_spec,
+)
 
 __all__ = [
-    "guided_relu", "deconv_relu", "guided_relu6", "deconv_relu6", "guided", "deconvolved",
-    "count_relus", "guided_backprop", "deconvnet", "gradients", "smooth_grad", "guided_grad_cam",
+    "guided_relu",
+    "deconv_relu",
+    "guided_relu6",
+    "deconv_relu6",
+    "guided",
+    "deconvolved",
+    "count_relus",
+    "guided_backprop",
+    "deconvnet",
+    "gradients",
+    "smooth_grad",
+    "guided_grad_cam",
 ]
 
 
@@ -150,8 +177,17 @@ def deconvnet(fn: Callable, x, target: Target = None) -> jax.Array:
 _PIXEL_EXPLAINERS = {"gradients": gradients, "guided_backprop": guided_backprop, "deconvnet": deconvnet}
 
 
-def smooth_grad(fn: Callable, x, target: Target = None, *, key, n_samples: int = 25,
-                noise_level: float = 0.15, method: str = "gradients", chunk_size: int | None = None):
+def smooth_grad(
+    fn: Callable,
+    x,
+    target: Target = None,
+    *,
+    key,
+    n_samples: int = 25,
+    noise_level: float = 0.15,
+    method: str = "gradients",
+    chunk_size: int | None = None,
+):
     """SmoothGrad: the mean of input gradients over Gaussian-noised copies of ``x``.
 
     ``sigma = noise_level * (max(x_b) - min(x_b))`` per example; samples are ``vmap``-ed (in
@@ -219,8 +255,14 @@ def guided_grad_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GuidedGr
     # layer only (under jit the layers below are dead code in tap.head).
     sel2, head_pullback = jax.vjp(lambda a_: select_scores(target, tap.head(x, a_)), a)
     (da,) = pull_back(head_pullback, sel2)  # (B, ...) or (K, B, ...)
-    cam_options = MapOptions(upsample=True, normalize=False, relu=True, interpolation=options.interpolation,
-                             drop_tokens=options.drop_tokens, grid=options.grid)
+    cam_options = MapOptions(
+        upsample=True,
+        normalize=False,
+        relu=True,
+        interpolation=options.interpolation,
+        drop_tokens=options.drop_tokens,
+        grid=options.grid,
+    )
     cam = maps_from_grads(Grads(None, a, da, sel2), methods.grad_cam, cam_options, tuple(x.shape[1:3]))
     out = gb.astype(jnp.float32) * cam[..., None]
     if options.normalize:
@@ -229,8 +271,16 @@ def guided_grad_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GuidedGr
     return out
 
 
-def guided_grad_cam(tap, x, target: Target = None, *, interpolation: str = "bilinear",
-                    normalize: bool = True, drop_tokens: int = 0, grid=None) -> jax.Array:
+def guided_grad_cam(
+    tap,
+    x,
+    target: Target = None,
+    *,
+    interpolation: str = "bilinear",
+    normalize: bool = True,
+    drop_tokens: int = 0,
+    grid=None,
+) -> jax.Array:
     """Guided Grad-CAM: Guided Backprop ⊙ the Grad-CAM map upsampled to the input.
 
     High resolution (from Guided Backprop) and class-discriminative (from Grad-CAM). One

@@ -17,9 +17,16 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "weighted_sum", "safe_divide",
-    "grad_cam", "gradient_sum", "grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam",
-    "eigen_cam", "eigen_grad_cam",
+    "weighted_sum",
+    "safe_divide",
+    "grad_cam",
+    "gradient_sum",
+    "grad_cam_plus_plus",
+    "xgrad_cam",
+    "hires_cam",
+    "layer_cam",
+    "eigen_cam",
+    "eigen_grad_cam",
 ]
 
 SPATIAL = (1, 2)

@@ -34,7 +34,15 @@ from ._chunking import chunked_vmap, perturbations_per_step
 from ._grads import check_tap_target
 from ._maps import MapOptions, check_image_batch, finish_maps, kernel, map_size, to_grid
 from ._tap import Tap, as_tap, scores_fn
-from ._targets import Target, TargetSpec, batch_size, check_target_against, fixed_top, select_scores, target_spec
+from ._targets import (
+    Target,
+    TargetSpec,
+    batch_size,
+    check_target_against,
+    fixed_top,
+    select_scores,
+    target_spec,
+)
 from .methods import safe_divide
 from .postprocess import normalize_maps, upsample_to
 
@@ -104,7 +112,9 @@ def _prepare(tap, x, target, who: str, *, images: bool):
 
 
 def _options(maps: MapOptions, chunk_size, batch: int, compute_dtype, top_n=None) -> PerturbationOptions:
-    return PerturbationOptions(maps, perturbations_per_step(chunk_size, batch), _check_dtype(compute_dtype), top_n)
+    return PerturbationOptions(
+        maps, perturbations_per_step(chunk_size, batch), _check_dtype(compute_dtype), top_n
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,10 +153,21 @@ def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOp
     return finish_maps(_weighted(alpha, a), maps, map_size(x, maps))
 
 
-def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: int | None = None,
-              compute_dtype=None, upsample: bool = True, normalize: bool = True, relu: bool = True,
-              interpolation: str = "bilinear", drop_tokens: int = 0,
-              grid: tuple[int, int] | None = None) -> jax.Array:
+def score_cam(
+    tap,
+    x,
+    target: Target = None,
+    *,
+    chunk_size: int = 64,
+    top_n: int | None = None,
+    compute_dtype=None,
+    upsample: bool = True,
+    normalize: bool = True,
+    relu: bool = True,
+    interpolation: str = "bilinear",
+    drop_tokens: int = 0,
+    grid: tuple[int, int] | None = None,
+) -> jax.Array:
     """Score-CAM: channels weighted by the score of the input masked with each channel.
 
     For each channel ``k`` of the activation ``A`` at the tap: upsample ``A^k`` to the image
@@ -203,7 +224,9 @@ def score_cam(tap, x, target: Target = None, *, chunk_size: int = 64, top_n: int
     """
     maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid)
     tap, batch, spec = _prepare(tap, x, target, "score_cam", images=True)
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1):
+    if top_n is not None and (
+        isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1
+    ):
         raise ValueError(f"top_n must be a positive int (channels kept per example) or None; got {top_n!r}.")
     top_n = None if top_n is None else int(top_n)
     return score_cam_kernel(tap, x, spec, options=_options(maps, chunk_size, batch, compute_dtype, top_n))
@@ -241,10 +264,20 @@ def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: Perturbatio
     return finish_maps(_weighted(weights, a), options.maps, map_size(x, options.maps))
 
 
-def ablation_cam(tap, x, target: Target = None, *, chunk_size: int = 64, compute_dtype=None,
-                 upsample: bool = True, normalize: bool = True, relu: bool = True,
-                 interpolation: str = "bilinear", drop_tokens: int = 0,
-                 grid: tuple[int, int] | None = None) -> jax.Array:
+def ablation_cam(
+    tap,
+    x,
+    target: Target = None,
+    *,
+    chunk_size: int = 64,
+    compute_dtype=None,
+    upsample: bool = True,
+    normalize: bool = True,
+    relu: bool = True,
+    interpolation: str = "bilinear",
+    drop_tokens: int = 0,
+    grid: tuple[int, int] | None = None,
+) -> jax.Array:
     """Ablation-CAM: channels weighted by the drop of the score when each one is zeroed.
 
     With ``y^c`` the explained score and ``y^c_k`` the same score when channel ``k`` of the
@@ -342,7 +375,9 @@ def occlusion_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, opt
     def occluded_score(row_col):
         row, col = row_col
         inside = row[:, None] & col[None, :]  # (H, W)
-        return select_scores(spec, scores_of(jnp.where(inside[None, :, :, None], fill, x))).astype(jnp.float32)
+        return select_scores(spec, scores_of(jnp.where(inside[None, :, :, None], fill, x))).astype(
+            jnp.float32
+        )
 
     positions = (jnp.asarray(np.repeat(rows, nc, axis=0)), jnp.asarray(np.tile(cols, (nr, 1))))
     drops = y[None] - chunked_vmap(occluded_score, positions, options.per_step)  # (P, B[, K])
@@ -356,7 +391,7 @@ def occlusion_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, opt
     return safe_divide(total, count)
 
 
-def _pair(v, name):
+def _pair(v, name: str) -> tuple[int, int]:
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = (int(v), int(v))
     try:
@@ -379,8 +414,16 @@ def _check_baseline(baseline, x):
     return baseline
 
 
-def occlusion(fn, x, target: Target = None, *, window: int | tuple[int, int] = (16, 16),
-              stride: int | tuple[int, int] = (8, 8), baseline=0.0, chunk_size: int = 64) -> jax.Array:
+def occlusion(
+    fn,
+    x,
+    target: Target = None,
+    *,
+    window: int | tuple[int, int] = (16, 16),
+    stride: int | tuple[int, int] = (8, 8),
+    baseline=0.0,
+    chunk_size: int = 64,
+) -> jax.Array:
     """Sliding-window occlusion: the score drop when a window is replaced by a baseline.
 
     A ``window = (h, w)`` patch (all channels) slides over the image by ``stride``. For each
@@ -433,11 +476,11 @@ def occlusion(fn, x, target: Target = None, *, window: int | tuple[int, int] = (
         raise TypeError(f"occlusion: fn must be a callable x -> scores (or a tap); got {type(fn).__name__}.")
     batch = batch_size(x)
     check_image_batch(x, "occlusion")
-    window, stride = _pair(window, "window"), _pair(stride, "stride")
+    win, step = _pair(window, "window"), _pair(stride, "stride")
     height, width = x.shape[1:3]
-    if window[0] > height or window[1] > width:
-        raise ValueError(f"occlusion: window {window} does not fit in the {height}x{width} image.")
+    if win[0] > height or win[1] > width:
+        raise ValueError(f"occlusion: window {win} does not fit in the {height}x{width} image.")
     spec = target_spec(target, batch)
     check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
-    options = OcclusionOptions(window, stride, perturbations_per_step(chunk_size, batch))
+    options = OcclusionOptions(win, step, perturbations_per_step(chunk_size, batch))
     return occlusion_kernel(as_pytree(fn), x, spec, _check_baseline(baseline, x), options=options)

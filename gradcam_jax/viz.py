@@ -24,8 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["overlay", "gradient_image", "figure_grid", "save_png", "png_bytes", "resize_map",
-           "METHOD_TITLES"]
+__all__ = ["overlay", "gradient_image", "figure_grid", "save_png", "png_bytes", "resize_map", "METHOD_TITLES"]
 
 #: How method names are printed in figure headers.
 METHOD_TITLES = {
@@ -82,7 +81,7 @@ def resize_map(m, size) -> np.ndarray:
         return m
     flat = m.reshape((-1,) + m.shape[-2:])
     images = (Image.fromarray(np.ascontiguousarray(f, np.float32)) for f in flat)
-    out = np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in images])
+    out = np.stack([np.asarray(im.resize((w, h), Image.Resampling.BILINEAR)) for im in images])
     return out.reshape(m.shape[:-2] + (h, w))
 
 
@@ -92,7 +91,7 @@ def _resize_rgb(img: np.ndarray, size) -> np.ndarray:
     h, w = int(size[0]), int(size[1])
     if img.shape[:2] == (h, w):
         return img
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def _colormap(cmap):
@@ -130,7 +129,7 @@ def overlay(image, heatmap, alpha: float = 0.5, cmap="jet") -> np.ndarray:
         raise ValueError(f"overlay: heatmap must be (h, w) or batched; got shape {hm.shape}.")
     lead_hm = hm.shape[:-2]
     # Accept (…, h, w) whose leading axes extend the image's (batch, then classes).
-    if lead_hm[:len(lead_img)] != lead_img:
+    if lead_hm[: len(lead_img)] != lead_img:
         raise ValueError(
             f"overlay: {img.shape[0] if lead_img else 1} image(s) of shape {img.shape}, but heatmap "
             f"of shape {hm.shape}: give one (h, w) map per image, or (K, h, w) per image."
@@ -190,9 +189,9 @@ def _rows_in(a: np.ndarray) -> int | None:
 def _split_classes(name: str, arr, k: int) -> np.ndarray:
     """Bring one method's maps for one image to ``(K, h, w)`` or ``(K, h, w, C)``."""
     a = np.asarray(arr)
-    if a.ndim in (2, 3) and _rows_in(a) is None:      # one shared map: (h, w) or (h, w, C)
+    if a.ndim in (2, 3) and _rows_in(a) is None:  # one shared map: (h, w) or (h, w, C)
         return np.broadcast_to(a, (k,) + a.shape)
-    if a.ndim in (3, 4) and a.shape[0] == k:          # (K, h, w) or (K, h, w, C)
+    if a.ndim in (3, 4) and a.shape[0] == k:  # (K, h, w) or (K, h, w, C)
         return a
     raise ValueError(
         f"figure_grid: maps[{name!r}] has shape {a.shape} for one image with {k} row(s); give "
@@ -203,10 +202,20 @@ def _split_classes(name: str, arr, k: int) -> np.ndarray:
 _BASE_FONT = 9.5
 
 
-def figure_grid(image, maps: Mapping[str, object], classes: Sequence[int] | None = None, *,
-                class_names: Sequence[str] | None = None, probs=None, alpha: float = 0.5,
-                cmap="jet", title: str | None = None, panel_width: float = 2.6,
-                dpi: float = 150, show_image: bool = True):
+def figure_grid(
+    image,
+    maps: Mapping[str, object],
+    classes: Sequence[int] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    probs=None,
+    alpha: float = 0.5,
+    cmap="jet",
+    title: str | None = None,
+    panel_width: float = 2.6,
+    dpi: float = 150,
+    show_image: bool = True,
+):
     """A publication-style grid: one row per class, one column per method.
 
     Columns: the image (when ``show_image``), then one per entry of ``maps`` in order — heatmaps
@@ -236,8 +245,19 @@ def figure_grid(image, maps: Mapping[str, object], classes: Sequence[int] | None
     """
     img = _as_uint8_image(image)
     if img.ndim == 4:
-        return _figure_grid_batch(img, maps, classes, probs, title, class_names=class_names, alpha=alpha,
-                                  cmap=cmap, panel_width=panel_width, dpi=dpi, show_image=show_image)
+        return _figure_grid_batch(
+            img,
+            maps,
+            classes,
+            probs,
+            title,
+            class_names=class_names,
+            alpha=alpha,
+            cmap=cmap,
+            panel_width=panel_width,
+            dpi=dpi,
+            show_image=show_image,
+        )
     if img.ndim != 3:
         raise ValueError(f"figure_grid: image must be (H, W, 3) or (B, H, W, 3); got {img.shape}.")
     if not maps and not show_image:
@@ -246,30 +266,43 @@ def figure_grid(image, maps: Mapping[str, object], classes: Sequence[int] | None
     rows = _grid_rows(maps, classes)
     panels = {name: _split_classes(name, v, len(rows)) for name, v in maps.items()}
     row_probs = _grid_row_probs(probs, rows, by_class=classes is not None)
-    labels = [_row_label(cls, class_names, None if row_probs is None else row_probs[r])
-              for r, cls in enumerate(rows)]
+    labels = [
+        _row_label(cls, class_names, None if row_probs is None else row_probs[r])
+        for r, cls in enumerate(rows)
+    ]
     labelled = any(r is not None for r in rows) or bool(row_probs)
-    fig_w, fig_h, left, rects = _grid_layout(img.shape[:2], len(panels) + int(show_image), len(rows),
-                                             panel_width, labelled=labelled, titled=bool(title))
+    fig_w, fig_h, left, rects = _grid_layout(
+        img.shape[:2],
+        len(panels) + int(show_image),
+        len(rows),
+        panel_width,
+        labelled=labelled,
+        titled=bool(title),
+    )
     fig = _new_figure(fig_w, fig_h, dpi)
     _draw_grid(fig, rects, img, panels, labels, show_image=show_image, alpha=alpha, cmap=cmap)
     if title:
-        fig.text(left / fig_w, 1 - 0.16 / fig_h, title, ha="left", va="top", fontsize=_BASE_FONT,
-                 color="0.25")
+        fig.text(
+            left / fig_w, 1 - 0.16 / fig_h, title, ha="left", va="top", fontsize=_BASE_FONT, color="0.25"
+        )
     return fig
 
 
-def _figure_grid_batch(img: np.ndarray, maps: Mapping[str, object], classes, probs, title,
-                       **options) -> list:
+def _figure_grid_batch(img: np.ndarray, maps: Mapping[str, object], classes, probs, title, **options) -> list:
     """:func:`figure_grid` of each image of a batch ``(B, H, W, 3)``, with its maps, classes, probs."""
     b = img.shape[0]
     cls_b = None if classes is None else np.asarray(classes).reshape(b, -1)
     p_b = None if probs is None else np.asarray(probs).reshape(b, -1)
     titles = title if isinstance(title, (list, tuple)) else [title] * b
     return [
-        figure_grid(img[i], {k: np.asarray(v)[i] for k, v in maps.items()},
-                    None if cls_b is None else cls_b[i], probs=None if p_b is None else p_b[i],
-                    title=titles[i], **options)
+        figure_grid(
+            img[i],
+            {k: np.asarray(v)[i] for k, v in maps.items()},
+            None if cls_b is None else cls_b[i],
+            probs=None if p_b is None else p_b[i],
+            title=titles[i],
+            **options,
+        )
         for i in range(b)
     ]
 
@@ -292,12 +325,15 @@ def _grid_row_probs(probs, rows: list[int | None], *, by_class: bool) -> list[fl
         return [float(p[r]) for r in rows]
     if p.size == k:
         return [float(v) for v in p]
-    raise ValueError(f"figure_grid: probs has {p.size} values for {k} rows; give one per class "
-                     f"of the model or one per row.")
+    raise ValueError(
+        f"figure_grid: probs has {p.size} values for {k} rows; give one per class "
+        f"of the model or one per row."
+    )
 
 
-def _grid_layout(image_hw: tuple[int, int], ncols: int, nrows: int, panel_width: float, *,
-                 labelled: bool, titled: bool) -> tuple[float, float, float, list[list[tuple]]]:
+def _grid_layout(
+    image_hw: tuple[int, int], ncols: int, nrows: int, panel_width: float, *, labelled: bool, titled: bool
+) -> tuple[float, float, float, list[list[tuple]]]:
     """The figure's size and left margin in inches, and each panel's ``rects[row][col]`` in figure
     coordinates (for ``fig.add_axes``). Panels keep the image's aspect; very tall ones are capped."""
     h, w = image_hw
@@ -312,21 +348,41 @@ def _grid_layout(image_hw: tuple[int, int], ncols: int, nrows: int, panel_width:
     bottom, right = 0.08, 0.08
     fig_w = left + ncols * pw + (ncols - 1) * gap_x + right
     fig_h = top + nrows * ph + (nrows - 1) * gap_y + bottom
-    rects = [[((left + c * (pw + gap_x)) / fig_w, (fig_h - top - (r + 1) * ph - r * gap_y) / fig_h,
-               pw / fig_w, ph / fig_h) for c in range(ncols)] for r in range(nrows)]
+    rects = [
+        [
+            (
+                (left + c * (pw + gap_x)) / fig_w,
+                (fig_h - top - (r + 1) * ph - r * gap_y) / fig_h,
+                pw / fig_w,
+                ph / fig_h,
+            )
+            for c in range(ncols)
+        ]
+        for r in range(nrows)
+    ]
     return fig_w, fig_h, left, rects
 
 
-def _draw_grid(fig, rects: list[list[tuple]], img: np.ndarray, panels: dict[str, np.ndarray],
-               labels: list[str], *, show_image: bool, alpha: float, cmap) -> None:
+def _draw_grid(
+    fig,
+    rects: list[list[tuple]],
+    img: np.ndarray,
+    panels: dict[str, np.ndarray],
+    labels: list[str],
+    *,
+    show_image: bool,
+    alpha: float,
+    cmap,
+) -> None:
     """Every panel: headers on the first row, row labels on the first column."""
     columns: list[str | None] = ([None] if show_image else []) + list(panels)
     headers = (["Image"] if show_image else []) + [METHOD_TITLES.get(n, n) for n in panels]
     for r, label in enumerate(labels):
         for c, name in enumerate(columns):
             shown = img if name is None else _panel_image(img, panels[name][r], alpha, cmap)
-            _draw_panel(fig, rects[r][c], shown, header=headers[c] if r == 0 else None,
-                        label=label if c == 0 else "")
+            _draw_panel(
+                fig, rects[r][c], shown, header=headers[c] if r == 0 else None, label=label if c == 0 else ""
+            )
 
 
 def _panel_image(img: np.ndarray, panel, alpha: float, cmap) -> np.ndarray:
@@ -393,13 +449,19 @@ def save_png(fig_or_image, path: str | os.PathLike, dpi: float | None = None) ->
 
 def _write_png(obj, f, dpi):
     if hasattr(obj, "savefig"):
-        obj.savefig(f, format="png", dpi=dpi or obj.dpi, facecolor=obj.get_facecolor(),
-                    metadata={"Software": "gradcam_jax"})
+        obj.savefig(
+            f,
+            format="png",
+            dpi=dpi or obj.dpi,
+            facecolor=obj.get_facecolor(),
+            metadata={"Software": "gradcam_jax"},
+        )
         return
     from PIL import Image
 
     img = _as_uint8_image(obj)
     if img.ndim != 3:
-        raise ValueError(f"save_png: an image must be (H, W, 3); got shape {img.shape}. "
-                         f"Save batch items one by one.")
+        raise ValueError(
+            f"save_png: an image must be (H, W, 3); got shape {img.shape}. Save batch items one by one."
+        )
     Image.fromarray(img).save(f, format="PNG")

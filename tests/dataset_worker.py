@@ -31,8 +31,16 @@ def model():
     from gradcam_jax.zoo import Pretrained
 
     module, variables = nets.linen(nets.weights(0))
-    return Pretrained("tiny", module, variables, [f"class{i}" for i in range(nets.NCLS)],
-                      input_size=SIZE, mean=127.5, std=64.0, default_layer="block2")
+    return Pretrained(
+        "tiny",
+        module,
+        variables,
+        [f"class{i}" for i in range(nets.NCLS)],
+        input_size=SIZE,
+        mean=127.5,
+        std=64.0,
+        default_layer="block2",
+    )
 
 
 def main(argv=None):
@@ -53,15 +61,20 @@ def main(argv=None):
     p.add_argument("--process-id", type=int, default=0)
     args = p.parse_args(argv)
 
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+    ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(REPO))
     import jax
 
     if args.coordinator:
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id, initialization_timeout=60)
+        jax.distributed.initialize(
+            args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=60,
+        )
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 
     from gradcam_jax.dataset import explain_dataset, sources
@@ -76,13 +89,32 @@ def main(argv=None):
         sources.load_image = slow_load
 
     methods = args.methods.split(",")
-    run = explain_dataset(args.src, model(), methods=methods[0] if len(methods) == 1 else methods,
-                          target=args.target, out=args.out, batch_size=args.batch_size,
-                          device_batch=args.device_batch, resolution=args.resolution,
-                          workers=args.workers, worker_processes=args.worker_processes, progress=False)
-    print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
-                      "processed": run.processed, "resumed_at": run.resumed_at,
-                      "already_complete": run.already_complete, "unreadable": run.unreadable}), flush=True)
+    run = explain_dataset(
+        args.src,
+        model(),
+        methods=methods[0] if len(methods) == 1 else methods,
+        target=args.target,
+        out=args.out,
+        batch_size=args.batch_size,
+        device_batch=args.device_batch,
+        resolution=args.resolution,
+        workers=args.workers,
+        worker_processes=args.worker_processes,
+        progress=False,
+    )
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "processes": jax.process_count(),
+                "processed": run.processed,
+                "resumed_at": run.resumed_at,
+                "already_complete": run.already_complete,
+                "unreadable": run.unreadable,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

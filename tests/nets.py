@@ -14,15 +14,18 @@ def weights(seed=0, c2=16):
     r = np.random.default_rng(seed)
 
     def conv(cin, cout):
-        return (r.normal(size=(3, 3, cin, cout)) * np.sqrt(2.0 / (9 * cin))).astype(np.float32), \
-            (r.normal(size=(cout,)) * 0.1).astype(np.float32)
+        return (r.normal(size=(3, 3, cin, cout)) * np.sqrt(2.0 / (9 * cin))).astype(np.float32), (
+            r.normal(size=(cout,)) * 0.1
+        ).astype(np.float32)
 
     return {
         "block1": conv(3, 8),
         "block2": conv(8, c2),
         "block3": conv(c2, c2),
-        "fc": ((r.normal(size=(c2, NCLS)) / np.sqrt(c2)).astype(np.float32),
-               (r.normal(size=(NCLS,)) * 0.1).astype(np.float32)),
+        "fc": (
+            (r.normal(size=(c2, NCLS)) / np.sqrt(c2)).astype(np.float32),
+            (r.normal(size=(NCLS,)) * 0.1).astype(np.float32),
+        ),
     }
 
 
@@ -46,7 +49,9 @@ def linen(w):
             x = Block(self.c2, name="block3")(x)
             return nn.Dense(NCLS, name="fc")(x.mean(axis=(1, 2)))
 
-    params = {name: {"conv": {"kernel": w[name][0], "bias": w[name][1]}} for name in ("block1", "block2", "block3")}
+    params = {
+        name: {"conv": {"kernel": w[name][0], "bias": w[name][1]}} for name in ("block1", "block2", "block3")
+    }
     params["fc"] = {"kernel": w["fc"][0], "bias": w["fc"][1]}
     return Net(w["block2"][0].shape[-1]), {"params": params}
 
@@ -106,11 +111,16 @@ def equinox_model(w):
     for name, cin in (("block1", 3), ("block2", 8), ("block3", w["block2"][0].shape[-1])):
         k, b = w[name]
         conv = eqx.nn.Conv2d(cin, k.shape[-1], 3, padding=1, key=key)
-        conv = eqx.tree_at(lambda c: (c.weight, c.bias), conv,
-                           (jnp.asarray(k.transpose(3, 2, 0, 1)), jnp.asarray(b)[:, None, None]))
+        conv = eqx.tree_at(
+            lambda c: (c.weight, c.bias),
+            conv,
+            (jnp.asarray(k.transpose(3, 2, 0, 1)), jnp.asarray(b)[:, None, None]),
+        )
         blocks.append(Block(conv))
     fc = eqx.nn.Linear(w["fc"][0].shape[0], NCLS, key=key)
-    fc = eqx.tree_at(lambda l: (l.weight, l.bias), fc, (jnp.asarray(w["fc"][0].T), jnp.asarray(w["fc"][1])))
+    fc = eqx.tree_at(
+        lambda lin: (lin.weight, lin.bias), fc, (jnp.asarray(w["fc"][0].T), jnp.asarray(w["fc"][1]))
+    )
     return Net(blocks, fc)
 
 
@@ -120,7 +130,9 @@ def split_functions(w):
 
     def conv(x, name):
         k, b = w[name]
-        y = jax.lax.conv_general_dilated(x, jnp.asarray(k), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, jnp.asarray(k), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         return jax.nn.relu(y + b)
 
     def features(x):

@@ -2,11 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import nets
 import numpy as np
 import pytest
 
 import gradcam_jax as gcj
-import nets
 
 X = np.random.default_rng(1).normal(size=(2, 12, 12, 3)).astype(np.float32)
 
@@ -35,7 +35,9 @@ def test_adapters_agree_on_activation_scores_and_maps(w):
     for name, tap in taps.items():
         scores, a = tap(X)
         assert a.shape == (2, 12, 12, 16), name
-        np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(scores), np.asarray(ref_scores), rtol=1e-5, atol=1e-5, err_msg=name
+        )
         np.testing.assert_allclose(np.asarray(a), np.asarray(ref_a), rtol=1e-5, atol=1e-5, err_msg=name)
         maps = gcj.grad_cam(tap, X, [0, 3], upsample=False, normalize=False, relu=False)
         np.testing.assert_allclose(np.asarray(maps), np.asarray(ref_maps), rtol=1e-4, atol=1e-6, err_msg=name)
@@ -47,10 +49,14 @@ def test_tap_head_reruns_only_the_top(w):
     a_new = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 12, 12, 16)).astype(np.float32))
     expected = np.asarray(head(a_new))
     for name, tap in taps.items():
-        np.testing.assert_allclose(np.asarray(tap.head(X, a_new)), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(tap.head(X, a_new)), expected, rtol=1e-5, atol=1e-5, err_msg=name
+        )
     # Under jit, the layers below the tap are dead code: only block3's conv remains.
     module, variables = nets.linen(w)
-    text = jax.jit(lambda x, a: gcj.linen_tap(module, variables, "block2").head(x, a)).lower(X, a_new).as_text()
+    text = (
+        jax.jit(lambda x, a: gcj.linen_tap(module, variables, "block2").head(x, a)).lower(X, a_new).as_text()
+    )
     assert text.count("convolution") == 1
 
 
@@ -62,17 +68,27 @@ def test_user_model_is_not_edited(w):
     eq = nets.equinox_model(w)
     leaves = jax.tree_util.tree_leaves(eq)
     gcj.grad_cam(gcj.equinox_tap(eq, lambda m: m.blocks[1]), X, 1)
-    assert all(a is b for a, b in zip(leaves, jax.tree_util.tree_leaves(eq)))
+    assert all(a is b for a, b in zip(leaves, jax.tree_util.tree_leaves(eq), strict=False))
 
 
 def test_linen_unknown_layer_lists_layers_in_call_order(w):
     module, variables = nets.linen(w)
     tap = gcj.linen_tap(module, variables, "stage9")
-    with pytest.raises(ValueError, match=r"'stage9' was not called\. Layers called, in order: "
-                                         r"block1, block1/conv, block2, block2/conv, block3, block3/conv, fc"):
+    with pytest.raises(
+        ValueError,
+        match=r"'stage9' was not called\. Layers called, in order: "
+        r"block1, block1/conv, block2, block2/conv, block3, block3/conv, fc",
+    ):
         gcj.grad_cam(tap, X)
     assert gcj.linen_layers(module, variables, X) == [
-        "block1", "block1/conv", "block2", "block2/conv", "block3", "block3/conv", "fc"]
+        "block1",
+        "block1/conv",
+        "block2",
+        "block2/conv",
+        "block3",
+        "block3/conv",
+        "fc",
+    ]
 
 
 def test_linen_layer_called_twice_needs_call_index():
@@ -124,9 +140,11 @@ def test_importing_the_package_needs_no_framework():
     import subprocess
     import sys
 
-    code = ("import sys, gradcam_jax; "
-            "bad = [m for m in ('equinox', 'flax.nnx', 'flax.linen', 'torch') if m in sys.modules]; "
-            "print(bad); assert not bad, bad")
+    code = (
+        "import sys, gradcam_jax; "
+        "bad = [m for m in ('equinox', 'flax.nnx', 'flax.linen', 'torch') if m in sys.modules]; "
+        "print(bad); assert not bad, bad"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
 
@@ -169,8 +187,13 @@ def test_equinox_models_with_static_fields():
     wk, bk = np.asarray(conv.weight), np.asarray(conv.bias)
 
     def feats(x):
-        y = jax.lax.conv_general_dilated(x, jnp.asarray(wk.transpose(2, 3, 1, 0)), (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x,
+            jnp.asarray(wk.transpose(2, 3, 1, 0)),
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         return jax.nn.relu(y + bk[:, 0, 0])
 
     ref = gcj.split_tap(feats, lambda a: jax.vmap(mlp)(a.mean(axis=(1, 2))))
@@ -218,8 +241,14 @@ def test_linen_method_goes_to_apply():
     m = TwoHeads()
     v = m.init(jax.random.key(0), X)
     plain = gcj.grad_cam(gcj.linen_tap(m, v, "conv"), X, 1, upsample=False, normalize=False, relu=False)
-    neg = gcj.grad_cam(gcj.linen_tap(m, v, "conv", method=TwoHeads.negated), X, 1,
-                       upsample=False, normalize=False, relu=False)
+    neg = gcj.grad_cam(
+        gcj.linen_tap(m, v, "conv", method=TwoHeads.negated),
+        X,
+        1,
+        upsample=False,
+        normalize=False,
+        relu=False,
+    )
     np.testing.assert_allclose(np.asarray(neg), -np.asarray(plain), rtol=1e-5, atol=1e-7)
 
 

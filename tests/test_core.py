@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import JIT_OR_NOT
 
 import gradcam_jax as gcj
-from conftest import JIT_OR_NOT
 
 B, H, W, C, NCLS = 3, 6, 5, 4, 7
 
@@ -84,8 +84,16 @@ def np_finish(raw, relu=True, normalize=True):
     return m
 
 
-METHODS = ["grad_cam", "cam", "grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam",
-           "eigen_cam", "eigen_grad_cam"]
+METHODS = [
+    "grad_cam",
+    "cam",
+    "grad_cam_plus_plus",
+    "xgrad_cam",
+    "hires_cam",
+    "layer_cam",
+    "eigen_cam",
+    "eigen_grad_cam",
+]
 
 
 ALIASES = {"gradient_sum": "cam", "gradcam++": "grad_cam_plus_plus"}
@@ -135,10 +143,15 @@ def test_grad_cam_is_proportional_to_cam_for_gap_dense_head():
     cam_np = np.einsum("bhwk,k->bhw", a, wfc[:, 3])  # CAM (Zhou et al.): sum_k W_kc A_k
     got_raw = gcj.grad_cam(tap, x, 3, upsample=False, normalize=False, relu=False)
     np.testing.assert_allclose(np.asarray(got_raw) * 64, cam_np, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(gcj.cam(tap, x, 3, "cam", upsample=False, normalize=False, relu=False)),
-                               cam_np, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(gcj.grad_cam(tap, x, 3, upsample=False)),
-                               np_finish(cam_np), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(gcj.cam(tap, x, 3, "cam", upsample=False, normalize=False, relu=False)),
+        cam_np,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(gcj.grad_cam(tap, x, 3, upsample=False)), np_finish(cam_np), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_k_classes_equal_k_single_calls():
@@ -147,12 +160,14 @@ def test_k_classes_equal_k_single_calls():
     many = gcj.grad_cam(tap, x, classes)
     assert many.shape == (B, 3, H, W)
     for i, c in enumerate(classes):
-        np.testing.assert_allclose(np.asarray(many[:, i]), np.asarray(gcj.grad_cam(tap, x, c)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(many[:, i]), np.asarray(gcj.grad_cam(tap, x, c)), rtol=1e-5, atol=1e-6
+        )
     per_example = np.array([[0, 1], [2, 3], [4, 5]])
     many2 = gcj.grad_cam(tap, x, per_example)
     for b in range(B):
         for k in range(2):
-            one = gcj.grad_cam(tap, x[b:b + 1], int(per_example[b, k]))
+            one = gcj.grad_cam(tap, x[b : b + 1], int(per_example[b, k]))
             np.testing.assert_allclose(np.asarray(many2[b, k]), np.asarray(one[0]), rtol=1e-5, atol=1e-6)
 
 
@@ -167,7 +182,7 @@ def test_k_classes_trace_one_forward_pass():
 
     tap = gcj.split_tap(features, lambda a: a.mean(axis=(1, 2)))
     for targets in ([0], [0, 1, 2, 3]):
-        text = str(jax.make_jaxpr(lambda x: gcj.grad_cam(tap, x, targets))(x))
+        text = str(jax.make_jaxpr(lambda x, t=targets: gcj.grad_cam(tap, x, t))(x))
         # Forward conv once; the backward stops at the tapped layer, so no transposed conv.
         assert text.count("conv_general_dilated") == 1, text
 
@@ -215,7 +230,9 @@ def test_upsampling_matches_half_pixel_bilinear():
     got = np.asarray(gcj.postprocess.upsample_to(m, (4, 4), "bilinear"))[0]
     src = (np.arange(4) + 0.5) / 2 - 0.5
     src = np.clip(src, 0, 1)
-    expected = np.array([[(1 - sy) * ((1 - sx) * 0 + sx * 1) + sy * ((1 - sx) * 2 + sx * 3) for sx in src] for sy in src])
+    expected = np.array(
+        [[(1 - sy) * ((1 - sx) * 0 + sx * 1) + sy * ((1 - sx) * 2 + sx * 3) for sx in src] for sy in src]
+    )
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
@@ -258,7 +275,9 @@ def test_vmap_and_jit_compose():
     stacked = jnp.stack([x, x[::-1]])
     out = jax.vmap(lambda xb: gcj.grad_cam(tap, xb, 2))(stacked)
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(gcj.grad_cam(tap, x, 2)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(gcj.grad_cam(tap, x[::-1], 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out[1]), np.asarray(gcj.grad_cam(tap, x[::-1], 2)), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_differentiable_with_respect_to_input_and_params():
@@ -274,6 +293,7 @@ def test_differentiable_with_respect_to_input_and_params():
         return jnp.sum(raw(x, v) ** 2)
 
     gx, gv = jax.grad(loss, argnums=(0, 1))(x, v)
+
     # Central finite differences in float64 NumPy on the closed form of the raw map.
     def np_loss(x, v):
         a = np.tanh(x)
@@ -296,8 +316,10 @@ def test_differentiable_with_respect_to_input_and_params():
 
 def test_bfloat16_model_gives_float32_maps_close_to_float32():
     tap, x, v = make_problem(11)
-    bf_tap = gcj.split_tap(lambda x: jnp.abs(x).astype(jnp.bfloat16),
-                           lambda a: jnp.einsum("bhwk,kc->bc", jnp.tanh(a), v.astype(jnp.bfloat16)) / (H * W))
+    bf_tap = gcj.split_tap(
+        lambda x: jnp.abs(x).astype(jnp.bfloat16),
+        lambda a: jnp.einsum("bhwk,kc->bc", jnp.tanh(a), v.astype(jnp.bfloat16)) / (H * W),
+    )
     m32 = gcj.grad_cam(tap, x, 2)
     m16 = gcj.grad_cam(bf_tap, x, 2)
     assert m16.dtype == jnp.float32
@@ -312,7 +334,9 @@ def test_plain_callable_tap():
         seen = a if delta is None else a + delta
         return jnp.einsum("bhwk,kc->bc", jnp.tanh(seen), v) / (H * W), a
 
-    np.testing.assert_allclose(np.asarray(gcj.grad_cam(my_tap, x, 3)), np.asarray(gcj.grad_cam(tap, x, 3)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(gcj.grad_cam(my_tap, x, 3)), np.asarray(gcj.grad_cam(tap, x, 3)), rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -358,7 +382,9 @@ def test_segmentation_style_scores_need_a_callable_target():
     with pytest.raises(ValueError, match="callable target"):
         gcj.grad_cam(seg, x, 0)
     mask = jnp.zeros((4, 4)).at[:2, :2].set(1.0)
-    maps = gcj.grad_cam(seg, x, lambda s: jnp.sum(s[..., 1] * mask, axis=(1, 2)), upsample=False, normalize=False)
+    maps = gcj.grad_cam(
+        seg, x, lambda s: jnp.sum(s[..., 1] * mask, axis=(1, 2)), upsample=False, normalize=False
+    )
     assert maps.shape == (1, 4, 4)
 
 

@@ -46,7 +46,7 @@ def image_dir(tmp_path_factory):
         h, w = [(16, 16), (20, 16), (16, 24), (32, 32)][i % 4 if i % 5 else 0]
         arr = r.integers(0, 256, (h, w, 3), dtype=np.uint8)
         if i % 7 == 3:
-            Image.fromarray(arr[..., 0]).save(root / f"{sub}img{i:03d}.png")            # grey
+            Image.fromarray(arr[..., 0]).save(root / f"{sub}img{i:03d}.png")  # grey
         elif i % 7 == 5:
             Image.fromarray(np.dstack([arr, arr[..., :1]])).save(root / f"{sub}img{i:03d}.png")  # RGBA
         elif i % 3 == 0:
@@ -99,16 +99,26 @@ def _env():
 
 
 def _worker(*args, timeout=120):
-    out = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True,
-                         text=True, env=_env(), timeout=timeout, cwd=str(REPO))
+    out = subprocess.run(
+        [sys.executable, str(WORKER), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+        cwd=str(REPO),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _expected(tiny, image_dir, files, ok):
     """Direct computation: decode, preprocess, gcj.grad_cam at the layer, softmax top-5."""
-    x = np.stack([load_image(image_dir / f, 16) if good else np.zeros((16, 16, 3), np.uint8)
-                  for f, good in zip(files, ok, strict=True)])
+    x = np.stack(
+        [
+            load_image(image_dir / f, 16) if good else np.zeros((16, 16, 3), np.uint8)
+            for f, good in zip(files, ok, strict=True)
+        ]
+    )
     xp = tiny.preprocess(x)
     maps = np.asarray(gcj.grad_cam(tiny.tap, xp, upsample=False))
     probs = np.asarray(tiny.probs(xp))
@@ -194,8 +204,17 @@ def test_store_is_plain_zarr_and_tensorstore_reads_numbers(image_dir, tiny, tmp_
 def test_array_source_methods_topk_input_resolution(tiny, tmp_path):
     x = np.random.default_rng(3).integers(0, 256, (13, 16, 16, 3), dtype=np.uint8)
     methods = ["grad_cam", "grad_cam_plus_plus", "layer_cam"]
-    run = explain_dataset(x, tiny, out=tmp_path / "a.zarr", methods=methods, target="top2", batch_size=4,
-                          device_batch=2, resolution="input", progress=False)
+    run = explain_dataset(
+        x,
+        tiny,
+        out=tmp_path / "a.zarr",
+        methods=methods,
+        target="top2",
+        batch_size=4,
+        device_batch=2,
+        resolution="input",
+        progress=False,
+    )
     assert run.processed == 13 and run.unreadable == 0
     res = open_results(run.path)
     assert res.methods == ["grad_cam", "grad_cam_plus_plus", "layer_cam"]
@@ -213,13 +232,15 @@ def test_per_record_and_fixed_targets(tiny, tmp_path):
     x = np.random.default_rng(4).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
     xp = tiny.preprocess(x)
     labels = np.random.default_rng(5).integers(0, 5, 10)
-    res = explain_dataset(x, tiny, out=tmp_path / "l.zarr", target=labels, batch_size=8,
-                          progress=False).results()
+    res = explain_dataset(
+        x, tiny, out=tmp_path / "l.zarr", target=labels, batch_size=8, progress=False
+    ).results()
     np.testing.assert_array_equal(res["targets"][:], labels)
     ref = np.asarray(gcj.grad_cam(tiny.tap, xp, target=labels, upsample=False))
     np.testing.assert_allclose(res["maps"][:].astype(np.float32), ref, atol=1e-3)
-    res = explain_dataset(x, tiny, out=tmp_path / "f.zarr", target=[4, 1], batch_size=8, top=2,
-                          progress=False).results()
+    res = explain_dataset(
+        x, tiny, out=tmp_path / "f.zarr", target=[4, 1], batch_size=8, top=2, progress=False
+    ).results()
     assert res["maps"].shape == (10, 2, 16, 16) and res["classes"].shape == (10, 2)
     np.testing.assert_array_equal(res["targets"][:], np.broadcast_to([4, 1], (10, 2)))
     ref = np.asarray(gcj.grad_cam(tiny.tap, xp, target=[4, 1], upsample=False))
@@ -232,8 +253,9 @@ def test_plain_tap_with_preprocess(tmp_path):
     module, variables = nets.linen(nets.weights(1))
     tap = gcj.linen_tap(module, variables, "block2")
     x = np.random.default_rng(6).normal(size=(6, 12, 12, 3)).astype(np.float32)
-    res = explain_dataset(x, tap, out=tmp_path / "t.zarr", batch_size=2, preprocess=lambda b: b * 2.0,
-                          progress=False).results()
+    res = explain_dataset(
+        x, tap, out=tmp_path / "t.zarr", batch_size=2, preprocess=lambda b: b * 2.0, progress=False
+    ).results()
     ref = np.asarray(gcj.grad_cam(tap, x * 2.0, upsample=False))
     np.testing.assert_allclose(res["maps"][:].astype(np.float32), ref, atol=1e-3)
 
@@ -359,12 +381,27 @@ def test_kill_and_resume_gives_the_uninterrupted_store(image_dir, tmp_path):
     ref = tmp_path / "ref.zarr"
     _worker("--src", image_dir, "--out", ref, "--batch-size", 4, "--devices", 2)
     out = tmp_path / "killed.zarr"
-    args = [sys.executable, str(WORKER), "--src", str(image_dir), "--out", str(out), "--batch-size", "4",
-            "--devices", "2", "--slow", "0.03", "--workers", "2"]
+    args = [
+        sys.executable,
+        str(WORKER),
+        "--src",
+        str(image_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--devices",
+        "2",
+        "--slow",
+        "0.03",
+        "--workers",
+        "2",
+    ]
     kills = 0
     for markers, extra in ((0, 0.0), (2, 0.013), (7, 0.051)):
-        with subprocess.Popen(args, env=_env(), cwd=str(REPO), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) as proc:
+        with subprocess.Popen(
+            args, env=_env(), cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ) as proc:
             if not _kill_when(proc, out, markers, extra):
                 kills += 1
         assert (out / "zarr.json").exists()
@@ -372,7 +409,7 @@ def test_kill_and_resume_gives_the_uninterrupted_store(image_dir, tmp_path):
     assert kills == 3
     done = _worker("--src", image_dir, "--out", out, "--batch-size", 4, "--devices", 2)
     assert 0 < done["resumed_at"] < N_GOOD + 3 and done["processed"] == N_GOOD + 3 - done["resumed_at"]
-    _assert_same_bytes(ref, out)   # nothing lost, nothing duplicated, no leftovers
+    _assert_same_bytes(ref, out)  # nothing lost, nothing duplicated, no leftovers
     again = _worker("--src", image_dir, "--out", out, "--batch-size", 4, "--devices", 2)
     assert again["already_complete"] and again["processed"] == 0
 
@@ -391,11 +428,35 @@ def test_two_process_jax_distributed_run(image_dir, tmp_path):
     _worker("--src", image_dir, "--out", single, "--batch-size", 16, "--device-batch", 4)
     out = tmp_path / "multi.zarr"
     coord = f"127.0.0.1:{_free_port()}"
-    args = [sys.executable, str(WORKER), "--src", str(image_dir), "--out", str(out), "--batch-size", "16",
-            "--device-batch", "4", "--devices", "2", "--coordinator", coord, "--num-processes", "2"]
-    procs = [subprocess.Popen(args + ["--process-id", str(i)], env=_env(), cwd=str(REPO),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    args = [
+        sys.executable,
+        str(WORKER),
+        "--src",
+        str(image_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--device-batch",
+        "4",
+        "--devices",
+        "2",
+        "--coordinator",
+        coord,
+        "--num-processes",
+        "2",
+    ]
+    procs = [
+        subprocess.Popen(
+            args + ["--process-id", str(i)],
+            env=_env(),
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = []
     try:
         for p in procs:
@@ -422,11 +483,26 @@ def test_two_process_jax_distributed_run(image_dir, tmp_path):
 
 def test_command_line(image_dir, tmp_path):
     out = tmp_path / "cli.zarr"
-    cmd = [sys.executable, "-m", "gradcam_jax.dataset", str(image_dir), "--out", str(out),
-           "--model", f"{WORKER}:model", "--batch-size", "16", "--classes", "top2",
-           "--methods", "grad_cam,xgrad_cam", "--resolution", "input"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradcam_jax.dataset",
+        str(image_dir),
+        "--out",
+        str(out),
+        "--model",
+        f"{WORKER}:model",
+        "--batch-size",
+        "16",
+        "--classes",
+        "top2",
+        "--methods",
+        "grad_cam,xgrad_cam",
+        "--resolution",
+        "input",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=120)
-    assert proc.returncode == 1, proc.stderr[-3000:]          # 1: some files were unreadable
+    assert proc.returncode == 1, proc.stderr[-3000:]  # 1: some files were unreadable
     assert "3 unreadable" in proc.stderr and "img/s" in proc.stderr
     res = open_results(out)
     assert res["maps"].shape == (N_GOOD + 3, 2, 2, 16, 16) and res.methods == ["grad_cam", "xgrad_cam"]

@@ -4,13 +4,13 @@ styles, and parity with Captum's GuidedBackprop, Deconvolution and GuidedGradCam
 import captum.attr as captum_attr  # the test extras install torch==2.13.0 and captum
 import jax
 import jax.numpy as jnp
+import nets
 import numpy as np
 import pytest
 import torch
+from conftest import JIT_OR_NOT
 
 import gradcam_jax as gcj
-import nets
-from conftest import JIT_OR_NOT
 
 # ------------------------------------------------------------------ rules by hand (NumPy)
 
@@ -46,8 +46,9 @@ def np_backward(x, cls, rule, clip=None):
     return g.reshape(x.shape)
 
 
-@pytest.mark.parametrize("rule,fn", [("guided", gcj.guided_backprop), ("deconvnet", gcj.deconvnet),
-                                     ("plain", gcj.gradients)])
+@pytest.mark.parametrize(
+    "rule,fn", [("guided", gcj.guided_backprop), ("deconvnet", gcj.deconvnet), ("plain", gcj.gradients)]
+)
 @JIT_OR_NOT
 def test_rules_match_hand_computation(rule, fn, wrap):
     got = wrap(lambda x: fn(mlp, x, 2))(XV)
@@ -85,6 +86,7 @@ def test_k_targets_and_callable_target():
 
 # ------------------------------------------------------------------ the rewrite reaches every ReLU
 
+
 def conv(x, k):
     return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -103,13 +105,23 @@ def explicit(relu):
 def styles():
     relu = jax.nn.relu
     return {
-        "functional_in_jit": jax.jit(lambda x: relu(conv(jax.jit(relu)(conv(x, K1)), K2)).mean(axis=(1, 2)) @ WF),
+        "functional_in_jit": jax.jit(
+            lambda x: relu(conv(jax.jit(relu)(conv(x, K1)), K2)).mean(axis=(1, 2)) @ WF
+        ),
         "maximum": lambda x: jnp.maximum(conv(jnp.maximum(conv(x, K1), 0.0), K2), 0).mean(axis=(1, 2)) @ WF,
         "remat": jax.checkpoint(lambda x: relu(conv(relu(conv(x, K1)), K2)).mean(axis=(1, 2)) @ WF),
-        "scan": lambda x: jax.lax.scan(lambda h, k: (relu(conv(h, k)), None), relu(conv(x, K1)),
-                                       K2[None])[0].mean(axis=(1, 2)) @ WF,
-        "cond": lambda x: jax.lax.cond(True, lambda h: relu(conv(relu(conv(h, K1)), K2)),
-                                       lambda h: jnp.zeros((2, 8, 8, 6)), x).mean(axis=(1, 2)) @ WF,
+        "scan": lambda x: (
+            jax.lax.scan(lambda h, k: (relu(conv(h, k)), None), relu(conv(x, K1)), K2[None])[0].mean(
+                axis=(1, 2)
+            )
+            @ WF
+        ),
+        "cond": lambda x: (
+            jax.lax.cond(
+                True, lambda h: relu(conv(relu(conv(h, K1)), K2)), lambda h: jnp.zeros((2, 8, 8, 6)), x
+            ).mean(axis=(1, 2))
+            @ WF
+        ),
     }
 
 
@@ -133,6 +145,7 @@ def test_flax_and_equinox_models_and_taps_get_the_guided_rule():
         def conv_relu(h, name):
             k, b = w[name]
             return gcj.guided_relu(conv(h, k) + b)
+
         a = conv_relu(conv_relu(conv_relu(x, "block1"), "block2"), "block3")
         return a.mean(axis=(1, 2)) @ w["fc"][0] + w["fc"][1]
 
@@ -186,7 +199,9 @@ def test_guided_grad_cam_normalisation_keeps_signs_and_scales_to_unit_peak():
     norm = np.asarray(gcj.guided_grad_cam(tap, x, [1, 2]))
     assert raw.shape == norm.shape == (2, 2, 16, 16, 3)
     np.testing.assert_allclose(np.abs(norm).max(axis=(2, 3, 4)), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(norm * np.abs(raw).max(axis=(2, 3, 4), keepdims=True), raw, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        norm * np.abs(raw).max(axis=(2, 3, 4), keepdims=True), raw, rtol=1e-5, atol=1e-7
+    )
 
 
 # ------------------------------------------------------------------ Captum parity
@@ -204,7 +219,10 @@ def test_parity_with_captum_guided_backprop_and_deconvolution(seed):
     net = nets.torch_model(w, dtype=torch.float64)
     module, variables = nets.linen(w)
     fn = lambda x: module.apply(variables, x)  # noqa: E731
-    for ours, theirs in ((gcj.guided_backprop, captum_attr.GuidedBackprop), (gcj.deconvnet, captum_attr.Deconvolution)):
+    for ours, theirs in (
+        (gcj.guided_backprop, captum_attr.GuidedBackprop),
+        (gcj.deconvnet, captum_attr.Deconvolution),
+    ):
         expected = theirs(net).attribute(torch_input(x), target=torch.as_tensor(target)).detach().numpy()
         got = np.asarray(ours(fn, x, target)).transpose(0, 3, 1, 2)
         scale = np.abs(expected).max()
@@ -242,8 +260,9 @@ def test_min_with_a_literal_first_and_relu6_written_by_hand():
     assert other.shape == x.shape
 
 
-@pytest.mark.parametrize("act", [jax.nn.softplus, jax.nn.log_sigmoid, jax.nn.mish],
-                         ids=["softplus", "log_sigmoid", "mish"])
+@pytest.mark.parametrize(
+    "act", [jax.nn.softplus, jax.nn.log_sigmoid, jax.nn.mish], ids=["softplus", "log_sigmoid", "mish"]
+)
 def test_smooth_activations_containing_max_are_not_relus(act):
     w = jnp.asarray(W3[:8, :4])
     x = jnp.asarray(R.normal(size=(3, 8)).astype(np.float32))
@@ -280,8 +299,9 @@ def test_parity_with_captum_guided_backprop_times_bilinear_layer_grad_cam():
     pooled = nets.torch_pooled_model(w, dtype=torch.float64)
     xt = torch_input(x)
     gb = captum_attr.GuidedBackprop(pooled).attribute(xt, target=torch.as_tensor(target))
-    cam = captum_attr.LayerGradCam(pooled, pooled.pool).attribute(xt, target=torch.as_tensor(target),
-                                                                  relu_attributions=True)
+    cam = captum_attr.LayerGradCam(pooled, pooled.pool).attribute(
+        xt, target=torch.as_tensor(target), relu_attributions=True
+    )
     cam = captum_attr.LayerAttribution.interpolate(cam, (16, 16), "bilinear")
     expected = (gb * cam).detach().numpy()
     tap = gcj.split_tap(*nets.pooled_split_functions(w))

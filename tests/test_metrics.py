@@ -7,20 +7,17 @@ NumPy written out below. The synthetic-dataset tests check the metrics end to en
 whose answer is known by construction.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import nets
+import numpy as np
+import pytest
+from conftest import JIT_OR_NOT
 from scipy import ndimage, sparse, stats
 from scipy.sparse import linalg as splinalg
 
 import gradcam_jax as gcj
 from gradcam_jax import metrics
-
-from conftest import JIT_OR_NOT
-import nets
-
 
 # --------------------------------------------------------------------------------------------
 # NumPy references
@@ -106,7 +103,7 @@ def ref_impute(x, removed):
     n = len(ys)
     a = sparse.lil_matrix((n, n))
     rhs = np.zeros((n, c))
-    for e, (y, x0) in enumerate(zip(ys, xs)):
+    for e, (y, x0) in enumerate(zip(ys, xs, strict=False)):
         total = 0.0
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
@@ -134,11 +131,11 @@ def ref_ssim(a, b, data_range=1.0):
     b = b.astype(np.float64)
     f = lambda z: ndimage.gaussian_filter(z, 1.5, truncate=3.5, mode="reflect")  # noqa: E731
     mu_a, mu_b = f(a), f(b)
-    s_aa = f(a * a) - mu_a ** 2
-    s_bb = f(b * b) - mu_b ** 2
+    s_aa = f(a * a) - mu_a**2
+    s_bb = f(b * b) - mu_b**2
     s_ab = f(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
     return s[5:-5, 5:-5].mean()
 
 
@@ -157,7 +154,7 @@ def test_connected_components_match_scipy_label(rng, connectivity):
     snake[3::4, 0] = True
     masks = np.concatenate([masks, snake[None], np.zeros((1, 23, 31), bool)])
     labels = np.asarray(metrics.connected_components(masks, connectivity=connectivity))
-    for m, lab in zip(masks, labels):
+    for m, lab in zip(masks, labels, strict=False):
         ref, n = ndimage.label(m, structure(connectivity))
         assert np.all(lab[~m] == m.size)
         # Our labels are the smallest row-major index of each component; SciPy numbers the
@@ -176,7 +173,7 @@ def test_connected_components_match_scipy_label(rng, connectivity):
 def test_largest_component_matches_scipy(rng, connectivity):
     masks = rng.random((5, 20, 20)) < 0.5
     out = np.asarray(metrics.largest_component(masks, connectivity=connectivity))
-    for m, got in zip(masks, out):
+    for m, got in zip(masks, out, strict=False):
         lab, n = ndimage.label(m, structure(connectivity))
         sizes = np.bincount(lab.ravel())[1:]
         np.testing.assert_array_equal(got, lab == np.argmax(sizes) + 1)
@@ -188,7 +185,7 @@ def test_localization_box_matches_reference(rng, wrap, connectivity):
     maps = smooth_maps(rng, 8, 40, 48)
     boxes = np.asarray(wrap(lambda m: metrics.localization_box(m, 0.15, connectivity=connectivity))(maps))
     assert boxes.shape == (8, 4) and boxes.dtype == np.int32
-    for m, box in zip(maps, boxes):
+    for m, box in zip(maps, boxes, strict=False):
         np.testing.assert_array_equal(box, ref_box(m, 0.15, connectivity))
 
 
@@ -206,9 +203,9 @@ def test_localization_box_shapes_thresholds_and_empty_maps(rng):
 
 def test_localization_box_hand_made():
     m = np.zeros((1, 10, 12), np.float32)
-    m[0, 1:3, 1:3] = 1.0          # 4 pixels, the maximum
-    m[0, 5:9, 4:10] = 0.2         # 24 pixels above 15%: the largest segment
-    m[0, 9, 0] = 0.1              # below 15%
+    m[0, 1:3, 1:3] = 1.0  # 4 pixels, the maximum
+    m[0, 5:9, 4:10] = 0.2  # 24 pixels above 15%: the largest segment
+    m[0, 9, 0] = 0.1  # below 15%
     np.testing.assert_array_equal(np.asarray(metrics.localization_box(m)), [[5, 4, 8, 9]])
     # Diagonal touching joins segments with 8-connectivity only.
     d = np.zeros((1, 6, 6), np.float32)
@@ -223,7 +220,7 @@ def test_box_iou_matches_reference(rng):
     a = rng.integers(-1, 12, size=(50, 4))
     b = rng.integers(-1, 12, size=(50, 4))
     got = np.asarray(metrics.box_iou(a, b))
-    np.testing.assert_allclose(got, [ref_iou(x, y) for x, y in zip(a, b)], rtol=1e-6)
+    np.testing.assert_allclose(got, [ref_iou(x, y) for x, y in zip(a, b, strict=False)], rtol=1e-6)
     assert float(metrics.box_iou(np.array([2, 3, 5, 7]), np.array([2, 3, 5, 7]))) == 1.0
     assert float(metrics.box_iou(np.array(metrics.EMPTY_BOX), np.array(metrics.EMPTY_BOX))) == 0.0
 
@@ -244,14 +241,15 @@ def test_localization_errors_top1_top5():
     labels = np.array([3, 7, 1])
     maps = np.zeros((3, 5, h, w), np.float32)
     classes = np.array([[3, 0, 1, 2, 4], [1, 2, 7, 4, 5], [0, 2, 3, 4, 6]])
-    maps[0, 0, 2:10, 2:10] = 1.0     # right class first, right box: correct at top-1
-    maps[1, 2, 11:18, 11:18] = 1.0   # right class third, 49/64 IoU: correct at top-5 only
-    maps[1, 0, 10:18, 10:18] = 1.0   # wrong class, right place: not correct
-    maps[2, :, 0:3, 0:3] = 1.0       # label 1 never guessed
+    maps[0, 0, 2:10, 2:10] = 1.0  # right class first, right box: correct at top-1
+    maps[1, 2, 11:18, 11:18] = 1.0  # right class third, 49/64 IoU: correct at top-5 only
+    maps[1, 0, 10:18, 10:18] = 1.0  # wrong class, right place: not correct
+    maps[2, :, 0:3, 0:3] = 1.0  # label 1 never guessed
     res = metrics.localization_errors(maps, classes, gt, labels)
     assert res.correct.shape == (3, 5)
-    np.testing.assert_array_equal(np.asarray(res.correct[:, :3]),
-                                  [[True, False, False], [False, False, True], [False, False, False]])
+    np.testing.assert_array_equal(
+        np.asarray(res.correct[:, :3]), [[True, False, False], [False, False, True], [False, False, False]]
+    )
     assert float(res.top1_error) == pytest.approx(2 / 3)
     assert float(res.top5_error) == pytest.approx(1 / 3)
     assert float(res.iou[1, 2]) == pytest.approx(ref_iou([11, 11, 17, 17], gt[1]))
@@ -278,10 +276,10 @@ def test_pointing_game_matches_distance_transform(rng, wrap, tolerance):
     masks = np.zeros((24, 30, 40), bool)
     for i in range(24):
         y0, x0 = rng.integers(0, 25), rng.integers(0, 35)
-        masks[i, y0:y0 + rng.integers(1, 6), x0:x0 + rng.integers(1, 6)] = True
+        masks[i, y0 : y0 + rng.integers(1, 6), x0 : x0 + rng.integers(1, 6)] = True
     got = np.asarray(wrap(lambda m, k: metrics.pointing_game(m, k, tolerance))(maps, masks))
     want = []
-    for m, k in zip(maps, masks):
+    for m, k in zip(maps, masks, strict=False):
         peak = np.unravel_index(np.argmax(m), m.shape)
         dist = ndimage.distance_transform_edt(~k)  # distance to the nearest object pixel
         want.append(dist[peak] <= tolerance)
@@ -313,7 +311,7 @@ def test_saliency_order_breaks_ties_by_index(rng):
     maps[0, 0, 0] = -0.0
     order = np.asarray(metrics.saliency_order(maps))
     ranks = np.asarray(metrics.saliency_ranks(maps))
-    for m, o, r in zip(maps, order, ranks):
+    for m, o, r in zip(maps, order, ranks, strict=False):
         want = np.argsort(-m.ravel(), kind="stable")
         np.testing.assert_array_equal(o, want)
         np.testing.assert_array_equal(r.ravel()[want], np.arange(m.size))
@@ -323,8 +321,14 @@ def test_saliency_order_breaks_ties_by_index(rng):
 def test_gaussian_blur_matches_scipy(rng, sigma, size):
     x = rng.normal(size=(2, size, size + 3, 3)).astype(np.float32)
     got = np.asarray(metrics.gaussian_blur(x, sigma))
-    want = np.stack([ndimage.gaussian_filter(im.astype(np.float64), sigma=(sigma, sigma, 0), mode="reflect",
-                                             truncate=4.0) for im in x])
+    want = np.stack(
+        [
+            ndimage.gaussian_filter(
+                im.astype(np.float64), sigma=(sigma, sigma, 0), mode="reflect", truncate=4.0
+            )
+            for im in x
+        ]
+    )
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -332,7 +336,9 @@ def test_pixel_saliency(rng):
     a = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(metrics.pixel_saliency(a)), np.abs(a).sum(-1), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(metrics.pixel_saliency(a, "abs_max")), np.abs(a).max(-1), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(metrics.pixel_saliency(a, "l2")), np.linalg.norm(a, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(metrics.pixel_saliency(a, "l2")), np.linalg.norm(a, axis=-1), rtol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +354,9 @@ def test_deletion_matches_numpy(rng, wrap):
     maps = np.round(rng.random((b, h, w)) * 5).astype(np.float32)  # ties
     target = np.array([0, 3, 1])
     baseline = 0.25
-    got = wrap(lambda x, m, t: metrics.deletion(fn, x, m, t, n_steps=7, baseline=baseline, chunk_size=4))(x, maps, target)
+    got = wrap(lambda x, m, t: metrics.deletion(fn, x, m, t, n_steps=7, baseline=baseline, chunk_size=4))(
+        x, maps, target
+    )
     auc, curve, fr = ref_curve(np_fn, x, maps, target, 7, x, np.full_like(x, baseline))
     np.testing.assert_allclose(np.asarray(got.scores), curve, atol=2e-5)
     np.testing.assert_allclose(np.asarray(got.auc), auc, atol=2e-5)
@@ -361,7 +369,9 @@ def test_insertion_matches_numpy_and_chunking_does_not_matter(rng):
     x = rng.normal(size=(b, h, w, c)).astype(np.float32)
     maps = rng.random((b, h, w)).astype(np.float32)
     target = np.argmax(np_fn(x), axis=-1)
-    canvas = np.stack([ndimage.gaussian_filter(im, sigma=(2.0, 2.0, 0), mode="reflect", truncate=4.0) for im in x])
+    canvas = np.stack(
+        [ndimage.gaussian_filter(im, sigma=(2.0, 2.0, 0), mode="reflect", truncate=4.0) for im in x]
+    )
     auc, curve, _ = ref_curve(np_fn, x, maps, target, 10, canvas, x)
     for chunk in (7, 64):
         got = metrics.insertion(fn, x, maps, None, n_steps=10, blur_sigma=2.0, chunk_size=chunk)
@@ -407,8 +417,9 @@ def test_confidence_change_matches_numpy(rng, wrap):
     assert float(got.drop[0]) == pytest.approx(0.0, abs=1e-3)
     # with a baseline: masked = baseline + L (x - baseline)
     got = metrics.confidence_change(fn, x, maps, target, baseline=-1.0, softmax=False)
-    np.testing.assert_allclose(np.asarray(got.masked), np_fn(-1 + maps[..., None] * (x + 1))[np.arange(b), target],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(got.masked), np_fn(-1 + maps[..., None] * (x + 1))[np.arange(b), target], atol=1e-4
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,22 +459,28 @@ def test_road_matches_numpy(rng):
     maps = np.round(rng.random((b, h, w)) * 6).astype(np.float32)
     target = np.array([1, 2])
     fractions = (0.25, 0.5, 0.8)
-    got = metrics.road(fn, x, maps, target, fractions=fractions, noise=0.0, chunk_size=5, tol=1e-6, max_iter=5000)
+    got = metrics.road(
+        fn, x, maps, target, fractions=fractions, noise=0.0, chunk_size=5, tol=1e-6, max_iter=5000
+    )
     for i in range(b):
         order = np.argsort(-maps[i].ravel(), kind="stable")
         for j, f in enumerate(fractions):
             n = int(round(f * h * w))
             for lerf, curve, ok in ((False, got.morf, got.morf_correct), (True, got.lerf, got.lerf_correct)):
                 removed = np.zeros(h * w, bool)
-                removed[order[h * w - n:] if lerf else order[:n]] = True
+                removed[order[h * w - n :] if lerf else order[:n]] = True
                 xi = ref_impute(x[i], removed.reshape(h, w))
                 s = np_fn(xi[None])
                 assert float(curve[i, j]) == pytest.approx(ref_softmax(s)[0, target[i]], abs=2e-4)
                 assert bool(ok[i, j]) == (np.argmax(s) == target[i])
-    np.testing.assert_allclose(np.asarray(got.gap), np.mean(np.asarray(got.lerf) - np.asarray(got.morf), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got.gap), np.mean(np.asarray(got.lerf) - np.asarray(got.morf), axis=1), rtol=1e-6
+    )
     # the noise draw does not depend on the chunking
     k = jax.random.key(3)
-    r1 = metrics.road(fn, x, maps, target, key=k, fractions=fractions, chunk_size=5, tol=1e-6, max_iter=5000)  # same compile
+    r1 = metrics.road(
+        fn, x, maps, target, key=k, fractions=fractions, chunk_size=5, tol=1e-6, max_iter=5000
+    )  # same compile
     r2 = metrics.road(fn, x, maps, target, key=k, fractions=fractions, chunk_size=64, tol=1e-6, max_iter=5000)
     np.testing.assert_allclose(np.asarray(r1.morf), np.asarray(r2.morf), atol=1e-5)
     np.testing.assert_allclose(np.asarray(r1.lerf), np.asarray(r2.lerf), atol=1e-5)
@@ -481,21 +498,30 @@ def test_spearman_matches_scipy_with_ties(rng, wrap):
     b = (a + rng.normal(size=a.shape) * 2).astype(np.float32)
     b[1] = np.maximum(b[1], 0)  # a ReLU'd map: many zeros
     for absolute in (False, True):
-        got = np.asarray(wrap(lambda a, b: metrics.spearman(a, b, absolute=absolute))(a, b))
+        got = np.asarray(wrap(lambda a, b, ab=absolute: metrics.spearman(a, b, absolute=ab))(a, b))
         f = np.abs if absolute else (lambda z: z)
-        want = [stats.spearmanr(f(x).ravel(), f(y).ravel()).statistic for x, y in zip(a, b)]
+        want = [stats.spearmanr(f(x).ravel(), f(y).ravel()).statistic for x, y in zip(a, b, strict=False)]
         np.testing.assert_allclose(got, want, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(metrics.rankdata(a)).reshape(5, -1),
-                               np.stack([stats.rankdata(x.ravel()) for x in a]), rtol=0, atol=0)
-    np.testing.assert_allclose(np.asarray(metrics.faithfulness(a, b)),
-                               [stats.spearmanr(x.ravel(), y.ravel()).statistic for x, y in zip(a, b)], atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(metrics.rankdata(a)).reshape(5, -1),
+        np.stack([stats.rankdata(x.ravel()) for x in a]),
+        rtol=0,
+        atol=0,
+    )
+    np.testing.assert_allclose(
+        np.asarray(metrics.faithfulness(a, b)),
+        [stats.spearmanr(x.ravel(), y.ravel()).statistic for x, y in zip(a, b, strict=False)],
+        atol=2e-5,
+    )
 
 
 def test_spearman_large_maps_and_constant_maps(rng):
     a = ndimage.gaussian_filter(rng.normal(size=(2, 224, 224)), (0, 8, 8)).astype(np.float32)
     b = (a + rng.normal(size=a.shape) * a.std()).astype(np.float32)
     got = np.asarray(metrics.spearman(np.maximum(a, 0), b))
-    want = [stats.spearmanr(np.maximum(x, 0).ravel(), y.ravel()).statistic for x, y in zip(a, b)]
+    want = [
+        stats.spearmanr(np.maximum(x, 0).ravel(), y.ravel()).statistic for x, y in zip(a, b, strict=False)
+    ]
     np.testing.assert_allclose(got, want, atol=1e-4)
     const = np.zeros((1, 10, 10), np.float32)
     assert float(metrics.spearman(const, b[:1, :10, :10])[0]) == 0.0
@@ -507,7 +533,7 @@ def test_ssim_matches_numpy_reference(rng):
     b = np.clip(a + rng.normal(size=a.shape) * 0.05, 0, 1).astype(np.float32)
     b[2] = a[2]
     got = np.asarray(metrics.ssim(a, b))
-    np.testing.assert_allclose(got, [ref_ssim(x, y) for x, y in zip(a, b)], atol=1e-4)
+    np.testing.assert_allclose(got, [ref_ssim(x, y) for x, y in zip(a, b, strict=False)], atol=1e-4)
     assert got[2] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="window"):
         metrics.ssim(a[:, :8, :8], b[:, :8, :8])
@@ -515,11 +541,16 @@ def test_ssim_matches_numpy_reference(rng):
 
 def test_ssim_matches_scikit_image(rng):
     import skimage.metrics as skm
+
     a = ndimage.gaussian_filter(rng.random((2, 33, 47)), (0, 1.5, 1.5)).astype(np.float32)
     b = np.clip(a * 0.8 + rng.random(a.shape) * 0.2, 0, 1).astype(np.float32)
     got = np.asarray(metrics.ssim(a, b, data_range=1.0))
-    want = [skm.structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False) for x, y in zip(a, b)]
+    want = [
+        skm.structural_similarity(
+            x, y, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+        for x, y in zip(a, b, strict=False)
+    ]
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
@@ -563,9 +594,17 @@ def test_cascading_randomization_is_cumulative():
     for i, (_, v) in enumerate(steps):
         for j, layer in enumerate(layers):
             src = random_variables if j < i else variables
-            for a, b in zip(jax.tree_util.tree_leaves(v["params"][layer]), jax.tree_util.tree_leaves(src["params"][layer])):
+            for a, b in zip(
+                jax.tree_util.tree_leaves(v["params"][layer]),
+                jax.tree_util.tree_leaves(src["params"][layer]),
+                strict=False,
+            ):
                 np.testing.assert_array_equal(a, b)
-        for a, b in zip(jax.tree_util.tree_leaves(v["params"]["block1"]), jax.tree_util.tree_leaves(variables["params"]["block1"])):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(v["params"]["block1"]),
+            jax.tree_util.tree_leaves(variables["params"]["block1"]),
+            strict=False,
+        ):
             np.testing.assert_array_equal(a, b)
 
 
@@ -575,7 +614,9 @@ def test_sanity_check_similarities_match_scipy():
     target = jnp.argmax(module.apply(variables, x), axis=-1)
     explain = lambda v, x: gcj.grad_cam(tap.with_params(v), x, target)  # noqa: E731
     layers = ["fc", "block3", "block2"]
-    res = metrics.sanity_check(explain, variables, layers, x, random_variables=random_variables, keep_maps=True)
+    res = metrics.sanity_check(
+        explain, variables, layers, x, random_variables=random_variables, keep_maps=True
+    )
     assert res.steps == ("original", "fc", "block3", "block2")
     base = np.asarray(explain(variables, x))
     v = variables
@@ -590,7 +631,9 @@ def test_sanity_check_similarities_match_scipy():
             rho = stats.spearmanr(base[j].ravel(), m[j].ravel()).statistic
             assert res.similarity["spearman"][i, j] == pytest.approx(rho, abs=1e-4)
             unit = lambda z: np.abs(z) / np.abs(z).max()  # noqa: E731
-            assert res.similarity["ssim"][i, j] == pytest.approx(ref_ssim(unit(base[j]), unit(m[j])), abs=1e-4)
+            assert res.similarity["ssim"][i, j] == pytest.approx(
+                ref_ssim(unit(base[j]), unit(m[j])), abs=1e-4
+            )
     np.testing.assert_allclose(res.mean("spearman")[0], 1.0, atol=1e-6)
     assert "original" in res.table()
 
@@ -603,10 +646,20 @@ def test_sanity_check_grad_cam_changes_guided_backprop_does_not():
     tap = gcj.linen_tap(module, variables, "block2")
     target = jnp.argmax(module.apply(variables, x), axis=-1)
     layers = ["fc", "block3", "block2"]
-    gc = metrics.sanity_check(lambda v, x: gcj.grad_cam(tap.with_params(v), x, target), variables, layers, x,
-                              random_variables=random_variables)
-    gb = metrics.sanity_check(lambda v, x: gcj.guided_backprop(tap.with_params(v), x, target), variables, layers,
-                              x, random_variables=random_variables)
+    gc = metrics.sanity_check(
+        lambda v, x: gcj.grad_cam(tap.with_params(v), x, target),
+        variables,
+        layers,
+        x,
+        random_variables=random_variables,
+    )
+    gb = metrics.sanity_check(
+        lambda v, x: gcj.guided_backprop(tap.with_params(v), x, target),
+        variables,
+        layers,
+        x,
+        random_variables=random_variables,
+    )
     assert gb.mean("spearman_abs")[-1] > gc.mean("spearman_abs")[-1] + 0.2
 
 
@@ -637,7 +690,7 @@ def test_grad_cam_localises_synthetic_objects_and_a_shuffled_map_does_not(synthe
     gt = np.asarray(data.boxes)
     for m, good in ((maps, True), (shuffled, False)):
         boxes = np.asarray(metrics.localization_box(m))
-        iou = np.array([ref_iou(b, g) for b, g in zip(boxes, gt)])
+        iou = np.array([ref_iou(b, g) for b, g in zip(boxes, gt, strict=False)])
         loc = metrics.localization_errors(m, data.labels, data.boxes, data.labels)
         hits = np.asarray(metrics.pointing_game(m, data.masks))
         if good:
@@ -649,14 +702,35 @@ def test_grad_cam_localises_synthetic_objects_and_a_shuffled_map_does_not(synthe
 def test_synthetic_perturbation_metrics_prefer_grad_cam(synthetic):
     data, fn, maps, shuffled = synthetic
     key = jax.random.key(0)
-    res = {name: metrics.evaluate(fn, data.images, m, data.labels, key=key, boxes=data.boxes, labels=data.labels,
-                                  n_steps=16, road_fractions=(0.1, 0.3, 0.5), chunk_size=128)
-           for name, m in (("grad_cam", maps), ("shuffled", shuffled))}
+    res = {
+        name: metrics.evaluate(
+            fn,
+            data.images,
+            m,
+            data.labels,
+            key=key,
+            boxes=data.boxes,
+            labels=data.labels,
+            n_steps=16,
+            road_fractions=(0.1, 0.3, 0.5),
+            chunk_size=128,
+        )
+        for name, m in (("grad_cam", maps), ("shuffled", shuffled))
+    }
     report = metrics.Report("synthetic")
     for name, values in res.items():
         report.add(name, **values)
     better = report.better("grad_cam", "shuffled")
-    assert set(better) >= {"deletion", "insertion", "avg_drop", "road_morf", "road_gap", "iou", "pointing", "loc_error"}
+    assert set(better) >= {
+        "deletion",
+        "insertion",
+        "avg_drop",
+        "road_morf",
+        "road_gap",
+        "iou",
+        "pointing",
+        "loc_error",
+    }
     wins = {k: v for k, v in better.items() if k != "increase"}
     assert all(wins.values()), (wins, report.table())
     text = report.table(sem=True)
@@ -673,6 +747,9 @@ def test_faithfulness_to_occlusion_on_synthetic(synthetic):
     occ = occlusion(fn, data.images[:8], data.labels[:8], window=6, stride=3)
     f_gc = np.asarray(metrics.faithfulness(maps[:8], occ))
     f_sh = np.asarray(metrics.faithfulness(shuffled[:8], occ))
-    want = [stats.spearmanr(np.asarray(a).ravel(), np.asarray(b).ravel()).statistic for a, b in zip(maps[:8], occ)]
+    want = [
+        stats.spearmanr(np.asarray(a).ravel(), np.asarray(b).ravel()).statistic
+        for a, b in zip(maps[:8], occ, strict=False)
+    ]
     np.testing.assert_allclose(f_gc, want, atol=1e-4)
     assert f_gc.mean() > 0.5 > f_sh.mean() + 0.3

@@ -5,15 +5,14 @@ the raw map ``sum_k w_k A_k`` at the layer's resolution, and with ``relu_attribu
 ``LayerAttribution.interpolate`` the ReLU-ed map upsampled to the input.
 """
 
-import numpy as np
-import pytest
-
 import captum.attr as captum_attr  # the test extras install torch==2.13.0 and captum
 import jax.numpy as jnp
+import nets
+import numpy as np
+import pytest
 import torch
 
 import gradcam_jax as gcj
-import nets
 
 
 def captum_map(w, x_nhwc, target, *, relu=False, size=None, mode="nearest"):
@@ -47,8 +46,9 @@ def test_upsampled_relu_map_matches_captum_interpolate(mode, interp):
     target = np.array([3, 3, 0])
     pooled = nets.torch_pooled_model(w, dtype=torch.float64)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64))
-    attr = captum_attr.LayerGradCam(pooled, pooled.pool).attribute(xt, target=torch.as_tensor(target),
-                                                                    relu_attributions=True)
+    attr = captum_attr.LayerGradCam(pooled, pooled.pool).attribute(
+        xt, target=torch.as_tensor(target), relu_attributions=True
+    )
     expected = captum_attr.LayerAttribution.interpolate(attr, (16, 16), mode)[:, 0].detach().numpy()
 
     tap = gcj.split_tap(*nets.pooled_split_functions(w))

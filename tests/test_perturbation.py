@@ -11,11 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import JIT_OR_NOT
 
 import gradcam_jax as gcj
-from conftest import JIT_OR_NOT
 from gradcam_jax import MapOptions, TargetSpec
-from gradcam_jax.perturbation import PerturbationOptions, ablation_cam, ablation_cam_kernel, occlusion, score_cam, score_cam_kernel
+from gradcam_jax.perturbation import (
+    PerturbationOptions,
+    ablation_cam,
+    ablation_cam_kernel,
+    occlusion,
+    score_cam,
+    score_cam_kernel,
+)
 
 B, S, CIN, C, NCLS, POOL = 3, 16, 3, 7, 5, 4
 
@@ -55,6 +62,7 @@ def np_head(a, v):
 
 def np_resize(maps, size):
     """Bilinear resize of the last two axes, half-pixel centres, edges clamped."""
+
     def weights(n_in, n_out):
         src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
         lo = np.floor(src).astype(int)
@@ -87,11 +95,11 @@ def np_score_cam(x, cls, scores_fn, features_fn, keep=None):
     out = []
     for b in range(x.shape[0]):
         channels = range(a.shape[-1]) if keep is None else keep[b]
-        base = scores_fn(np.zeros_like(x[b:b + 1]))[0, cls[b]]
+        base = scores_fn(np.zeros_like(x[b : b + 1]))[0, cls[b]]
         s, maps = [], []
         for k in channels:
             mask = np_minmax(np_resize(a[b, :, :, k], x.shape[1:3]))
-            s.append(scores_fn(x[b:b + 1] * mask[None, :, :, None])[0, cls[b]] - base)
+            s.append(scores_fn(x[b : b + 1] * mask[None, :, :, None])[0, cls[b]] - base)
             maps.append(a[b, :, :, k])
         s = np.asarray(s, np.float64)
         alpha = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
@@ -106,7 +114,7 @@ def np_ablation_cam(a, cls, head_fn):
     for b in range(a.shape[0]):
         w = []
         for k in range(a.shape[-1]):
-            ablated = a[b:b + 1].copy()
+            ablated = a[b : b + 1].copy()
             ablated[..., k] = 0
             w.append((y[b] - head_fn(ablated)[0, cls[b]]) / y[b])
         out.append(np.einsum("k,ijk->ij", np.asarray(w), a[b]))
@@ -115,6 +123,7 @@ def np_ablation_cam(a, cls, head_fn):
 
 def np_occlusion(x, cls, scores_fn, window, stride, baseline):
     """Zeiler & Fergus occlusion, windows clipped at the border, mean drop per pixel."""
+
     def starts(n, w, s):
         out, p = [], 0
         while True:
@@ -131,10 +140,10 @@ def np_occlusion(x, cls, scores_fn, window, stride, baseline):
     for i in starts(h, window[0], stride[0]):
         for j in starts(w, window[1], stride[1]):
             occluded = x.copy()
-            occluded[:, i:i + window[0], j:j + window[1]] = base[:, i:i + window[0], j:j + window[1]]
+            occluded[:, i : i + window[0], j : j + window[1]] = base[:, i : i + window[0], j : j + window[1]]
             drop = y - scores_fn(occluded)[np.arange(x.shape[0]), cls]
-            total[:, i:i + window[0], j:j + window[1]] += drop[:, None, None]
-            count[i:i + window[0], j:j + window[1]] += 1
+            total[:, i : i + window[0], j : j + window[1]] += drop[:, None, None]
+            count[i : i + window[0], j : j + window[1]] += 1
     return total / count
 
 
@@ -148,7 +157,9 @@ def test_score_cam_matches_paper_loop(wrap):
     tap, x, m, v = make_problem()
     cls = np.array([0, 3, 4])
     expected = np_score_cam(x, cls, lambda z: np_head(np_features(z, m), v), lambda z: np_features(z, m))
-    raw = wrap(lambda x, t: score_cam(tap, x, t, chunk_size=6, upsample=False, normalize=False, relu=False))(x, cls)
+    raw = wrap(lambda x, t: score_cam(tap, x, t, chunk_size=6, upsample=False, normalize=False, relu=False))(
+        x, cls
+    )
     np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-5)
     maps = wrap(lambda x, t: score_cam(tap, x, t, chunk_size=6))(x, cls)
     np.testing.assert_allclose(maps, np_finish(expected, (S, S)), atol=1e-4)
@@ -158,8 +169,9 @@ def test_score_cam_top_class_is_fixed_on_the_clean_input():
     tap, x, m, v = make_problem(seed=1)
     top = np_head(np_features(x, m), v).argmax(-1)
     expected = np_score_cam(x, top, lambda z: np_head(np_features(z, m), v), lambda z: np_features(z, m))
-    np.testing.assert_allclose(score_cam(tap, x, upsample=False, normalize=False, relu=False), expected,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        score_cam(tap, x, upsample=False, normalize=False, relu=False), expected, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_score_cam_top_n_keeps_the_channels_with_the_largest_spread():
@@ -168,7 +180,9 @@ def test_score_cam_top_n_keeps_the_channels_with_the_largest_spread():
     np.testing.assert_allclose(score_cam(tap, x, cls, top_n=C), score_cam(tap, x, cls), atol=1e-6)
     a = np_features(x, m)
     keep = np.argsort(-a.std(axis=(1, 2)), axis=-1)[:, :3]
-    expected = np_score_cam(x, cls, lambda z: np_head(np_features(z, m), v), lambda z: np_features(z, m), keep=keep)
+    expected = np_score_cam(
+        x, cls, lambda z: np_head(np_features(z, m), v), lambda z: np_features(z, m), keep=keep
+    )
     got = score_cam(tap, x, cls, top_n=3, upsample=False, normalize=False, relu=False)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -183,7 +197,9 @@ def test_ablation_cam_matches_paper_loop(wrap):
     tap, x, m, v = make_problem(seed=3)
     cls = np.array([2, 0, 4])
     expected = np_ablation_cam(np_features(x, m), cls, lambda a: np_head(a, v))
-    raw = wrap(lambda x, t: ablation_cam(tap, x, t, chunk_size=6, upsample=False, normalize=False, relu=False))(x, cls)
+    raw = wrap(
+        lambda x, t: ablation_cam(tap, x, t, chunk_size=6, upsample=False, normalize=False, relu=False)
+    )(x, cls)
     np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-5)
     maps = wrap(lambda x, t: ablation_cam(tap, x, t, chunk_size=6))(x, cls)
     np.testing.assert_allclose(maps, np_finish(expected, (S, S)), atol=1e-4)
@@ -277,7 +293,9 @@ class LinenNet:
         shapes = jax.eval_shape(net.init, jax.random.key(0), x)
         r = np.random.default_rng(8)
         variables = jax.tree_util.tree_map(
-            lambda s: jnp.asarray(r.normal(size=s.shape).astype(np.float32) / np.sqrt(np.prod(s.shape[:-1]))), shapes)
+            lambda s: jnp.asarray(r.normal(size=s.shape).astype(np.float32) / np.sqrt(np.prod(s.shape[:-1]))),
+            shapes,
+        )
         return net, variables, x
 
 
@@ -328,7 +346,9 @@ def test_many_channels_run_in_bounded_memory():
 
     def temp_bytes(fn, per_step, **kw):
         options = PerturbationOptions(MapOptions(), per_step=per_step, **kw)
-        lowered = fn.lower(tap, jnp.asarray(x), TargetSpec("index", jnp.zeros((batch,), jnp.int32)), options=options)
+        lowered = fn.lower(
+            tap, jnp.asarray(x), TargetSpec("index", jnp.zeros((batch,), jnp.int32)), options=options
+        )
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     # 16 channels per step keep XLA's temporaries to a few MiB. Unchunked, Ablation-CAM holds
@@ -371,7 +391,8 @@ def test_occlusion_matches_loop(wrap, window, stride):
     expected = np_occlusion(x, cls, lambda z: np_head(np_features(z, m), v), window, stride, baseline)
     fn = lambda z: tap(z)[0]  # noqa: E731
     got = wrap(lambda x, t, b: occlusion(fn, x, t, window=window, stride=stride, baseline=b, chunk_size=7))(
-        x, cls, baseline)
+        x, cls, baseline
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -389,8 +410,9 @@ def test_occlusion_targets_taps_and_chunks():
 
 @pytest.mark.parametrize("window,stride", [((4, 4), (2, 2)), ((5, 5), (3, 3))])
 def test_occlusion_matches_captum(window, stride):
-    import torch
     import captum.attr as captum_attr
+    import torch
+
     tap, x, _, _ = make_problem(seed=11)
     scores = jax.jit(lambda z: tap(z)[0])
 
@@ -399,10 +421,17 @@ def test_occlusion_matches_captum(window, stride):
         return torch.from_numpy(np.asarray(scores(z)).copy())
 
     cls = [4, 0, 2]
-    expected = captum_attr.Occlusion(forward).attribute(
-        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), target=cls,
-        sliding_window_shapes=(CIN,) + window, strides=(1,) + stride, baselines=0.5,
-    ).numpy()
+    expected = (
+        captum_attr.Occlusion(forward)
+        .attribute(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+            target=cls,
+            sliding_window_shapes=(CIN,) + window,
+            strides=(1,) + stride,
+            baselines=0.5,
+        )
+        .numpy()
+    )
     got = np.asarray(occlusion(scores, x, np.array(cls), window=window, stride=stride, baseline=0.5))
     for channel in range(CIN):  # Captum repeats the value over the occluded channels
         np.testing.assert_allclose(got, expected[:, channel], rtol=1e-4, atol=1e-6)
@@ -415,8 +444,11 @@ def test_cam_dispatches_perturbation_methods():
     tap = gcj.split_tap(lambda x: jax.nn.relu(x), lambda a: a.mean(axis=(1, 2)) @ w)
     x = r.normal(size=(2, 6, 6, 3)).astype(np.float32)
     for name, fn in (("score_cam", gcj.score_cam), ("ablation_cam", gcj.ablation_cam)):
-        np.testing.assert_allclose(np.asarray(gcj.cam(tap, x, 1, name, chunk_size=4)),
-                                   np.asarray(fn(tap, x, 1, chunk_size=4)), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(gcj.cam(tap, x, 1, name, chunk_size=4)),
+            np.asarray(fn(tap, x, 1, chunk_size=4)),
+            rtol=1e-6,
+        )
     with pytest.raises(TypeError, match="only the perturbation methods"):
         gcj.cam(tap, x, 1, "grad_cam", chunk_size=4)
     with pytest.raises(ValueError, match="counterfactual"):

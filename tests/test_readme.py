@@ -14,6 +14,7 @@ def test_readme_python_blocks_run(tmp_path):
     for i, code in enumerate(blocks):
         script = tmp_path / f"block{i}.py"
         script.write_text(code)
-        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                             cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
         assert out.returncode == 0, f"README block {i} failed:\n{code}\n{out.stderr[-3000:]}"

@@ -1,6 +1,5 @@
 """Overlays, gradient images, figure grids and PNG output (no model needed)."""
 
-
 import matplotlib
 import numpy as np
 import pytest
@@ -91,9 +90,15 @@ def test_figure_grid_layout_titles_and_labels(image, rng):
 
 def test_figure_grid_batch_and_shared_maps(image, rng):
     batch = np.stack([image, image])
-    figs = viz.figure_grid(batch, {"grad_cam": rng.random((2, 3, 7, 7)),
-                                   "guided_backprop": rng.normal(size=(2, 24, 24, 3))},  # one per image
-                           classes=np.array([[1, 2, 3], [4, 5, 6]]), probs=rng.random((2, 10)))
+    figs = viz.figure_grid(
+        batch,
+        {
+            "grad_cam": rng.random((2, 3, 7, 7)),
+            "guided_backprop": rng.normal(size=(2, 24, 24, 3)),
+        },  # one per image
+        classes=np.array([[1, 2, 3], [4, 5, 6]]),
+        probs=rng.random((2, 10)),
+    )
     assert isinstance(figs, list) and len(figs) == 2
     assert all(len(f.axes) == 3 * 3 for f in figs)
     # Without classes: rows from the maps, no labels.

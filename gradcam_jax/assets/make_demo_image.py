@@ -30,13 +30,16 @@ GUTTER = 32
 def build() -> np.ndarray:
     from skimage import data
 
-    cat = data.chelsea()[:, CAT_COLUMNS[0]:CAT_COLUMNS[1]]
-    coffee = data.coffee()[COFFEE_ROWS[0]:COFFEE_ROWS[1], COFFEE_COLUMNS[0]:COFFEE_COLUMNS[1]]
+    cat = data.chelsea()[:, CAT_COLUMNS[0] : CAT_COLUMNS[1]]
+    coffee = data.coffee()[COFFEE_ROWS[0] : COFFEE_ROWS[1], COFFEE_COLUMNS[0] : COFFEE_COLUMNS[1]]
     gutter = np.full((cat.shape[0], GUTTER, 3), 255, np.uint8)
     return np.concatenate([cat, gutter, coffee], axis=1)
 
 
-def main(out: Path = Path(__file__).with_name("demo.jpg")) -> None:
+DEFAULT_OUT = Path(__file__).with_name("demo.jpg")
+
+
+def main(out: Path = DEFAULT_OUT) -> None:
     from PIL import Image
 
     Image.fromarray(build()).save(out, "JPEG", quality=90, subsampling="4:2:0", optimize=True)

@@ -1,11 +1,19 @@
 """Explain a whole dataset on every device of every host, into a resumable Zarr store.
 
->>> import gradcam_jax as gcj
->>> from gradcam_jax import zoo
+>>> import os, jax, numpy as np, gradcam_jax as gcj
+>>> from PIL import Image
 >>> from gradcam_jax.dataset import explain_dataset, open_results
->>> run = explain_dataset("photos/", zoo.efficientnet_lite0(), out="maps.zarr")   # doctest: +SKIP
->>> res = open_results("maps.zarr")                                              # doctest: +SKIP
->>> res["maps"].shape, res["classes"][:2], res.failures()                        # doctest: +SKIP
+>>> os.makedirs("photos", exist_ok=True)
+>>> for i in range(3):  # three small pictures; any folder of images works
+...     Image.fromarray(np.full((32, 32, 3), 80 * i, np.uint8)).save(f"photos/{i}.png")
+>>> w = jax.random.normal(jax.random.key(0), (3, 4))
+>>> tap = gcj.split_tap(lambda x: jax.nn.relu(x[:, ::4, ::4] - 0.2), lambda a: a.mean(axis=(1, 2)) @ w)
+>>> run = explain_dataset("photos/", tap, out="maps.zarr", size=32, batch_size=2, progress=False)
+>>> res = open_results("maps.zarr")
+>>> res["maps"].shape, res["classes"].shape, res.failures()
+((3, 8, 8), (3, 4), [])
+
+With a pretrained model: ``explain_dataset("photos/", gcj.zoo.efficientnet_lite0(), out=...)``.
 
 From the shell: ``gradcam-jax explain-dir photos/ --out maps.zarr`` (or
 ``python -m gradcam_jax.dataset photos/ --out maps.zarr``). Kill it at any moment and run the

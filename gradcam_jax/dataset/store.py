@@ -391,7 +391,12 @@ def open_results(path: str | os.PathLike) -> Results:
     for records skipped), all aligned on the first axis.
 
     Examples:
-      >>> res = gcj.open_results("maps.zarr")                        # doctest: +SKIP
-      >>> res["maps"].shape, res["files"][0], res.failures()[:3]     # doctest: +SKIP
+      >>> import jax, numpy as np, gradcam_jax as gcj
+      >>> tap = gcj.split_tap(lambda x: jax.nn.relu(x), lambda a: a.mean(axis=(1, 2)))
+      >>> images = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
+      >>> _ = gcj.explain_dataset(images, tap, out="arrays.zarr", progress=False)
+      >>> res = gcj.open_results("arrays.zarr")
+      >>> res["maps"].shape, res.failures()
+      ((2, 8, 8), [])
     """
     return Results(path)

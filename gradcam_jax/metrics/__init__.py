@@ -33,30 +33,69 @@ test data                               :func:`boxes_dataset`, :func:`colour_det
 """
 
 from ._common import gaussian_blur, pixel_saliency, saliency_order, saliency_ranks
-from .localization import (EMPTY_BOX, Localization, box_iou, boxes_to_masks, connected_components,
-                           largest_component, localization_box, localization_correct, localization_errors,
-                           pointing_game)
+from .localization import (
+    EMPTY_BOX,
+    Localization,
+    box_iou,
+    boxes_to_masks,
+    connected_components,
+    largest_component,
+    localization_box,
+    localization_correct,
+    localization_errors,
+    pointing_game,
+)
 from .removal import ConfidenceChange, Curve, confidence_change, deletion, insertion
-from .road import ROAD, noisy_linear_imputation, road
 from .report import METRICS, MetricInfo, Report, evaluate
+from .road import ROAD, noisy_linear_imputation, road
 from .sanity import SIMILARITIES, Sanity, cascading_randomization, randomize_layers, sanity_check
 from .similarity import faithfulness, pearson, rankdata, spearman, ssim
 from .synthetic import SyntheticBoxes, boxes_dataset, colour_detector
 
 __all__ = [
     # localisation
-    "localization_box", "connected_components", "largest_component", "box_iou", "boxes_to_masks",
-    "localization_correct", "localization_errors", "Localization", "EMPTY_BOX", "pointing_game",
+    "localization_box",
+    "connected_components",
+    "largest_component",
+    "box_iou",
+    "boxes_to_masks",
+    "localization_correct",
+    "localization_errors",
+    "Localization",
+    "EMPTY_BOX",
+    "pointing_game",
     # removal
-    "deletion", "insertion", "Curve", "confidence_change", "ConfidenceChange", "road", "ROAD",
+    "deletion",
+    "insertion",
+    "Curve",
+    "confidence_change",
+    "ConfidenceChange",
+    "road",
+    "ROAD",
     "noisy_linear_imputation",
     # similarity
-    "faithfulness", "spearman", "pearson", "rankdata", "ssim",
+    "faithfulness",
+    "spearman",
+    "pearson",
+    "rankdata",
+    "ssim",
     # sanity
-    "sanity_check", "Sanity", "cascading_randomization", "randomize_layers", "SIMILARITIES",
+    "sanity_check",
+    "Sanity",
+    "cascading_randomization",
+    "randomize_layers",
+    "SIMILARITIES",
     # aggregation
-    "Report", "evaluate", "METRICS", "MetricInfo",
+    "Report",
+    "evaluate",
+    "METRICS",
+    "MetricInfo",
     # helpers
-    "saliency_order", "saliency_ranks", "pixel_saliency", "gaussian_blur",
-    "boxes_dataset", "colour_detector", "SyntheticBoxes",
+    "saliency_order",
+    "saliency_ranks",
+    "pixel_saliency",
+    "gaussian_blur",
+    "boxes_dataset",
+    "colour_detector",
+    "SyntheticBoxes",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,22 @@ class RemovalOptions:
 
 def check_fn(fn, who: str):
     if not callable(fn):
-        raise TypeError(f"{who}: fn must be a callable images -> scores (B, classes) (a model's apply "
-                        f"closure, an Equinox model, a tap); got {type(fn).__name__}.")
+        raise TypeError(
+            f"{who}: fn must be a callable images -> scores (B, classes) (a model's apply "
+            f"closure, an Equinox model, a tap); got {type(fn).__name__}."
+        )
 
 
 def check_maps(maps, images, who: str):
     """Maps must be (B, H, W) at the images' resolution."""
     if not hasattr(maps, "ndim") or maps.ndim != 3:
         shape = getattr(maps, "shape", type(maps).__name__)
-        hint = (" Collapse a per-channel attribution (B, H, W, C), e.g. Guided Backprop's, with "
-                "metrics.pixel_saliency." if getattr(maps, "ndim", 0) == 4 else "")
+        hint = (
+            " Collapse a per-channel attribution (B, H, W, C), e.g. Guided Backprop's, with "
+            "metrics.pixel_saliency."
+            if getattr(maps, "ndim", 0) == 4
+            else ""
+        )
         raise ValueError(f"{who}: maps must be (B, H, W); got {shape}.{hint}")
     if images is not None and tuple(maps.shape) != tuple(images.shape[:3]):
         raise ValueError(
@@ -71,8 +78,9 @@ def prepare_target(fn, images, target, who: str):
         target = np.asarray(target)  # here a list is one class per image, not K classes
     spec = target_spec(target, batch)  # the explainers' own target rules and messages
     if spec.kind != "index":
-        raise ValueError(f"{who}: target must be None, an int or an int array of shape ({batch},); "
-                         f"got {target!r}.")
+        raise ValueError(
+            f"{who}: target must be None, an int or an int array of shape ({batch},); got {target!r}."
+        )
     scores = scores_fn(fn)
     one = jax.ShapeDtypeStruct((1,) + tuple(images.shape[1:]), images.dtype)
     check_target_against(spec, lambda: jax.eval_shape(scores, one))
@@ -83,7 +91,9 @@ def class_scores(scores, target, softmax: bool):
     """``scores (N, classes)`` -> the target class's probability (``softmax``) or score ``(N,)``."""
     scores = scores.astype(jnp.float32)
     if scores.ndim != 2:
-        raise ValueError(f"The scores function must return (batch, classes); it returned shape {scores.shape}.")
+        raise ValueError(
+            f"The scores function must return (batch, classes); it returned shape {scores.shape}."
+        )
     if softmax:
         scores = jax.nn.softmax(scores, axis=-1)
     return jnp.take_along_axis(scores, target[:, None], axis=-1)[:, 0]
@@ -122,8 +132,11 @@ def saliency_ranks(maps):
     """Each pixel's position in :func:`saliency_order` (0 = most salient): ``(B, H, W)`` int32."""
     order = saliency_order(maps)
     b, n = order.shape
-    ranks = jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], order].set(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)))
+    ranks = (
+        jnp.zeros((b, n), jnp.int32)
+        .at[jnp.arange(b)[:, None], order]
+        .set(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)))
+    )
     return ranks.reshape(maps.shape)
 
 
@@ -197,7 +210,7 @@ def filter_axis(x, kernel: np.ndarray, axis: int, mode: str):
     elif mode != "valid":
         raise ValueError(f"mode={mode!r}")
     m = x.shape[axis] - 2 * r
-    out = 0.0
+    out: Any = 0.0
     for i, w in enumerate(kernel):
         out = out + float(w) * jax.lax.slice_in_dim(x, i, i + m, axis=axis)
     return out

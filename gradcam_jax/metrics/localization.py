@@ -14,8 +14,15 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "EMPTY_BOX", "connected_components", "largest_component", "localization_box", "box_iou",
-    "boxes_to_masks", "localization_correct", "Localization", "localization_errors",
+    "EMPTY_BOX",
+    "connected_components",
+    "largest_component",
+    "localization_box",
+    "box_iou",
+    "boxes_to_masks",
+    "localization_correct",
+    "Localization",
+    "localization_errors",
     "pointing_game",
 ]
 
@@ -29,7 +36,9 @@ _OFFSETS = {
 
 def _check_connectivity(connectivity) -> int:
     if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 (edge neighbours) or 8 (edges and corners); got {connectivity!r}.")
+        raise ValueError(
+            f"connectivity must be 4 (edge neighbours) or 8 (edges and corners); got {connectivity!r}."
+        )
     return int(connectivity)
 
 
@@ -45,7 +54,7 @@ def _labels_one(fg, connectivity: int):
         p = jnp.pad(lab, 1, constant_values=n)
         m = lab
         for dy, dx in offsets:
-            m = jnp.minimum(m, p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+            m = jnp.minimum(m, p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w])
         return jnp.where(fg, m, n)
 
     def jump(lab):
@@ -226,8 +235,9 @@ def _ground_truth(gt_boxes, gt_labels, gt_valid):
     return gt_boxes, gt_labels, gt_valid
 
 
-def localization_correct(pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid=None, *,
-                         iou_threshold: float = 0.5):
+def localization_correct(
+    pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid=None, *, iou_threshold: float = 0.5
+):
     """Which (class, box) guesses localise an object: ILSVRC's criterion.
 
     Guess ``k`` of image ``b`` is correct when its class equals the class of one of the image's
@@ -254,11 +264,15 @@ def localization_correct(pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid
         pred_classes = pred_classes[:, None]
     gt_boxes, gt_labels, gt_valid = _ground_truth(gt_boxes, gt_labels, gt_valid)
     if pred_boxes.shape[:2] != pred_classes.shape:
-        raise ValueError(f"localization_correct: pred_boxes {pred_boxes.shape} and pred_classes "
-                         f"{pred_classes.shape} disagree on (B, K).")
+        raise ValueError(
+            f"localization_correct: pred_boxes {pred_boxes.shape} and pred_classes "
+            f"{pred_classes.shape} disagree on (B, K)."
+        )
     if gt_labels.shape != gt_boxes.shape[:2] or gt_valid.shape != gt_boxes.shape[:2]:
-        raise ValueError(f"localization_correct: gt_boxes {gt_boxes.shape}, gt_labels {gt_labels.shape} "
-                         f"and gt_valid {gt_valid.shape} disagree on (B, M).")
+        raise ValueError(
+            f"localization_correct: gt_boxes {gt_boxes.shape}, gt_labels {gt_labels.shape} "
+            f"and gt_valid {gt_valid.shape} disagree on (B, M)."
+        )
     return _correct_jit(pred_boxes, pred_classes, gt_boxes, gt_labels, gt_valid, float(iou_threshold))
 
 
@@ -286,9 +300,17 @@ class Localization(NamedTuple):
         return self.top_k_error(5)
 
 
-def localization_errors(maps, pred_classes, gt_boxes, gt_labels, gt_valid=None, *,
-                        threshold: float = 0.15, iou_threshold: float = 0.5,
-                        connectivity: int = 8) -> Localization:
+def localization_errors(
+    maps,
+    pred_classes,
+    gt_boxes,
+    gt_labels,
+    gt_valid=None,
+    *,
+    threshold: float = 0.15,
+    iou_threshold: float = 0.5,
+    connectivity: int = 8,
+) -> Localization:
     """Top-1 / top-K localisation error of maps, as in Grad-CAM §4.1 (ILSVRC's protocol).
 
     For each image the model's top-K classes are the guesses (``pred_classes``, most probable
@@ -318,7 +340,9 @@ def localization_errors(maps, pred_classes, gt_boxes, gt_labels, gt_valid=None, 
     if pred_classes.ndim == 1:
         pred_classes = pred_classes[:, None]
     boxes = localization_box(maps, threshold, connectivity=connectivity)
-    correct = localization_correct(boxes, pred_classes, gt_boxes, gt_labels, gt_valid, iou_threshold=iou_threshold)
+    correct = localization_correct(
+        boxes, pred_classes, gt_boxes, gt_labels, gt_valid, iou_threshold=iou_threshold
+    )
     gt_boxes, gt_labels, valid = _ground_truth(gt_boxes, gt_labels, gt_valid)
     iou = box_iou(boxes[:, :, None, :], gt_boxes[:, None, :, :])
     same = (pred_classes[:, :, None] == gt_labels[:, None, :]) & valid[:, None, :]
@@ -373,6 +397,8 @@ def pointing_game(maps, masks, tolerance: float = 0):
     if masks.ndim == 2 and masks.shape == (maps.shape[0], 4):
         masks = boxes_to_masks(masks, maps.shape[1:])
     if masks.shape != maps.shape:
-        raise ValueError(f"pointing_game: masks must be (B, H, W) like the maps {maps.shape} or boxes "
-                         f"({maps.shape[0]}, 4); got shape {masks.shape}.")
+        raise ValueError(
+            f"pointing_game: masks must be (B, H, W) like the maps {maps.shape} or boxes "
+            f"({maps.shape[0]}, 4); got shape {masks.shape}."
+        )
     return _pointing_jit(maps, masks.astype(bool), jnp.asarray(tolerance, jnp.float32))

@@ -2,8 +2,9 @@
 
 Each metric perturbs the images according to the maps and reads the model's confidence in the
 explained class. All perturbed images of all steps are built on device, inside the loop that
-evaluates them, ``chunk_size`` images per forward pass (see ``gradcam_jax._chunking.map_in_chunks``), so nothing
-of size ``steps x B x H x W x C`` is ever materialised and the model is compiled once.
+evaluates them, ``chunk_size`` images per forward pass (see
+``gradcam_jax._chunking.map_in_chunks``), so nothing of size ``steps x B x H x W x C`` is
+ever materialised and the model is compiled once.
 
 Common arguments:
 
@@ -33,9 +34,19 @@ from .._callables import PytreeCallable, as_pytree
 from .._chunking import map_in_chunks
 from .._maps import check_image_batch, kernel
 from .._tap import scores_fn
-from ._common import (RemovalOptions, check_fn, check_maps, check_positive_int, class_scores,
-                      gaussian_blur, prepare_target, removal_counts, resolve_target, saliency_ranks,
-                      trapezoid)
+from ._common import (
+    RemovalOptions,
+    check_fn,
+    check_maps,
+    check_positive_int,
+    class_scores,
+    gaussian_blur,
+    prepare_target,
+    removal_counts,
+    resolve_target,
+    saliency_ranks,
+    trapezoid,
+)
 
 __all__ = ["Curve", "deletion", "insertion", "ConfidenceChange", "confidence_change"]
 
@@ -58,17 +69,19 @@ def _broadcast_fill(value, images, who):
     try:
         return jnp.broadcast_to(v, images.shape)
     except ValueError:
-        raise ValueError(f"{who}: the fill of shape {v.shape} does not broadcast to the images {images.shape}.") from None
+        raise ValueError(
+            f"{who}: the fill of shape {v.shape} does not broadcast to the images {images.shape}."
+        ) from None
 
 
 @kernel
-def curve_kernel(fn: PytreeCallable, images, fill, clean, maps, target, *, options: RemovalOptions):
+def curve_kernel(model: PytreeCallable, images, fill, clean, maps, target, *, options: RemovalOptions):
     """Scores of ``where(rank < cut_k, fill, images)`` for k = 0 .. n_steps, every image.
 
     ``clean``: the unperturbed images, whose top class is the target when ``target`` is None.
     """
     chunk, softmax, n_steps = options.chunk, options.softmax, options.n_steps
-    fn = scores_fn(fn.fn)
+    fn = scores_fn(model.fn)
     b, h, w, _ = images.shape
     target = resolve_target(fn, clean, target, chunk)
     ranks = saliency_ranks(maps)  # (B, H, W)
@@ -96,8 +109,17 @@ def _curve(who, fn, images, maps, target, start, fill, n_steps, chunk_size, soft
     return curve_kernel(as_pytree(fn), start, fill, images, maps, target, options=options)
 
 
-def deletion(fn, images, maps, target=None, *, n_steps: int = 50, baseline=0.0, chunk_size: int = 64,
-             softmax: bool = True) -> Curve:
+def deletion(
+    fn,
+    images,
+    maps,
+    target=None,
+    *,
+    n_steps: int = 50,
+    baseline=0.0,
+    chunk_size: int = 64,
+    softmax: bool = True,
+) -> Curve:
     """Deletion (Petsiuk et al. 2018): remove the most salient pixels first; lower AUC is better.
 
     Step ``k = 0 .. n_steps`` replaces the ``floor(k * H * W / n_steps)`` most salient pixels
@@ -129,8 +151,18 @@ def deletion(fn, images, maps, target=None, *, n_steps: int = 50, baseline=0.0, 
     return _curve("deletion", fn, images, maps, target, images, fill, n_steps, chunk_size, softmax)
 
 
-def insertion(fn, images, maps, target=None, *, n_steps: int = 50, blur_sigma: float = 5.0, canvas=None,
-              chunk_size: int = 64, softmax: bool = True) -> Curve:
+def insertion(
+    fn,
+    images,
+    maps,
+    target=None,
+    *,
+    n_steps: int = 50,
+    blur_sigma: float = 5.0,
+    canvas=None,
+    chunk_size: int = 64,
+    softmax: bool = True,
+) -> Curve:
     """Insertion (Petsiuk et al. 2018): reveal the most salient pixels first; higher AUC is better.
 
     Start from a blurred copy of each image (the *canvas*) and, at step ``k``, put back the
@@ -183,9 +215,9 @@ class ConfidenceChange(NamedTuple):
 
 
 @kernel
-def confidence_kernel(fn: PytreeCallable, images, maps, baseline, target, *, options: RemovalOptions):
+def confidence_kernel(model: PytreeCallable, images, maps, baseline, target, *, options: RemovalOptions):
     chunk, softmax = options.chunk, options.softmax
-    fn = scores_fn(fn.fn)
+    fn = scores_fn(model.fn)
     b = images.shape[0]
     target = resolve_target(fn, images, target, chunk)
     m = maps.astype(images.dtype)[..., None]
@@ -202,8 +234,9 @@ def confidence_kernel(fn: PytreeCallable, images, maps, baseline, target, *, opt
     return ConfidenceChange(drop, o > y, y, o)
 
 
-def confidence_change(fn, images, maps, target=None, *, baseline=0.0, chunk_size: int = 64,
-                      softmax: bool = True) -> ConfidenceChange:
+def confidence_change(
+    fn, images, maps, target=None, *, baseline=0.0, chunk_size: int = 64, softmax: bool = True
+) -> ConfidenceChange:
     """Average Drop % and Increase in Confidence % (Chattopadhay et al. 2018).
 
     With ``Y`` the explained class's probability on the image and ``O`` on the

@@ -9,7 +9,8 @@ truth allows for one method's maps.
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,16 @@ class MetricInfo(NamedTuple):
     description: str
 
 
-METRICS: Dict[str, MetricInfo] = {
-    "loc_error": MetricInfo(False, 100.0, "loc err top-1 %", "top-1 localisation error (Grad-CAM §4.1): wrong class or box IoU < 0.5"),
-    "loc_error_top5": MetricInfo(False, 100.0, "loc err top-5 %", "top-5 localisation error: none of the 5 (class, box) guesses right"),
+METRICS: dict[str, MetricInfo] = {
+    "loc_error": MetricInfo(
+        False,
+        100.0,
+        "loc err top-1 %",
+        "top-1 localisation error (Grad-CAM §4.1): wrong class or box IoU < 0.5",
+    ),
+    "loc_error_top5": MetricInfo(
+        False, 100.0, "loc err top-5 %", "top-5 localisation error: none of the 5 (class, box) guesses right"
+    ),
     "iou": MetricInfo(True, 1.0, "box IoU", "IoU of the 15%-threshold box with the ground-truth box"),
     "pointing": MetricInfo(True, 100.0, "pointing %", "pointing game hit rate, no tolerance"),
     "pointing_15": MetricInfo(True, 100.0, "pointing@15 %", "pointing game hit rate, 15-pixel tolerance"),
@@ -44,8 +52,12 @@ METRICS: Dict[str, MetricInfo] = {
     "insertion": MetricInfo(True, 1.0, "insertion AUC", "insertion AUC (RISE)"),
     "avg_drop": MetricInfo(False, 1.0, "avg drop %", "Average Drop % (Grad-CAM++)"),
     "increase": MetricInfo(True, 100.0, "increase %", "Increase in Confidence % (Grad-CAM++)"),
-    "road_morf": MetricInfo(False, 1.0, "ROAD MoRF", "ROAD, most relevant first: mean probability over fractions"),
-    "road_lerf": MetricInfo(True, 1.0, "ROAD LeRF", "ROAD, least relevant first: mean probability over fractions"),
+    "road_morf": MetricInfo(
+        False, 1.0, "ROAD MoRF", "ROAD, most relevant first: mean probability over fractions"
+    ),
+    "road_lerf": MetricInfo(
+        True, 1.0, "ROAD LeRF", "ROAD, least relevant first: mean probability over fractions"
+    ),
     "road_gap": MetricInfo(True, 1.0, "ROAD LeRF-MoRF", "ROAD: LeRF minus MoRF, mean over fractions"),
     "faithfulness": MetricInfo(True, 1.0, "faithfulness", "Spearman correlation with the occlusion map"),
 }
@@ -72,9 +84,9 @@ class Report:
     unknown metrics count higher as better).
     """
 
-    def __init__(self, title: Optional[str] = None):
+    def __init__(self, title: str | None = None):
         self.title = title
-        self._values: Dict[str, Dict[str, list]] = {}
+        self._values: dict[str, dict[str, list]] = {}
 
     def add(self, method: str, **metrics) -> None:
         """Append per-image values (arrays ``(B,)``, lists, scalars) of ``method``."""
@@ -117,10 +129,10 @@ class Report:
             return float("nan")
         return float(np.std(v, ddof=1) / math.sqrt(v.size) * _info(metric).scale)
 
-    def means(self) -> Dict[str, Dict[str, float]]:
+    def means(self) -> dict[str, dict[str, float]]:
         return {m: {k: self.mean(m, k) for k in self.metrics} for m in self.methods}
 
-    def better(self, a: str, b: str) -> Dict[str, bool]:
+    def better(self, a: str, b: str) -> dict[str, bool]:
         """For each metric both methods have: is ``a``'s mean strictly better than ``b``'s?"""
         out = {}
         for k in self.metrics:
@@ -130,7 +142,7 @@ class Report:
             out[k] = ma > mb if _info(k).higher else ma < mb
         return out
 
-    def table(self, metrics: Optional[Sequence[str]] = None, *, sem: bool = False, digits: int = 3) -> str:
+    def table(self, metrics: Sequence[str] | None = None, *, sem: bool = False, digits: int = 3) -> str:
         """A Markdown table: one row per method, one column per metric (mean over images)."""
         metrics = self.metrics if metrics is None else list(metrics)
         heads = [f"{_info(k).label} {'↑' if _info(k).higher else '↓'}" for k in metrics]
@@ -152,18 +164,33 @@ class Report:
             rows.append([m] + cells)
         head = ["method"] + heads
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        fmt = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+
+        def fmt(r):
+            cells = (
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+            return "| " + " | ".join(cells) + " |"
+
         lines = []
         if self.title:
             lines.append(self.title)
             lines.append("")
         lines.append(fmt(head))
-        lines.append("|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|")
+        lines.append(
+            "|"
+            + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths))
+            + "|"
+        )
         lines += [fmt(r) for r in rows]
-        n = {m: max((sum(a.size for a in v) for v in self._values[m].values()), default=0) for m in self.methods}
+        n = {
+            m: max((sum(a.size for a in v) for v in self._values[m].values()), default=0)
+            for m in self.methods
+        }
         lines.append("")
-        lines.append("means over images (n = " + ", ".join(f"{m}: {c}" for m, c in n.items()) + "); "
-                     "↑ higher is better, ↓ lower is better")
+        lines.append(
+            "means over images (n = " + ", ".join(f"{m}: {c}" for m, c in n.items()) + "); "
+            "↑ higher is better, ↓ lower is better"
+        )
         return "\n".join(lines)
 
     def __str__(self):
@@ -173,11 +200,27 @@ class Report:
         return f"Report({self.title!r}, methods={self.methods}, metrics={self.metrics})"
 
 
-def evaluate(fn, images, maps, target=None, *, key=None, boxes=None, labels=None, masks=None,
-             occlusion_maps=None, n_steps: int = 50, blur_sigma: float = 5.0, baseline=0.0,
-             road_fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), road_noise: float = 0.01,
-             chunk_size: int = 64, threshold: float = 0.15, tolerance: float = 15.0,
-             softmax: bool = True) -> Dict[str, jax.Array]:
+def evaluate(
+    fn,
+    images,
+    maps,
+    target=None,
+    *,
+    key=None,
+    boxes=None,
+    labels=None,
+    masks=None,
+    occlusion_maps=None,
+    n_steps: int = 50,
+    blur_sigma: float = 5.0,
+    baseline=0.0,
+    road_fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    road_noise: float = 0.01,
+    chunk_size: int = 64,
+    threshold: float = 0.15,
+    tolerance: float = 15.0,
+    softmax: bool = True,
+) -> dict[str, jax.Array]:
     """Every metric the given ground truth allows, per image, for one method's maps.
 
     Always: ``deletion``, ``insertion`` (:func:`deletion`, :func:`insertion`), ``avg_drop``,
@@ -192,19 +235,39 @@ def evaluate(fn, images, maps, target=None, *, key=None, boxes=None, labels=None
     ``maps`` are ``(B, H, W)`` in [0, 1] (:func:`confidence_change` uses them as a mask). The
     result feeds :meth:`Report.add` directly: ``report.add("grad_cam", **evaluate(...))``.
     """
-    out: Dict[str, jax.Array] = {}
+    out: dict[str, jax.Array] = {}
     if target is None:  # resolve once, so that every metric explains the same class
         target = jnp.argmax(scores_fn(fn)(images), axis=-1).astype(jnp.int32)
-    out["deletion"] = deletion(fn, images, maps, target, n_steps=n_steps, baseline=baseline,
-                               chunk_size=chunk_size, softmax=softmax).auc
-    out["insertion"] = insertion(fn, images, maps, target, n_steps=n_steps, blur_sigma=blur_sigma,
-                                 chunk_size=chunk_size, softmax=softmax).auc
-    cc = confidence_change(fn, images, maps, target, baseline=baseline, chunk_size=chunk_size, softmax=softmax)
+    out["deletion"] = deletion(
+        fn, images, maps, target, n_steps=n_steps, baseline=baseline, chunk_size=chunk_size, softmax=softmax
+    ).auc
+    out["insertion"] = insertion(
+        fn,
+        images,
+        maps,
+        target,
+        n_steps=n_steps,
+        blur_sigma=blur_sigma,
+        chunk_size=chunk_size,
+        softmax=softmax,
+    ).auc
+    cc = confidence_change(
+        fn, images, maps, target, baseline=baseline, chunk_size=chunk_size, softmax=softmax
+    )
     out["avg_drop"] = cc.drop
     out["increase"] = cc.increase
     if key is not None:
-        rd = road(fn, images, maps, target, key=key, fractions=road_fractions, noise=road_noise,
-                  chunk_size=chunk_size, softmax=softmax)
+        rd = road(
+            fn,
+            images,
+            maps,
+            target,
+            key=key,
+            fractions=road_fractions,
+            noise=road_noise,
+            chunk_size=chunk_size,
+            softmax=softmax,
+        )
         out["road_morf"] = jnp.mean(rd.morf, axis=-1)
         out["road_lerf"] = jnp.mean(rd.lerf, axis=-1)
         out["road_gap"] = rd.gap

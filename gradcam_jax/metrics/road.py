@@ -17,8 +17,16 @@ from .._callables import PytreeCallable, as_pytree
 from .._chunking import map_in_chunks
 from .._maps import check_image_batch, kernel
 from .._tap import scores_fn
-from ._common import (RemovalOptions, check_fn, check_maps, check_positive_int, class_scores, prepare_target,
-                      resolve_target, saliency_ranks)
+from ._common import (
+    RemovalOptions,
+    check_fn,
+    check_maps,
+    check_positive_int,
+    class_scores,
+    prepare_target,
+    resolve_target,
+    saliency_ranks,
+)
 
 __all__ = ["ROAD", "road", "noisy_linear_imputation"]
 
@@ -27,14 +35,19 @@ __all__ = ["ROAD", "road", "noisy_linear_imputation"]
 # ROAD: noisy linear imputation
 # --------------------------------------------------------------------------------------------
 
+
 def _positive(v) -> bool:
     """``v > 0`` for a concrete number; a traced value counts as positive (a key is needed)."""
     return isinstance(v, jax.core.Tracer) or float(v) > 0
 
 
 # (dy, dx, weight): edge neighbours 1/6, diagonal neighbours 1/12 (they sum to 1).
-_NEIGHBOURS = tuple((dy, dx, 1.0 / 6.0 if dy == 0 or dx == 0 else 1.0 / 12.0)
-                    for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+_NEIGHBOURS = tuple(
+    (dy, dx, 1.0 / 6.0 if dy == 0 or dx == 0 else 1.0 / 12.0)
+    for dy in (-1, 0, 1)
+    for dx in (-1, 0, 1)
+    if (dy, dx) != (0, 0)
+)
 
 
 def _neighbour_sum(v):
@@ -44,12 +57,13 @@ def _neighbour_sum(v):
     p = jnp.pad(v, pad)
     out = jnp.zeros_like(v)
     for dy, dx, wt in _NEIGHBOURS:
-        out = out + wt * p[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w, :]
+        out = out + wt * p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w, :]
     return out
 
 
-def noisy_linear_imputation(images, removed, key=None, *, noise: float = 0.01, tol: float = 1e-4,
-                            max_iter: int = 1000):
+def noisy_linear_imputation(
+    images, removed, key=None, *, noise: float = 0.01, tol: float = 1e-4, max_iter: int = 1000
+):
     """Fill removed pixels with the weighted mean of their neighbours, plus noise (ROAD).
 
     For the removed pixels ``R`` the values ``v`` solve the linear system, one per image and
@@ -89,7 +103,9 @@ def noisy_linear_imputation(images, removed, key=None, *, noise: float = 0.01, t
         raise ValueError(f"noisy_linear_imputation: images must be (B, H, W, C); got {images.shape}.")
     removed = jnp.asarray(removed, bool)
     if removed.shape != images.shape[:3]:
-        raise ValueError(f"noisy_linear_imputation: removed must be (B, H, W) = {images.shape[:3]}; got {removed.shape}.")
+        raise ValueError(
+            f"noisy_linear_imputation: removed must be (B, H, W) = {images.shape[:3]}; got {removed.shape}."
+        )
     if key is None and _positive(noise):
         raise ValueError("noisy_linear_imputation: pass key= (a jax.random key) for the noise, or noise=0.")
     if key is None:
@@ -161,7 +177,9 @@ def _impute(images, removed, tol, max_iter, levels: int = 1):
         v0 = jax.image.resize(coarse, x.shape, "linear")
     else:
         n_keep = jnp.sum(keep, axis=(1, 2), keepdims=True)
-        v0 = jnp.broadcast_to(jnp.sum(keep * x, axis=(1, 2), keepdims=True) / jnp.maximum(n_keep, 1.0), x.shape)
+        v0 = jnp.broadcast_to(
+            jnp.sum(keep * x, axis=(1, 2), keepdims=True) / jnp.maximum(n_keep, 1.0), x.shape
+        )
     v = _cg(x, r_mask, v0, tol, max_iter)
     return keep * x + r_mask * v
 
@@ -191,9 +209,11 @@ class ROAD(NamedTuple):
 
 
 @kernel
-def road_kernel(fn: PytreeCallable, images, maps, target, key, noise, tol, max_iter, *, options: RemovalOptions):
+def road_kernel(
+    model: PytreeCallable, images, maps, target, key, noise, tol, max_iter, *, options: RemovalOptions
+):
     chunk, softmax, counts = options.chunk, options.softmax, options.counts
-    fn = scores_fn(fn.fn)
+    fn = scores_fn(model.fn)
     b, h, w, _ = images.shape
     n_pix = h * w
     target = resolve_target(fn, images, target, chunk)
@@ -209,7 +229,9 @@ def road_kernel(fn: PytreeCallable, images, maps, target, key, noise, tol, max_i
         cnt = counts_arr[j][:, None, None]
         removed = jnp.where((lerf == 1)[:, None, None], r >= n_pix - cnt, r < cnt)
         x = _impute(images[img], removed, tol, max_iter)
-        eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), images.shape[1:], jnp.float32))(idx)
+        eps = jax.vmap(
+            lambda i: jax.random.normal(jax.random.fold_in(key, i), images.shape[1:], jnp.float32)
+        )(idx)
         x = x + jnp.where(removed[..., None], noise * eps, 0.0)
         scores = fn(x.astype(images.dtype))
         prob = class_scores(scores, target[img], softmax)
@@ -221,9 +243,20 @@ def road_kernel(fn: PytreeCallable, images, maps, target, key, noise, tol, max_i
     return prob, ok
 
 
-def road(fn, images, maps, target=None, *, key=None, fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-         noise: float = 0.01, chunk_size: int = 32, softmax: bool = True, tol: float = 1e-4,
-         max_iter: int = 1000) -> ROAD:
+def road(
+    fn,
+    images,
+    maps,
+    target=None,
+    *,
+    key=None,
+    fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    noise: float = 0.01,
+    chunk_size: int = 32,
+    softmax: bool = True,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+) -> ROAD:
     """ROAD: RemOve And Debias (Rong et al. 2022), both orders, with noisy linear imputation.
 
     For each fraction ``f`` the ``round(f * H * W)`` most relevant pixels (MoRF) — or the least
@@ -261,7 +294,9 @@ def road(fn, images, maps, target=None, *, key=None, fractions: Sequence[float] 
     chunk = check_positive_int(chunk_size, "chunk_size", who)
     fr = np.asarray(fractions, np.float64).reshape(-1)
     if fr.size == 0 or np.any(fr < 0) or np.any(fr > 1):
-        raise ValueError(f"{who}: fractions must be a non-empty list of numbers in [0, 1]; got {fractions!r}.")
+        raise ValueError(
+            f"{who}: fractions must be a non-empty list of numbers in [0, 1]; got {fractions!r}."
+        )
     if key is None and _positive(noise):
         raise ValueError(f"{who}: pass key= (a jax.random key) for the imputation noise, or noise=0.")
     if key is None:
@@ -270,6 +305,15 @@ def road(fn, images, maps, target=None, *, key=None, fractions: Sequence[float] 
     counts = tuple(int(c) for c in np.round(fr * n_pix).astype(np.int64))
     target = prepare_target(fn, images, target, who)
     options = RemovalOptions(chunk, bool(softmax), counts=counts)
-    prob, ok = road_kernel(as_pytree(fn), images, maps, target, key, jnp.float32(noise), jnp.float32(tol),
-                           jnp.int32(max_iter), options=options)
+    prob, ok = road_kernel(
+        as_pytree(fn),
+        images,
+        maps,
+        target,
+        key,
+        jnp.float32(noise),
+        jnp.float32(tol),
+        jnp.int32(max_iter),
+        options=options,
+    )
     return ROAD(prob[0], prob[1], ok[0], ok[1], jnp.asarray(fr, jnp.float32))

@@ -10,7 +10,8 @@ pass); Guided Backprop and Guided Grad-CAM stay almost the same down to the lowe
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def _set_path(tree, parts, value):
     return out
 
 
-def _layer_parts(layer: str) -> List[str]:
+def _layer_parts(layer: str) -> list[str]:
     parts = [p for p in str(layer).replace(".", "/").split("/") if p]
     if not parts:
         raise ValueError(f"randomize_layers: empty layer name {layer!r}.")
@@ -69,8 +70,14 @@ def _shuffle_leaf(key, leaf):
     return _permute(key, leaf)
 
 
-def randomize_layers(variables, layers: Sequence[str], *, key=None, random_variables=None,
-                     collections: Optional[Sequence[str]] = None):
+def randomize_layers(
+    variables,
+    layers: Sequence[str],
+    *,
+    key=None,
+    random_variables=None,
+    collections: Sequence[str] | None = None,
+):
     """The same variables with the given layers re-initialised (all of them at once).
 
     Args:
@@ -103,7 +110,9 @@ def randomize_layers(variables, layers: Sequence[str], *, key=None, random_varia
         found = False
         for c, col in enumerate(cols):
             if col not in out:
-                raise ValueError(f"randomize_layers: no collection {col!r}; the variables hold {sorted(out)}.")
+                raise ValueError(
+                    f"randomize_layers: no collection {col!r}; the variables hold {sorted(out)}."
+                )
             sub = _get_path(out[col], parts)
             if sub is None:
                 continue
@@ -111,23 +120,32 @@ def randomize_layers(variables, layers: Sequence[str], *, key=None, random_varia
             if rand is not None:
                 new = _get_path(rand.get(col, {}), parts)
                 if new is None:
-                    raise ValueError(f"randomize_layers: random_variables has no {col}/{'/'.join(parts)}; "
-                                     f"initialise the same module.")
+                    raise ValueError(
+                        f"randomize_layers: random_variables has no {col}/{'/'.join(parts)}; "
+                        f"initialise the same module."
+                    )
             else:
                 leaves, treedef = jax.tree_util.tree_flatten(sub)
-                keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, i), c), max(len(leaves), 1))
-                new = jax.tree_util.tree_unflatten(treedef, [_shuffle_leaf(k, l) for k, l in zip(keys, leaves)])
+                keys = jax.random.split(
+                    jax.random.fold_in(jax.random.fold_in(key, i), c), max(len(leaves), 1)
+                )
+                new = jax.tree_util.tree_unflatten(
+                    treedef, [_shuffle_leaf(k, leaf) for k, leaf in zip(keys, leaves, strict=True)]
+                )
             out = dict(out)
             out[col] = _set_path(out[col], parts, new)
         if not found:
             names = sorted({k for col in cols if isinstance(out.get(col), Mapping) for k in out[col]})
-            raise ValueError(f"randomize_layers: layer {layer!r} is in none of the collections {cols}. "
-                             f"Top-level layers: {', '.join(names[:60])}.")
+            raise ValueError(
+                f"randomize_layers: layer {layer!r} is in none of the collections {cols}. "
+                f"Top-level layers: {', '.join(names[:60])}."
+            )
     return out
 
 
-def cascading_randomization(variables, layers: Sequence[str], *, key=None, random_variables=None,
-                            collections=None) -> List[Tuple[str, object]]:
+def cascading_randomization(
+    variables, layers: Sequence[str], *, key=None, random_variables=None, collections=None
+) -> list[tuple[str, object]]:
     """The cascade: ``[("original", variables), (layers[0], ...), (layers[1], ...), ...]``.
 
     Step ``i`` has ``layers[0] ... layers[i]`` re-initialised (:func:`randomize_layers`), so
@@ -138,8 +156,13 @@ def cascading_randomization(variables, layers: Sequence[str], *, key=None, rando
     steps = [("original", variables)]
     current = variables
     for i, layer in enumerate(layers):
-        current = randomize_layers(current, [layer], key=None if key is None else jax.random.fold_in(key, i),
-                                   random_variables=random_variables, collections=collections)
+        current = randomize_layers(
+            current,
+            [layer],
+            key=None if key is None else jax.random.fold_in(key, i),
+            random_variables=random_variables,
+            collections=collections,
+        )
         steps.append((str(layer), current))
     return steps
 
@@ -149,7 +172,9 @@ def _as_maps(m, reduce):
     if m.ndim == 4:
         m = pixel_saliency(m, reduce)
     if m.ndim != 3:
-        raise ValueError(f"sanity_check: explain must return (B, H, W) maps or (B, H, W, C) attributions; got {m.shape}.")
+        raise ValueError(
+            f"sanity_check: explain must return (B, H, W) maps or (B, H, W, C) attributions; got {m.shape}."
+        )
     return m
 
 
@@ -160,7 +185,7 @@ def _unit(m):
     return jnp.where(top > 0, a / jnp.where(top > 0, top, 1.0), 0.0)
 
 
-SIMILARITIES: Dict[str, Callable] = {
+SIMILARITIES: dict[str, Callable] = {
     "spearman": lambda a, b: spearman(a, b),
     "spearman_abs": lambda a, b: spearman(a, b, absolute=True),
     "ssim": lambda a, b: ssim(_unit(a), _unit(b), data_range=1.0),
@@ -176,30 +201,42 @@ class Sanity(NamedTuple):
     W)``, when kept.
     """
 
-    steps: Tuple[str, ...]
-    similarity: Dict[str, np.ndarray]
-    maps: Optional[jax.Array] = None
+    steps: tuple[str, ...]
+    similarity: dict[str, np.ndarray]
+    maps: jax.Array | None = None
 
     def mean(self, name: str = "spearman_abs") -> np.ndarray:
         """The mean similarity over images at each step ``(len(steps),)``."""
         return np.asarray(self.similarity[name]).mean(axis=1)
 
-    def table(self, names: Optional[Sequence[str]] = None, fmt: str = "{:.3f}") -> str:
+    def table(self, names: Sequence[str] | None = None, fmt: str = "{:.3f}") -> str:
         names = list(self.similarity) if names is None else list(names)
         width = max(len(s) for s in self.steps + ("step",))
         lines = [f"{'step':<{width}} | " + " | ".join(f"{n:>12}" for n in names)]
         lines.append("-" * len(lines[0]))
         for i, step in enumerate(self.steps):
-            lines.append(f"{step:<{width}} | " + " | ".join(f"{fmt.format(self.mean(n)[i]):>12}" for n in names))
+            lines.append(
+                f"{step:<{width}} | " + " | ".join(f"{fmt.format(self.mean(n)[i]):>12}" for n in names)
+            )
         return "\n".join(lines)
 
     def __str__(self):
         return self.table()
 
 
-def sanity_check(explain: Callable, variables, layers: Sequence[str], images, *, key=None,
-                 random_variables=None, collections=None, similarities: Sequence[str] = ("spearman", "spearman_abs", "ssim"),
-                 reduce: str = "abs_sum", keep_maps: bool = False) -> Sanity:
+def sanity_check(
+    explain: Callable,
+    variables,
+    layers: Sequence[str],
+    images,
+    *,
+    key=None,
+    random_variables=None,
+    collections=None,
+    similarities: Sequence[str] = ("spearman", "spearman_abs", "ssim"),
+    reduce: str = "abs_sum",
+    keep_maps: bool = False,
+) -> Sanity:
     """Cascading model-parameter randomisation test (Adebayo et al. 2018).
 
     For the trained ``variables`` and after each step of :func:`cascading_randomization` (the
@@ -241,11 +278,14 @@ def sanity_check(explain: Callable, variables, layers: Sequence[str], images, *,
     """
     for name in similarities:
         if name not in SIMILARITIES:
-            raise ValueError(f"sanity_check: unknown similarity {name!r}; available: {', '.join(SIMILARITIES)}.")
-    cascade = cascading_randomization(variables, layers, key=key, random_variables=random_variables,
-                                      collections=collections)
+            raise ValueError(
+                f"sanity_check: unknown similarity {name!r}; available: {', '.join(SIMILARITIES)}."
+            )
+    cascade = cascading_randomization(
+        variables, layers, key=key, random_variables=random_variables, collections=collections
+    )
     base = None
-    sims: Dict[str, list] = {n: [] for n in similarities}
+    sims: dict[str, list] = {n: [] for n in similarities}
     kept = []
     for _, v in cascade:
         m = _as_maps(explain(v, images), reduce)
@@ -255,5 +295,8 @@ def sanity_check(explain: Callable, variables, layers: Sequence[str], images, *,
             sims[n].append(np.asarray(SIMILARITIES[n](base, m)))
         if keep_maps:
             kept.append(m)
-    return Sanity(tuple(s for s, _ in cascade), {n: np.stack(v) for n, v in sims.items()},
-                  jnp.stack(kept) if keep_maps else None)
+    return Sanity(
+        tuple(s for s, _ in cascade),
+        {n: np.stack(v) for n, v in sims.items()},
+        jnp.stack(kept) if keep_maps else None,
+    )

@@ -94,7 +94,9 @@ def spearman(a, b, *, absolute: bool = False):
     if a.shape != b.shape:
         raise ValueError(f"spearman: the two batches of maps differ in shape: {a.shape} vs {b.shape}.")
     if a.ndim < 2:
-        raise ValueError(f"spearman: maps must be (B, ...) with at least one axis after the batch; got {a.shape}.")
+        raise ValueError(
+            f"spearman: maps must be (B, ...) with at least one axis after the batch; got {a.shape}."
+        )
     return _spearman_jit(a, b, bool(absolute))
 
 
@@ -111,12 +113,20 @@ def _ssim_jit(a, b, data_range, sigma, truncate, k1, k2):
     s_ab = filt(a * b) - mu_a * mu_b
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
     return jnp.mean(s, axis=(1, 2))
 
 
-def ssim(a, b, *, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
-         k1: float = 0.01, k2: float = 0.03):
+def ssim(
+    a,
+    b,
+    *,
+    data_range: float = 1.0,
+    sigma: float = 1.5,
+    truncate: float = 3.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+):
     """Structural similarity (Wang et al. 2004) of each pair of maps ``(B, H, W)``: ``(B,)``.
 
     Local statistics under a Gaussian window (``sigma = 1.5``, radius
@@ -133,11 +143,17 @@ def ssim(a, b, *, data_range: float = 1.0, sigma: float = 1.5, truncate: float =
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     if a.shape != b.shape or a.ndim != 3:
-        raise ValueError(f"ssim: both inputs must be (B, H, W) of the same shape; got {a.shape} and {b.shape}.")
+        raise ValueError(
+            f"ssim: both inputs must be (B, H, W) of the same shape; got {a.shape} and {b.shape}."
+        )
     width = 2 * int(truncate * sigma + 0.5) + 1
     if min(a.shape[1:]) < width:
-        raise ValueError(f"ssim: maps of {a.shape[1]}x{a.shape[2]} are smaller than the {width}x{width} window.")
-    return _ssim_jit(a, b, jnp.asarray(data_range, jnp.float32), float(sigma), float(truncate), float(k1), float(k2))
+        raise ValueError(
+            f"ssim: maps of {a.shape[1]}x{a.shape[2]} are smaller than the {width}x{width} window."
+        )
+    return _ssim_jit(
+        a, b, jnp.asarray(data_range, jnp.float32), float(sigma), float(truncate), float(k1), float(k2)
+    )
 
 
 def faithfulness(maps, occlusion_maps):

@@ -30,8 +30,17 @@ class SyntheticBoxes(NamedTuple):
     masks: jax.Array
 
 
-def boxes_dataset(seed: int, n: int, size: int = 32, *, n_classes: int = 3, min_side: int = None,
-                  max_side: int = None, noise: float = 0.1, background: float = 0.3) -> SyntheticBoxes:
+def boxes_dataset(
+    seed: int,
+    n: int,
+    size: int = 32,
+    *,
+    n_classes: int = 3,
+    min_side: int | None = None,
+    max_side: int | None = None,
+    noise: float = 0.1,
+    background: float = 0.3,
+) -> SyntheticBoxes:
     """``n`` images of one coloured rectangle on grey noise, with their boxes and classes.
 
     Class ``c < 3`` is a rectangle of value 1 in colour channel ``c`` and 0 in the others; the
@@ -55,8 +64,8 @@ def boxes_dataset(seed: int, n: int, size: int = 32, *, n_classes: int = 3, min_
         x0 = r.integers(0, size - w + 1)
         colour = np.zeros(3, np.float32)
         colour[labels[i]] = 1.0
-        images[i, y0:y0 + h, x0:x0 + w] = colour
-        masks[i, y0:y0 + h, x0:x0 + w] = True
+        images[i, y0 : y0 + h, x0 : x0 + w] = colour
+        masks[i, y0 : y0 + h, x0 : x0 + w] = True
         boxes[i] = (y0, x0, y0 + h - 1, x0 + w - 1)
     images += (noise * r.standard_normal(images.shape)).astype(np.float32)
     return SyntheticBoxes(jnp.asarray(images), jnp.asarray(boxes), jnp.asarray(labels), jnp.asarray(masks))
@@ -80,8 +89,14 @@ def colour_detector(n_classes: int = 3, *, gain: float = 40.0, bias: float = -0.
     kernel = jnp.asarray(k)
 
     def features(x):
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         precision=jax.lax.Precision.HIGHEST)
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         return jax.nn.relu(y + bias)
 
     def head(a):
