@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The peer comparison on a GPU: one prepared run of benchmarks/compare_peers.py --gpu
+# The peer comparison on a GPU: one prepared run of `python -m benchmarks.compare_peers --gpu`
 # (ResNet-50 and EfficientNet-Lite0, batch 256, 224 px, float32 then bfloat16), for a lent
 # H100/H200 that has no network.
 #
@@ -15,7 +15,7 @@
 #
 #      bash benchmarks/gpu.sh                 # float32, then bfloat16
 #      bash benchmarks/gpu.sh float32         # one dtype only (e.g. to split across two calls)
-#      MODELS=resnet50 bash benchmarks/gpu.sh all --repeats 5   # one model; extra flags go to compare_peers.py
+#      MODELS=resnet50 bash benchmarks/gpu.sh all --repeats 5   # one model; extra flags go to compare_peers
 #
 #    It needs a Python with torch + torchvision (CUDA), jax with its CUDA plugin, flax, optax,
 #    opencv, Pillow, scikit-learn, scipy, tqdm and matplotlib already installed (PYTHON=...,
@@ -28,7 +28,7 @@
 #    One process per model and dtype (MODELS="resnet50" to run one model). Results go to $OUT (if set,
 #    as on a lent machine) else build/gpu-results/: compare_peers-<model>-<dtype>.json (every figure,
 #    written as the run goes) and compare_peers-gpu.md (the tables of all of them); the tables also
-#    print to stdout. `python benchmarks/compare_peers.py --from-json FILES --markdown OUT.md`
+#    print to stdout. `python -m benchmarks.compare_peers --from-json FILES --markdown OUT.md`
 #    rebuilds the report from the JSON files anywhere.
 #
 # Expected cost on one H100/H200 (not measured yet): a few minutes per dtype, most of it XLA
@@ -58,7 +58,7 @@ case "$WHICH" in
   all) DTYPES=(float32 bfloat16) ;;
   float32|bfloat16) DTYPES=("$WHICH") ;;
   -*) WHICH=all; DTYPES=(float32 bfloat16) ;;
-  *) echo "usage: bash benchmarks/gpu.sh [--prepare | all | float32 | bfloat16] [compare_peers.py flags]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu.sh [--prepare | all | float32 | bfloat16] [compare_peers flags]" >&2; exit 2 ;;
 esac
 [ "${1:-}" = "$WHICH" ] && shift || true
 
@@ -73,7 +73,7 @@ if [ "${PEERS_FROM_WHEELS:-0}" = 1 ] || \
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     echo "The peers are not importable by $PYTHON and $WHEELS/ holds no wheels." >&2
     echo "Run 'bash benchmarks/gpu.sh --prepare' where pip reaches PyPI and carry $WHEELS here;" >&2
-    echo "compare_peers.py would measure gradcam_jax alone. Continuing anyway." >&2
+    echo "compare_peers would measure gradcam_jax alone. Continuing anyway." >&2
   else
     SITE="$(mktemp -d /tmp/gradcam-peers.XXXXXX)"
     trap 'rm -rf "$SITE"' EXIT
@@ -107,18 +107,18 @@ MODELS="${MODELS:-resnet50 efficientnet_lite0}"
 status=0
 for dtype in "${DTYPES[@]}"; do
   for model in $MODELS; do
-    echo "=== compare_peers.py --gpu --models $model --dtypes $dtype $* ==="
+    echo "=== compare_peers --gpu --models $model --dtypes $dtype $* ==="
     set +e
-    "$PYTHON" benchmarks/compare_peers.py --gpu --models "$model" --dtypes "$dtype" \
+    "$PYTHON" -m benchmarks.compare_peers --gpu --models "$model" --dtypes "$dtype" \
         --json "$RESULTS/compare_peers-$model-$dtype.json" "$@"
     rc=$?
     set -e
-    [ "$rc" -eq 0 ] || { echo "compare_peers.py --models $model --dtypes $dtype exited with $rc" >&2; status=$rc; }
+    [ "$rc" -eq 0 ] || { echo "compare_peers --models $model --dtypes $dtype exited with $rc" >&2; status=$rc; }
   done
 done
 # One Markdown report of every run so far (the JSON files are written as each run goes, so a run
 # cut short still leaves what it measured; rerun this line to rebuild the report from them).
-"$PYTHON" benchmarks/compare_peers.py --from-json "$RESULTS"/compare_peers-*.json \
+"$PYTHON" -m benchmarks.compare_peers --from-json "$RESULTS"/compare_peers-*.json \
     --markdown "$RESULTS/compare_peers-gpu.md" >/dev/null || status=1
 echo "results in $RESULTS/: compare_peers-<model>-<dtype>.json (every figure), compare_peers-gpu.md (all tables)"
 exit "$status"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or update) the benchmark environment for benchmarks/compare_peers.py: a separate
+# Create (or update) the benchmark environment for benchmarks.compare_peers: a separate
 # virtualenv OUTSIDE the repository with the peers gradcam_jax is compared against.
 #
 #   bash benchmarks/setup_peers.sh                  # -> ../bench-venv beside the repository
@@ -16,7 +16,7 @@
 # Idempotent: an existing environment is reused and only what is missing or at another version
 # is installed; a second run with everything in place takes seconds. Then:
 #
-#   "$BENCH_VENV/bin/python" benchmarks/compare_peers.py --quick
+#   "$BENCH_VENV/bin/python" -m benchmarks.compare_peers --quick     # from the repository root
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -64,4 +64,4 @@ import importlib.metadata as md
 names = ("torch", "torchvision", "grad-cam", "captum", "efficientnet-lite-pytorch", "jax", "flax", "gradcam-jax")
 print("  " + ", ".join(f"{n} {md.version(n)}" for n in names))
 EOF
-echo "run:  $PY $REPO/benchmarks/compare_peers.py --quick"
+echo "run:  cd $REPO && $PY -m benchmarks.compare_peers --quick"
