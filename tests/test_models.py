@@ -29,10 +29,16 @@ def _param_count(model):
 
 
 # torchvision's published totals (parameters only; BatchNorm running stats are buffers).
-@pytest.mark.parametrize("factory, expected", [
-    (resnet18, 11_689_512), (resnet34, 21_797_672), (resnet50, 25_557_032),
-    (resnet101, 44_549_160), (resnet152, 60_192_808),
-])
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        (resnet18, 11_689_512),
+        (resnet34, 21_797_672),
+        (resnet50, 25_557_032),
+        (resnet101, 44_549_160),
+        (resnet152, 60_192_808),
+    ],
+)
 def test_parameter_count_matches_torchvision(factory, expected):
     assert _param_count(factory(num_classes=1000)) == expected
 
@@ -84,10 +90,17 @@ def test_stage4_is_the_gradcam_layer_of_resnet50(r50):
     x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
     layers = gcj.linen_layers(model, variables, x)
     assert layers[:3] == ["stem", "stem/conv", "stem/bn"]
-    for path in ("stage1/block2", "stage2/block3", "stage3/block5", "stage4/block2", "head",
-                 "stage4/block0/downsample_conv"):
+    for path in (
+        "stage1/block2",
+        "stage2/block3",
+        "stage3/block5",
+        "stage4/block2",
+        "head",
+        "stage4/block0/downsample_conv",
+    ):
         assert path in layers
     assert "stage4/block3" not in layers and "stage1/block0/downsample_bn" in layers
+
     # 64 px / 32 = 2x2 spatial, 512 * 4 = 2048 channels; 224 px gives the classic 7x7x2048.
     def tapped(v, x):
         return gcj.linen_tap(model, v, "stage4")(x)
@@ -110,8 +123,9 @@ def test_bfloat16_compute_with_float32_params(r18):
     bf16 = model.clone(dtype=jnp.bfloat16)
     # Same parameters (all float32) whatever the compute dtype: one checkpoint serves both.
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
-    assert (jax.eval_shape(lambda k: init_resnet(bf16, k, 32), jax.random.key(0))
-            == jax.eval_shape(lambda k: init_resnet(model, k, 32), jax.random.key(0)))
+    assert jax.eval_shape(lambda k: init_resnet(bf16, k, 32), jax.random.key(0)) == jax.eval_shape(
+        lambda k: init_resnet(model, k, 32), jax.random.key(0)
+    )
     scores, act = _run_tap(gcj.linen_tap(bf16, variables, "stage4"), x)
     assert act.dtype == jnp.bfloat16 and scores.dtype == jnp.float32
     ref = np.asarray(r18.forward(variables, x))
@@ -292,8 +306,8 @@ class TorchResNet(tnn.Module):
         for i, n in enumerate(stage_sizes):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, width * 2 ** i, 2 if i > 0 and j == 0 else 1, gen))
-                cin = width * 2 ** i * expansion
+                blocks.append(block(cin, width * 2**i, 2 if i > 0 and j == 0 else 1, gen))
+                cin = width * 2**i * expansion
             setattr(self, f"layer{i + 1}", tnn.Sequential(*blocks))
         self.fc = tnn.Linear(cin, num_classes)
         self.stages = len(stage_sizes)

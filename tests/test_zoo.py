@@ -33,8 +33,19 @@ def needs_weights(fn):
 
 FORMATS = pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-          torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+]
 
 
 def _save(obj, zip_format):
@@ -89,19 +100,21 @@ def test_pth_non_contiguous_and_shared_storages(zip_format):
     a = torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)
     shared = torch.arange(10, dtype=torch.int64)
     obj = {
-        "transposed": a.transpose(0, 2),            # strides (1, 5, 20)
-        "sliced": a[:, 1:3, ::2],                   # offset and steps
+        "transposed": a.transpose(0, 2),  # strides (1, 5, 20)
+        "sliced": a[:, 1:3, ::2],  # offset and steps
         "expanded": torch.ones(3, 1).expand(3, 4),  # stride 0
         "base": shared,
-        "view_a": shared[2:7],                      # same storage, offset 2
-        "view_b": shared.view(2, 5),                # same storage, reshaped
+        "view_a": shared[2:7],  # same storage, offset 2
+        "view_b": shared.view(2, 5),  # same storage, reshaped
         "nested": [shared[::3], (a[0], {"deep": a[2, :, -1]})],
         "numbers": (1, 2.5, "text", None, True),
         "parameter": torch.nn.Parameter(torch.full((2, 2), 3.0)),
     }
     ours = load_pth(io.BytesIO(_save(obj, zip_format)))
-    _assert_same({k: v for k, v in ours.items() if k != "parameter"},
-                 {k: v for k, v in obj.items() if k != "parameter"})
+    _assert_same(
+        {k: v for k, v in ours.items() if k != "parameter"},
+        {k: v for k, v in obj.items() if k != "parameter"},
+    )
     np.testing.assert_array_equal(ours["parameter"], np.full((2, 2), 3.0, np.float32))
     # Every tensor owns its memory: editing one view leaves the others alone.
     ours["view_a"][0] = -1
@@ -184,8 +197,11 @@ def _random_torch_state(seed=0):
     bn("_bn0", 32)
     for i in range(16):
         blk = p[f"blocks_{i}"]
-        for ours, tconv, tbn in (("expand", "_expand_conv", "_bn0"), ("depthwise", "_depthwise_conv", "_bn1"),
-                                 ("project", "_project_conv", "_bn2")):
+        for ours, tconv, tbn in (
+            ("expand", "_expand_conv", "_bn0"),
+            ("depthwise", "_depthwise_conv", "_bn1"),
+            ("project", "_project_conv", "_bn2"),
+        ):
             if ours in blk:
                 conv(f"_blocks.{i}.{tconv}", blk[ours]["conv"]["kernel"])
                 bn(f"_blocks.{i}.{tbn}", blk[ours]["conv"]["kernel"].shape[-1])
@@ -220,7 +236,7 @@ def test_random_weights_need_no_package():
     m = zoo.efficientnet_lite0(weights=None)
     state, _ = _random_torch_state()
     converted = torch_state_dict_to_flax(state)
-    assert (jax.tree_util.tree_map(np.shape, m.variables) == jax.tree_util.tree_map(np.shape, converted))
+    assert jax.tree_util.tree_map(np.shape, m.variables) == jax.tree_util.tree_map(np.shape, converted)
     assert m.source == "random" and len(m.class_names) == 1000
     kernel = np.asarray(m.variables["params"]["head"]["conv"]["kernel"])  # He-normal, fan-in 320
     assert abs(kernel.std() - np.sqrt(2 / 320)) < 0.01
@@ -248,8 +264,13 @@ def model(cache):
 
 def _photos():
     import skimage.data as data
-    return {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
-            "rocket": data.rocket()}
+
+    return {
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "astronaut": data.astronaut(),
+        "rocket": data.rocket(),
+    }
 
 
 def _torch_reference_handwritten(state):
@@ -258,8 +279,15 @@ def _torch_reference_handwritten(state):
 
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
     # (repeats, kernel, stride, expand, in, out), from the Lite0 block strings r1_k3_s11_e1_i32_o16 ...
-    stages = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+    stages = [
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ]
 
     def conv(x, w, stride=1, groups=1):
         k = w.shape[-1]
@@ -271,8 +299,15 @@ def _torch_reference_handwritten(state):
         return F.conv2d(F.pad(x, pads), w, stride=stride, groups=groups)
 
     def bn(x, p):
-        return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"],
-                            sd[p + ".bias"], training=False, eps=1e-3)
+        return F.batch_norm(
+            x,
+            sd[p + ".running_mean"],
+            sd[p + ".running_var"],
+            sd[p + ".weight"],
+            sd[p + ".bias"],
+            training=False,
+            eps=1e-3,
+        )
 
     def relu6(x):
         return torch.clamp(x, 0.0, 6.0)
@@ -304,8 +339,9 @@ def _torch_reference_package(dynamic_padding: bool):
 
     kwargs = {"image_size": None} if dynamic_padding else {}
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
-        net = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_checkpoint()),
-                                                **kwargs)
+        net = lite.EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=str(lite0_checkpoint()), **kwargs
+        )
     net.eval()
     return net
 
@@ -348,7 +384,7 @@ def test_preprocess(model):
     white = np.full((1, 30, 30, 3), 255, np.uint8)
     x = model.preprocess(gray)
     assert x.shape == (1, 224, 224, 3)
-    np.testing.assert_allclose(np.asarray(x), 0.0, atol=1e-6)            # (127 - 127) / 128
+    np.testing.assert_allclose(np.asarray(x), 0.0, atol=1e-6)  # (127 - 127) / 128
     # (255 - 127) / 128
     np.testing.assert_allclose(np.asarray(model.preprocess(white, size=64)), 1.0, atol=1e-6)
     rgba = np.zeros((20, 10, 4), np.uint8)
@@ -366,8 +402,16 @@ def test_model_surface(model):
     with pytest.raises(ValueError, match="no class named"):
         model.class_index("unicorn")
     layers = model.layers
-    for name in ["stem", "blocks_0", "blocks_15", "blocks_15/depthwise/conv", "head", "head/conv", "head/bn",
-                 "fc"]:
+    for name in [
+        "stem",
+        "blocks_0",
+        "blocks_15",
+        "blocks_15/depthwise/conv",
+        "head",
+        "head/conv",
+        "head/bn",
+        "fc",
+    ]:
         assert name in layers
     assert "blocks_16" not in layers
     assert "Pretrained('efficientnet_lite0'" in repr(model)
@@ -402,13 +446,16 @@ def test_cache_written_reused_and_recovered(model, cache, monkeypatch):
     assert len(files) == 1
     monkeypatch.setenv("GRADCAM_JAX_CACHE", str(cache))
     again = zoo.efficientnet_lite0()  # from the cache
-    for a, b in zip(jax.tree_util.tree_leaves(model.variables), jax.tree_util.tree_leaves(again.variables),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(model.variables), jax.tree_util.tree_leaves(again.variables), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     files[0].write_bytes(b"damaged")  # a damaged cache is rebuilt, not trusted
     rebuilt = zoo.efficientnet_lite0()
-    np.testing.assert_array_equal(np.asarray(rebuilt.variables["params"]["fc"]["bias"]),
-                                  np.asarray(model.variables["params"]["fc"]["bias"]))
+    np.testing.assert_array_equal(
+        np.asarray(rebuilt.variables["params"]["fc"]["bias"]),
+        np.asarray(model.variables["params"]["fc"]["bias"]),
+    )
     assert files[0].stat().st_size > 1_000_000
     # A cache location that cannot be written is not an error: the model still loads.
     blocker = cache / "not-a-folder"
@@ -435,7 +482,9 @@ def test_grad_cam_puts_each_class_on_its_own_object(model):
     half = maps.shape[-1] // 2
     cat_on_left = maps[0][:, :half].sum() / maps[0].sum()
     cup_on_right = maps[1][:, half:].sum() / maps[1].sum()
-    print(f"\nGrad-CAM mass on its object's half: Egyptian cat (left) {cat_on_left:.3f}, "
-          f"espresso (right) {cup_on_right:.3f}")
+    print(
+        f"\nGrad-CAM mass on its object's half: Egyptian cat (left) {cat_on_left:.3f}, "
+        f"espresso (right) {cup_on_right:.3f}"
+    )
     assert cat_on_left >= 0.85
     assert cup_on_right >= 0.85

@@ -7,23 +7,32 @@
 reads the PyTorch port's checkpoint). ``torch_names``: the state-dict reader both converters use.
 """
 
-from .efficientnet_lite import EfficientNetLite
-from .resnet import (
-    STAGE_SIZES,
-    BasicBlock,
-    Bottleneck,
-    ResNet,
-    ResNetStage,
-    Stem,
-    init_resnet,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-)
+from .efficientnet_lite import EfficientNetLite as EfficientNetLite
+from .resnet import STAGE_SIZES as STAGE_SIZES
+from .resnet import BasicBlock as BasicBlock
+from .resnet import Bottleneck as Bottleneck
+from .resnet import ResNet as ResNet
+from .resnet import ResNetStage as ResNetStage
+from .resnet import Stem as Stem
+from .resnet import init_resnet as init_resnet
+from .resnet import resnet18 as resnet18
+from .resnet import resnet34 as resnet34
+from .resnet import resnet50 as resnet50
+from .resnet import resnet101 as resnet101
+from .resnet import resnet152 as resnet152
 
 __all__ = [
-    "ResNet", "ResNetStage", "BasicBlock", "Bottleneck", "Stem", "STAGE_SIZES", "init_resnet",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "EfficientNetLite",
+    "ResNet",
+    "ResNetStage",
+    "BasicBlock",
+    "Bottleneck",
+    "Stem",
+    "STAGE_SIZES",
+    "init_resnet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "EfficientNetLite",
 ]

@@ -40,8 +40,15 @@ import numpy as np
 
 from .torch_names import TorchNames
 
-__all__ = ["EfficientNetLite", "ConvBN", "MBConv", "LITE0_STAGES", "same_padding",
-           "torch_state_dict_to_flax", "random_variables"]
+__all__ = [
+    "EfficientNetLite",
+    "ConvBN",
+    "MBConv",
+    "LITE0_STAGES",
+    "same_padding",
+    "torch_state_dict_to_flax",
+    "random_variables",
+]
 
 #: One stage: (repeats, kernel, stride of the first block, expand ratio, channels in, channels out).
 Stage = tuple[int, int, int, int, int, int]
@@ -85,15 +92,20 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        pads = [same_padding(x.shape[1], self.kernel, self.stride),
-                same_padding(x.shape[2], self.kernel, self.stride)]
+        pads = [
+            same_padding(x.shape[1], self.kernel, self.stride),
+            same_padding(x.shape[2], self.kernel, self.stride),
+        ]
         x = nn.Conv(
-            self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-            padding=pads, use_bias=False,
-            feature_group_count=x.shape[-1] if self.depthwise else 1, name="conv",
+            self.features,
+            (self.kernel, self.kernel),
+            strides=(self.stride, self.stride),
+            padding=pads,
+            use_bias=False,
+            feature_group_count=x.shape[-1] if self.depthwise else 1,
+            name="conv",
         )(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON,
-                         name="bn")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON, name="bn")(x)
         return jax.nn.relu6(x) if self.relu6 else x
 
 
@@ -118,8 +130,9 @@ class MBConv(nn.Module):
         if self.stride == 1 and self.features_in == self.features_out:
             if self.drop_path_rate > 0:
                 # Stochastic depth: drop the whole residual branch per example.
-                h = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3),
-                               deterministic=not train, name="drop_path")(h)
+                h = nn.Dropout(
+                    self.drop_path_rate, broadcast_dims=(1, 2, 3), deterministic=not train, name="drop_path"
+                )(h)
             h = h + x
         return h
 
@@ -151,7 +164,11 @@ class EfficientNetLite(nn.Module):
         for repeats, kernel, stride, expand, c_in, c_out in self.stages:
             for r in range(repeats):
                 x = MBConv(
-                    c_in if r == 0 else c_out, c_out, kernel, stride if r == 0 else 1, expand,
+                    c_in if r == 0 else c_out,
+                    c_out,
+                    kernel,
+                    stride if r == 0 else 1,
+                    expand,
                     drop_path_rate=self.drop_connect_rate * index / n_blocks,
                     name=f"blocks_{index}",
                 )(x, train)
@@ -167,16 +184,18 @@ class EfficientNetLite(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def torch_state_dict_to_flax(state: Mapping[str, np.ndarray],
-                             stages: Sequence[Stage] = LITE0_STAGES) -> dict[str, dict]:
+def torch_state_dict_to_flax(
+    state: Mapping[str, np.ndarray], stages: Sequence[Stage] = LITE0_STAGES
+) -> dict[str, dict]:
     """Map the PyTorch port's state dict (``_conv_stem.weight`` ...) to Flax variables.
 
     Returns ``{"params": ..., "batch_stats": ...}`` for :class:`EfficientNetLite`, as nested
     dicts of float32 NumPy arrays. Every tensor of the state dict except the BatchNorm step
     counters must be used, and every Flax variable filled: a mismatch raises ``ValueError``.
     """
-    names = TorchNames(state, source="The checkpoint", kind="an EfficientNet-Lite state dict",
-                       layout="this architecture")
+    names = TorchNames(
+        state, source="The checkpoint", kind="an EfficientNet-Lite state dict", layout="this architecture"
+    )
 
     def conv_bn(conv_key: str, bn_key: str) -> tuple[dict, dict]:
         conv = names.conv(conv_key)

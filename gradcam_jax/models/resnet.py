@@ -36,9 +36,22 @@ import jax.numpy as jnp
 from .torch_names import TorchNames, state_dict_arrays
 
 __all__ = [
-    "ResNet", "ResNetStage", "BasicBlock", "Bottleneck", "Stem", "STAGE_SIZES",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "init_resnet",
-    "torch_state_dict_to_flax", "torch_stage_sizes", "torch_uses_bottleneck", "resnet_for_torch",
+    "ResNet",
+    "ResNetStage",
+    "BasicBlock",
+    "Bottleneck",
+    "Stem",
+    "STAGE_SIZES",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "init_resnet",
+    "torch_state_dict_to_flax",
+    "torch_stage_sizes",
+    "torch_uses_bottleneck",
+    "resnet_for_torch",
 ]
 
 Dtype = Any
@@ -56,16 +69,30 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def _conv(features: int, k: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=_pad(k), use_bias=False,
-                   kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding=_pad(k),
+        use_bias=False,
+        kernel_init=_conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def _bn(train: bool, dtype: Dtype, name: str, zero_scale: bool = False) -> nn.BatchNorm:
     # momentum 0.9 / eps 1e-5 are torch's defaults (torch's momentum 0.1 weighs the new batch).
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        param_dtype=jnp.float32,
-                        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                        name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        name=name,
+    )
 
 
 class Stem(nn.Module):
@@ -145,9 +172,13 @@ class ResNetStage(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i in range(self.num_blocks):
-            x = self.block_cls(self.features, stride=self.stride if i == 0 else 1,
-                               zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                               name=f"block{i}")(x, train)
+            x = self.block_cls(
+                self.features,
+                stride=self.stride if i == 0 else 1,
+                zero_init_residual=self.zero_init_residual,
+                dtype=self.dtype,
+                name=f"block{i}",
+            )(x, train)
         return x
 
 
@@ -178,9 +209,15 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         x = Stem(self.width, dtype=self.dtype, name="stem")(x, train)
         for i, n in enumerate(self.stage_sizes):
-            x = ResNetStage(self.block_cls, n, self.width * 2 ** i, stride=1 if i == 0 else 2,
-                            zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                            name=f"stage{i + 1}")(x, train)
+            x = ResNetStage(
+                self.block_cls,
+                n,
+                self.width * 2**i,
+                stride=1 if i == 0 else 2,
+                zero_init_residual=self.zero_init_residual,
+                dtype=self.dtype,
+                name=f"stage{i + 1}",
+            )(x, train)
         # Pool and classify in float32: cheap, and keeps bf16 rounding out of the scores.
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="head")(x)
@@ -202,8 +239,10 @@ def _factory(depth: int):
         return ResNet(stage_sizes=sizes, block_cls=block, num_classes=num_classes, dtype=dtype, **kwargs)
 
     make.__name__ = make.__qualname__ = f"resnet{depth}"
-    make.__doc__ = (f"ResNet-{depth} ({block.__name__} blocks, stages {sizes}). Extra keyword "
-                    f"arguments (``width``, ``zero_init_residual``) go to :class:`ResNet`.")
+    make.__doc__ = (
+        f"ResNet-{depth} ({block.__name__} blocks, stages {sizes}). Extra keyword "
+        f"arguments (``width``, ``zero_init_residual``) go to :class:`ResNet`."
+    )
     return make
 
 
@@ -259,8 +298,9 @@ def torch_state_dict_to_flax(torch_model) -> dict[str, dict]:
     ``net(x_nchw)`` (eval mode) to float32 rounding.
     """
     state = state_dict_arrays(torch_model)
-    names = TorchNames(state, source="The state dict", kind="a torchvision-layout ResNet",
-                       layout="this ResNet layout")
+    names = TorchNames(
+        state, source="The state dict", kind="a torchvision-layout ResNet", layout="this ResNet layout"
+    )
     params: dict[str, dict] = {}
     stats: dict[str, dict] = {}
     stem_bn, stem_stats = names.bn("bn1")
@@ -292,6 +332,10 @@ def resnet_for_torch(torch_model, dtype: Dtype = None) -> ResNet:
     """
     state = torch_model.state_dict() if hasattr(torch_model, "state_dict") else torch_model
     block = Bottleneck if torch_uses_bottleneck(state) else BasicBlock
-    return ResNet(stage_sizes=torch_stage_sizes(state), block_cls=block,
-                  num_classes=int(state["fc.weight"].shape[0]), width=int(state["conv1.weight"].shape[0]),
-                  dtype=jnp.float32 if dtype is None else dtype)
+    return ResNet(
+        stage_sizes=torch_stage_sizes(state),
+        block_cls=block,
+        num_classes=int(state["fc.weight"].shape[0]),
+        width=int(state["conv1.weight"].shape[0]),
+        dtype=jnp.float32 if dtype is None else dtype,
+    )

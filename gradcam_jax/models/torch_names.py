@@ -67,8 +67,10 @@ class TorchNames:
 
     def bn(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """A BatchNorm's ``(params, batch_stats)``."""
-        return ({"scale": self.take(key + ".weight"), "bias": self.take(key + ".bias")},
-                {"mean": self.take(key + ".running_mean"), "var": self.take(key + ".running_var")})
+        return (
+            {"scale": self.take(key + ".weight"), "bias": self.take(key + ".bias")},
+            {"mean": self.take(key + ".running_mean"), "var": self.take(key + ".running_var")},
+        )
 
     def dense(self, key: str) -> dict[str, np.ndarray]:
         """A linear layer: Flax's kernel is torch's ``weight`` transposed."""

@@ -30,5 +30,15 @@ from ._pretrained import Pretrained as Pretrained
 from ._pth import PthError as PthError
 from ._pth import load_pth as load_pth
 
-__all__ = ["efficientnet_lite0", "Pretrained", "load_pth", "PthError", "cache_dir", "MODELS",
-           "load", "load_class_names", "DEMO_IMAGE", "demo_image"]
+__all__ = [
+    "efficientnet_lite0",
+    "Pretrained",
+    "load_pth",
+    "PthError",
+    "cache_dir",
+    "MODELS",
+    "load",
+    "load_class_names",
+    "DEMO_IMAGE",
+    "demo_image",
+]

@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,9 @@ def save_variables(path: Path, variables: dict) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        arrays: dict[str, Any] = _flatten(variables)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **_flatten(variables))
+            np.savez(f, **arrays)
         os.replace(tmp, path)
         return True
     except OSError:

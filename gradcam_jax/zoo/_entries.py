@@ -71,11 +71,12 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
     module = EfficientNetLite()
     class_names = load_class_names()
     if weights is None:
-        variables = random_variables(module)
-        return Pretrained("efficientnet_lite0", module, variables, class_names, source="random")
+        return Pretrained(
+            "efficientnet_lite0", module, random_variables(module), class_names, source="random"
+        )
 
     path = lite0_checkpoint() if weights == "imagenet" else Path(os.fspath(weights))
-    variables = None
+    variables: dict | None = None
     cached = None
     if cache:
         cached = cache_dir() / f"efficientnet_lite0-{file_digest(path)}-v{_CONVERSION_VERSION}.npz"

@@ -35,10 +35,19 @@ class Pretrained:
     :attr:`tap` (or :meth:`tap_at`) with :func:`gradcam_jax.grad_cam` and friends.
     """
 
-    def __init__(self, name: str, module, variables, class_names: Sequence[str], *,
-                 input_size: int = 224, mean: float | Sequence[float] = 127.0,
-                 std: float | Sequence[float] = 128.0, default_layer: str = "head",
-                 source: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        module,
+        variables,
+        class_names: Sequence[str],
+        *,
+        input_size: int = 224,
+        mean: float | Sequence[float] = 127.0,
+        std: float | Sequence[float] = 128.0,
+        default_layer: str = "head",
+        source: str | None = None,
+    ):
         self.name = name
         self.module = module
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
@@ -52,8 +61,10 @@ class Pretrained:
         self._logits = jax.jit(lambda variables, x: apply(variables, x))
 
     def __repr__(self):
-        return (f"Pretrained({self.name!r}, {len(self.class_names)} classes, input "
-                f"{self.input_size}x{self.input_size}, default layer {self.default_layer!r})")
+        return (
+            f"Pretrained({self.name!r}, {len(self.class_names)} classes, input "
+            f"{self.input_size}x{self.input_size}, default layer {self.default_layer!r})"
+        )
 
     # ---------------------------------------------------------------- input
 

@@ -89,12 +89,24 @@ class _DtypeMarker:
     """Stands in for a ``torch.float32``-like dtype object (``_rebuild_tensor_v3`` passes one)."""
 
     _NAMES = {
-        "float64": "DoubleStorage", "double": "DoubleStorage", "float32": "FloatStorage",
-        "float": "FloatStorage", "float16": "HalfStorage", "half": "HalfStorage",
-        "bfloat16": "BFloat16Storage", "int64": "LongStorage", "long": "LongStorage",
-        "int32": "IntStorage", "int": "IntStorage", "int16": "ShortStorage", "short": "ShortStorage",
-        "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
-        "complex64": "ComplexFloatStorage", "complex128": "ComplexDoubleStorage",
+        "float64": "DoubleStorage",
+        "double": "DoubleStorage",
+        "float32": "FloatStorage",
+        "float": "FloatStorage",
+        "float16": "HalfStorage",
+        "half": "HalfStorage",
+        "bfloat16": "BFloat16Storage",
+        "int64": "LongStorage",
+        "long": "LongStorage",
+        "int32": "IntStorage",
+        "int": "IntStorage",
+        "int16": "ShortStorage",
+        "short": "ShortStorage",
+        "int8": "CharStorage",
+        "uint8": "ByteStorage",
+        "bool": "BoolStorage",
+        "complex64": "ComplexFloatStorage",
+        "complex128": "ComplexDoubleStorage",
     }
 
     def __init__(self, name: str):
@@ -184,7 +196,7 @@ class _Unpickler(pickle.Unpickler):
         base = self._cache[key]
         if view is not None:  # very old files: (view_key, offset, view_size)
             _view_key, start, length = view
-            return base[int(start):int(start) + int(length)]
+            return base[int(start) : int(start) + int(length)]
         return base
 
 
@@ -254,7 +266,8 @@ def _read_legacy(buf: bytes):
             raise PthError(f"The checkpoint ends inside storage {key}: the file is truncated.")
         dt = dtype.newbyteorder("<" if little else ">") if dtype.itemsize > 1 else dtype
         storages[key] = np.frombuffer(raw, dtype=dt).astype(
-            dtype.newbyteorder("=") if dtype.itemsize > 1 else dtype, copy=False)
+            dtype.newbyteorder("=") if dtype.itemsize > 1 else dtype, copy=False
+        )
     missing = set(wanted) - set(storages)
     if missing:
         raise PthError(f"The checkpoint lacks the data of storage(s) {sorted(missing)}.")
@@ -310,7 +323,7 @@ def _resolve(obj, storages):
     if isinstance(obj, _PendingTensor):
         base = storages[obj.key]
         if obj.length is not None:
-            base = base[obj.start:obj.start + obj.length]
+            base = base[obj.start : obj.start + obj.length]
         return obj.rebuild(base, *obj.args)
     if isinstance(obj, collections.OrderedDict):
         return collections.OrderedDict((k, _resolve(v, storages)) for k, v in obj.items())
