@@ -188,6 +188,7 @@ def cam(
       >>> gcj.cam(tap, jnp.ones((2, 8, 8, 3)), target=[0, 4], method="grad_cam_plus_plus").shape
       (2, 2, 8, 8)
     """
+    # long-function: the docstring documents every option; the body is short.
     entry = resolve_method(method)
     maps = MapOptions(upsample, normalize, relu, interpolation, counterfactual, drop_tokens, grid)
     if entry.kind == PERTURBATION:

@@ -235,6 +235,7 @@ def evaluate(
     ``maps`` are ``(B, H, W)`` in [0, 1] (:func:`confidence_change` uses them as a mask). The
     result feeds :meth:`Report.add` directly: ``report.add("grad_cam", **evaluate(...))``.
     """
+    # long-function: the docstring documents every option; the body is short.
     out: dict[str, jax.Array] = {}
     if target is None:  # resolve once, so that every metric explains the same class
         target = jnp.argmax(scores_fn(fn)(images), axis=-1).astype(jnp.int32)

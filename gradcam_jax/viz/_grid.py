@@ -1,163 +1,14 @@
-"""Pictures of explanations: heatmap overlays, gradient images, and figure grids.
-
-Everything here runs on the host with NumPy, Pillow and Matplotlib; figures are drawn on
-Matplotlib's Agg canvas (no display, no ``pyplot`` state), so it works headless, in threads
-and in notebooks alike.
-
-* :func:`overlay` — a heatmap in [0, 1] coloured with a Matplotlib colormap and blended over
-  the image (any heatmap size: it is resized to the image).
-* :func:`gradient_image` — an input-gradient map (Guided Backprop, Guided Grad-CAM) as a
-  viewable RGB image.
-* :func:`figure_grid` — one row per explained class, one column per method: the image, then
-  e.g. Grad-CAM | Guided Backprop | Guided Grad-CAM, rows labelled with the class name and its
-  probability.
-* :func:`save_png` / :func:`png_bytes` — write a figure or an image.
-
-All functions accept a single example or a batch (leading batch axis).
-"""
+"""Figure grids: one row per explained class, one column per method (see :mod:`gradcam_jax.viz`)."""
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["overlay", "gradient_image", "figure_grid", "save_png", "png_bytes", "resize_map", "METHOD_TITLES"]
+from ._images import METHOD_TITLES, as_uint8_image, gradient_image, overlay, resize_rgb
 
-#: How method names are printed in figure headers.
-METHOD_TITLES = {
-    "grad_cam": "Grad-CAM",
-    "grad_cam_plus_plus": "Grad-CAM++",
-    "xgrad_cam": "XGrad-CAM",
-    "hires_cam": "HiResCAM",
-    "layer_cam": "LayerCAM",
-    "eigen_cam": "Eigen-CAM",
-    "eigen_grad_cam": "Eigen-Grad-CAM",
-    "score_cam": "Score-CAM",
-    "ablation_cam": "Ablation-CAM",
-    "cam": "CAM",
-    "guided_backprop": "Guided Backprop",
-    "deconvnet": "Deconvnet",
-    "guided_grad_cam": "Guided Grad-CAM",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Arrays
-# --------------------------------------------------------------------------------------------
-
-
-def _as_uint8_image(image) -> np.ndarray:
-    """``uint8`` RGB from uint8, bool, or float in [0, 1]; gray and RGBA handled."""
-    im = np.asarray(image)
-    if im.dtype == np.uint8:
-        out = im
-    elif im.dtype == bool:
-        out = im.astype(np.uint8) * 255
-    elif np.issubdtype(im.dtype, np.floating):
-        out = np.clip(np.nan_to_num(im.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif np.issubdtype(im.dtype, np.integer):
-        out = np.clip(im, 0, 255).astype(np.uint8)
-    else:
-        raise TypeError(f"Cannot show an image of dtype {im.dtype}.")
-    if out.ndim >= 2 and (out.ndim == 2 or out.shape[-1] not in (1, 3, 4)):
-        out = out[..., None]  # gray (…, H, W)
-    if out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    elif out.shape[-1] == 4:
-        out = out[..., :3]
-    return out
-
-
-def resize_map(m, size) -> np.ndarray:
-    """Bilinear resize of the last two axes of ``m`` (float maps) to ``size = (H, W)``."""
-    from PIL import Image
-
-    m = np.asarray(m, np.float32)
-    h, w = int(size[0]), int(size[1])
-    if m.shape[-2:] == (h, w):
-        return m
-    flat = m.reshape((-1,) + m.shape[-2:])
-    images = (Image.fromarray(np.ascontiguousarray(f, np.float32)) for f in flat)
-    out = np.stack([np.asarray(im.resize((w, h), Image.Resampling.BILINEAR)) for im in images])
-    return out.reshape(m.shape[:-2] + (h, w))
-
-
-def _resize_rgb(img: np.ndarray, size) -> np.ndarray:
-    from PIL import Image
-
-    h, w = int(size[0]), int(size[1])
-    if img.shape[:2] == (h, w):
-        return img
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def _colormap(cmap):
-    import matplotlib
-
-    if isinstance(cmap, str):
-        return matplotlib.colormaps[cmap]
-    return cmap
-
-
-def overlay(image, heatmap, alpha: float = 0.5, cmap="jet") -> np.ndarray:
-    """Blend a colour-mapped heatmap over an image.
-
-    Args:
-      image: ``(H, W, 3)`` or a batch ``(B, H, W, 3)``; ``uint8``, or floats in [0, 1].
-      heatmap: ``(h, w)`` or ``(B, h, w)`` values in [0, 1] (e.g. :func:`gradcam_jax.grad_cam`
-        maps); resized bilinearly to ``(H, W)`` when its size differs. A map with a class axis
-        ``(K, h, w)`` (or ``(B, K, h, w)``) gives ``K`` overlays of the same image.
-      alpha: the heatmap's weight; ``0`` shows only the image, ``1`` only the heatmap.
-      cmap: a Matplotlib colormap name or object (``"jet"``, the usual Grad-CAM look;
-        ``"inferno"`` or ``"turbo"`` are perceptually kinder).
-
-    Returns:
-      ``uint8`` RGB: ``(H, W, 3)``, ``(B, H, W, 3)``, or with the extra class axis of
-      ``heatmap``.
-    """
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1]; got {alpha}.")
-    img = _as_uint8_image(image)
-    if img.ndim not in (3, 4):
-        raise ValueError(f"overlay: image must be (H, W, 3) or (B, H, W, 3); got shape {img.shape}.")
-    hm = np.nan_to_num(np.asarray(heatmap, np.float32))
-    lead_img = img.shape[:-3]
-    if hm.ndim < 2:
-        raise ValueError(f"overlay: heatmap must be (h, w) or batched; got shape {hm.shape}.")
-    lead_hm = hm.shape[:-2]
-    # Accept (…, h, w) whose leading axes extend the image's (batch, then classes).
-    if lead_hm[: len(lead_img)] != lead_img:
-        raise ValueError(
-            f"overlay: {img.shape[0] if lead_img else 1} image(s) of shape {img.shape}, but heatmap "
-            f"of shape {hm.shape}: give one (h, w) map per image, or (K, h, w) per image."
-        )
-    hm = resize_map(np.clip(hm, 0.0, 1.0), img.shape[-3:-1])
-    colours = _colormap(cmap)(hm)[..., :3].astype(np.float32)  # (…, H, W, 3) in [0, 1]
-    extra = hm.ndim - 2 - len(lead_img)
-    base = img.astype(np.float32) / 255.0
-    base = base.reshape(lead_img + (1,) * extra + img.shape[-3:])
-    out = (1.0 - alpha) * base + alpha * colours
-    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def gradient_image(grad, contrast: float = 0.15) -> np.ndarray:
-    """An input-gradient map ``(…, H, W, C)`` as a viewable ``uint8`` RGB image.
-
-    Each map is centred on grey and scaled by its own standard deviation
-    (``0.5 + contrast * (g - mean) / std``, clipped to [0, 1]) — the usual way Guided Backprop
-    and Guided Grad-CAM are shown. An all-zero map is plain grey.
-    """
-    g = np.nan_to_num(np.asarray(grad, np.float32))
-    if g.ndim < 3:
-        raise ValueError(f"gradient_image: expected (..., H, W, C) input gradients; got shape {g.shape}.")
-    axes = (-3, -2, -1)
-    mean = g.mean(axis=axes, keepdims=True)
-    std = g.std(axis=axes, keepdims=True)
-    z = np.where(std > 0, (g - mean) / np.where(std > 0, std, 1.0), 0.0)
-    return _as_uint8_image(np.clip(0.5 + contrast * z, 0.0, 1.0))
+__all__ = ["figure_grid"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +94,8 @@ def figure_grid(
     Returns:
       A ``matplotlib.figure.Figure`` (a list of them for a batch). Save with :func:`save_png`.
     """
-    img = _as_uint8_image(image)
+    # long-function: the docstring documents every option; the body is short.
+    img = as_uint8_image(image)
     if img.ndim == 4:
         return _figure_grid_batch(
             img,
@@ -389,7 +241,7 @@ def _panel_image(img: np.ndarray, panel, alpha: float, cmap) -> np.ndarray:
     """One method's map for one row as RGB: a gradient image, or a heatmap overlaid on ``img``."""
     a = np.asarray(panel)
     if a.ndim == 3:
-        return _resize_rgb(gradient_image(a), img.shape[:2])
+        return resize_rgb(gradient_image(a), img.shape[:2])
     return overlay(img, a, alpha=alpha, cmap=cmap)
 
 
@@ -419,49 +271,3 @@ def _row_label(cls, class_names, prob) -> str:
         return name
     pct = f"{100 * prob:.1f}%" if prob >= 0.001 else f"{100 * prob:.2g}%"
     return f"{name}\n$p$ = {pct}" if name else f"$p$ = {pct}"
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
-def png_bytes(fig_or_image, dpi: float | None = None) -> bytes:
-    """A figure (or a ``uint8`` image) encoded as PNG."""
-    buf = io.BytesIO()
-    _write_png(fig_or_image, buf, dpi)
-    return buf.getvalue()
-
-
-def save_png(fig_or_image, path: str | os.PathLike, dpi: float | None = None) -> str:
-    """Write a Matplotlib figure, or an image array (``uint8``, or floats in [0, 1]), as PNG.
-
-    Returns the path written. Parent folders are created.
-    """
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "wb") as f:
-        _write_png(fig_or_image, f, dpi)
-    return path
-
-
-def _write_png(obj, f, dpi):
-    if hasattr(obj, "savefig"):
-        obj.savefig(
-            f,
-            format="png",
-            dpi=dpi or obj.dpi,
-            facecolor=obj.get_facecolor(),
-            metadata={"Software": "gradcam_jax"},
-        )
-        return
-    from PIL import Image
-
-    img = _as_uint8_image(obj)
-    if img.ndim != 3:
-        raise ValueError(
-            f"save_png: an image must be (H, W, 3); got shape {img.shape}. Save batch items one by one."
-        )
-    Image.fromarray(img).save(f, format="PNG")

@@ -1,0 +1,27 @@
+"""Pictures of explanations: heatmap overlays, gradient images, and figure grids.
+
+Everything here runs on the host with NumPy, Pillow and Matplotlib; figures are drawn on
+Matplotlib's Agg canvas (no display, no ``pyplot`` state), so it works headless, in threads
+and in notebooks alike.
+
+* :func:`overlay` — a heatmap in [0, 1] coloured with a Matplotlib colormap and blended over
+  the image (any heatmap size: it is resized to the image).
+* :func:`gradient_image` — an input-gradient map (Guided Backprop, Guided Grad-CAM) as a
+  viewable RGB image.
+* :func:`figure_grid` — one row per explained class, one column per method: the image, then
+  e.g. Grad-CAM | Guided Backprop | Guided Grad-CAM, rows labelled with the class name and its
+  probability.
+* :func:`save_png` / :func:`png_bytes` — write a figure or an image.
+
+All functions accept a single example or a batch (leading batch axis).
+"""
+
+from ._grid import figure_grid as figure_grid
+from ._images import METHOD_TITLES as METHOD_TITLES
+from ._images import gradient_image as gradient_image
+from ._images import overlay as overlay
+from ._images import png_bytes as png_bytes
+from ._images import resize_map as resize_map
+from ._images import save_png as save_png
+
+__all__ = ["overlay", "gradient_image", "figure_grid", "save_png", "png_bytes", "resize_map", "METHOD_TITLES"]
