@@ -17,13 +17,15 @@ jitted with the tap as an argument and differentiated with respect to the parame
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ._callables import KeyedFunction, hashable
+from ._layout import Layout, from_channels_last, parse_layout, to_channels_last
 
 
 @jax.tree_util.register_pytree_node_class
@@ -61,7 +63,7 @@ class Edit:
 
 ApplyFn = Callable[[Any, jax.Array, "Edit | None"], "tuple[Any, jax.Array]"]
 
-__all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn"]
+__all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn", "pick_output", "adapt_tap"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -192,3 +194,101 @@ def scores_fn(model: Callable) -> Callable:
     if isinstance(model, Tap):
         return lambda x: model(x)[0]
     return model
+
+
+def _fields(out) -> list[str]:
+    if isinstance(out, Mapping):
+        return [str(k) for k in out]
+    if hasattr(out, "_fields"):
+        return list(out._fields)
+    if dataclasses.is_dataclass(out):
+        return [f.name for f in dataclasses.fields(out)]
+    return [n for n in vars(out) if not n.startswith("_")] if hasattr(out, "__dict__") else []
+
+
+def pick_output(out: Any, output: str | int | Callable | None = None) -> Any:
+    """The scores from a model's output.
+
+    ``output``: ``None`` (an array is used as is; otherwise ``.logits`` / ``["logits"]`` when
+    present), a field or key name, an index (tuple outputs), or a callable ``output -> scores``.
+
+    Examples:
+      >>> from gradcam_jax._tap import pick_output
+      >>> pick_output({"logits": 1.0, "hidden": 2.0}), pick_output((3.0, 4.0), 1)
+      (1.0, 4.0)
+    """
+    if callable(output):
+        return output(out)
+    if output is None:
+        if hasattr(out, "shape"):
+            return out
+        if isinstance(out, Mapping) and "logits" in out:
+            return out["logits"]
+        if getattr(out, "logits", None) is not None:
+            return out.logits
+        raise ValueError(
+            f"The model returns a {type(out).__name__}, not an array of scores, and it has no 'logits'. "
+            f"Pass output= (a field name, an index or a callable output -> scores); its fields: "
+            f"{', '.join(_fields(out)) or '(none found)'}."
+        )
+    if isinstance(output, int) and not isinstance(output, bool):
+        return out[output]
+    if isinstance(out, Mapping):
+        if output not in out:
+            raise ValueError(
+                f"output={output!r} is not in the model's output; its keys: {', '.join(_fields(out))}."
+            )
+        return out[output]
+    if not hasattr(out, output):
+        raise ValueError(
+            f"output={output!r} is not a field of {type(out).__name__}; "
+            f"its fields: {', '.join(_fields(out))}."
+        )
+    return getattr(out, output)
+
+
+def adapt_tap(
+    tap: Tap, *, output: str | int | Callable | None = None, activation_layout: str | Layout | None = None
+) -> Tap:
+    """``tap`` with its scores picked by ``output=`` and its activation brought to channels-last.
+
+    ``activation_layout`` is the tapped layer's layout in the model (``"NCHW"`` for a
+    channels-first convolution): the tap returns the activation channels-last, as every method
+    expects, and converts an edit back to the model's layout before the layers above see it.
+    Every adapter ends with this.
+    """
+    layout = None if activation_layout is None else parse_layout(activation_layout)
+    if output is None and (layout is None or not layout.channels_first):
+        return _with_output_check(tap)
+    inner = tap.apply
+
+    def apply(params, x, edit):
+        if edit is not None and layout is not None:
+            edit = Edit(edit.kind, from_channels_last(edit.value, layout))
+        scores, a = inner(params, x, edit)
+        if layout is not None:
+            _check_rank(a, layout)
+            a = to_channels_last(a, layout)
+        return pick_output(scores, output), a
+
+    key = ("adapted", hashable(inner), hashable(output), None if layout is None else layout.name)
+    return Tap(KeyedFunction(apply, key), tap.params, tap.name)
+
+
+def _check_rank(a, layout: Layout) -> None:
+    if a.ndim != layout.ndim:
+        raise ValueError(
+            f"activation_layout={layout.name!r} describes {layout.ndim}-D activations, but the tapped layer "
+            f"outputs shape {a.shape}."
+        )
+
+
+def _with_output_check(tap: Tap) -> Tap:
+    """``tap`` whose non-array outputs go through :func:`pick_output` (``.logits``, or an error)."""
+    inner = tap.apply
+
+    def apply(params, x, edit):
+        scores, a = inner(params, x, edit)
+        return pick_output(scores), a
+
+    return Tap(KeyedFunction(apply, ("output", hashable(inner))), tap.params, tap.name)
