@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import cli_model  # tests/cli_model.py
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -270,3 +271,121 @@ def test_explain_dir_with_a_model_from_a_module(env, tmp_path):
     np.testing.assert_array_equal(targets, np.argsort(-scores, axis=-1, kind="stable")[:, :2])
     expected = np.asarray(gcj.grad_cam(tap, x, target=targets, upsample=False))
     np.testing.assert_allclose(maps, expected, atol=2e-3)  # the store keeps float16 maps
+
+
+# --------------------------------------------------------------------------------------------
+# Your own model: --model MODULE:FACTORY (tests/cli_model.py) or FILE.py:FACTORY
+# --------------------------------------------------------------------------------------------
+
+
+def _images(folder, sizes):
+    folder.mkdir(exist_ok=True)
+    r = np.random.default_rng(1)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(r.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return [str(p) for p in paths]
+
+
+def _read(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _format(path):
+    with Image.open(path) as im:
+        return im.format
+
+
+def test_explain_with_a_factory_model(env, tmp_path):
+    """``explain --model cli_model:tiny_model``: the factory's class names, layer and maps."""
+    paths = _images(tmp_path / "images", [(16, 16), (20, 24)])
+    out = tmp_path / "out"
+    common = ["--model", "cli_model:tiny_model", "--methods", "grad_cam", "--dpi", "40", "-q", "--save-maps"]
+    assert cli.main(["explain", *paths, *common, "--classes", "top2", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"] == "tiny_fruit_net" and res["layer"] == "block2" and res["input_size"] == 16
+    model = cli_model.tiny_model()
+    for path, rec in zip(paths, res["images"], strict=True):
+        assert _format(out / f"{Path(path).stem}.png") == "PNG"
+        x = model.preprocess(_read(path))
+        probs = np.asarray(jax.nn.softmax(model.logits(x), axis=-1))[0]
+        top2 = np.argsort(-probs)[:2]
+        assert [c["index"] for c in rec["explained"]] == top2.tolist()
+        assert [c["name"] for c in rec["explained"]] == [cli_model.FRUITS[c] for c in top2]
+        assert [c["name"] for c in rec["top"]] == [cli_model.FRUITS[c] for c in np.argsort(-probs)]
+        maps = np.load(out / f"{Path(path).stem}.npz")["grad_cam"]
+        np.testing.assert_allclose(maps, gcj.grad_cam(model.tap, x, target=top2[None])[0], atol=1e-5)
+
+    # --layer goes through tap_at; a class by name
+    assert (
+        cli.main(
+            ["explain", paths[0], *common, "--layer", "block1", "--classes", "Cherry", "--out", str(out)]
+        )
+        == 0
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["layer"] == "block1" and res["images"][0]["explained"][0]["name"] == "cherry"
+    x = model.preprocess(_read(paths[0]))
+    expected = gcj.grad_cam(model.tap_at("block1"), x, target=np.array([[2]]))[0]
+    np.testing.assert_allclose(np.load(out / "img0.npz")["grad_cam"], expected, atol=1e-5)
+
+
+def test_factory_model_usage_errors(env, tmp_path, capsys):
+    """A factory returning an incomplete model: exit status 2 and a message naming what is missing."""
+    paths = _images(tmp_path / "images", [(16, 16)])
+    out = ["--out", str(tmp_path / "out"), "-q"]
+    assert cli.main(["explain", *paths, "--model", "cli_model:without_preprocess", *out]) == 2
+    err = capsys.readouterr().err
+    assert "returned a _NoPreprocess that lacks preprocess (preprocess(images) -> model input)" in err
+    assert "ExplainableModel" in err
+    store = ["--out", str(tmp_path / "s.zarr"), "-q"]
+    assert (
+        cli.main(["explain-dir", str(tmp_path / "images"), "--model", "cli_model:without_preprocess", *store])
+        == 2
+    )
+    assert "lacks preprocess" in capsys.readouterr().err
+
+    bad = tmp_path / "my_models.py"  # the FILE.py:FACTORY form
+    bad.write_text("class Net:\n    class_names = None\n\n\ndef factory():\n    return Net()\n")
+    assert cli.main(["explain", *paths, "--model", f"{bad}:factory", *out]) == 2
+    assert "returned a Net that lacks preprocess, tap, logits (" in capsys.readouterr().err
+
+    assert (
+        cli.main(["explain", *paths, "--model", "cli_model:without_tap_at", "--layer", "block1", *out]) == 2
+    )
+    assert "has no tap_at(layer) method" in capsys.readouterr().err
+    assert cli.main(["explain", *paths, "--model", "cli_model:tiny_model", "--layer", "block9", *out]) == 2
+    assert "Top-level layers: block1, block2, block3, fc" in capsys.readouterr().err
+    assert cli.main(["explain", *paths, "--model", "cli_model:tiny_tap", *out]) == 2
+    assert "returned a tap; this command needs a whole model" in capsys.readouterr().err
+    assert cli.main(["layers", "--model", "cli_model:without_tap_at"]) == 2
+    assert "does not list its layers" in capsys.readouterr().err
+
+
+def test_layers_of_a_factory_model(env, capsys):
+    assert cli.main(["layers", "--model", "cli_model:tiny_model"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# tiny_fruit_net: layer paths") and "16 x 16 input" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert list(lines) == ["block1", "block2", "block3", "fc"]
+    assert "(16, 16, 8)" in lines["block1"] and lines["block2"].endswith("<- default")
+
+
+def test_explain_dir_with_a_factory_model(env, tmp_path):
+    """``explain-dir --model cli_model:tiny_model``: the factory's preprocessing, size and tap_at."""
+    paths = _images(tmp_path / "images", [(16, 16), (16, 16), (16, 16)])
+    store = tmp_path / "maps.zarr"
+    model = ["--model", "cli_model:tiny_model", "--layer", "block1", "--classes", "top2"]
+    assert cli.main(["explain-dir", str(tmp_path / "images"), "--out", str(store), *model, "-q"]) == 0
+    res = open_results(store)
+    assert list(res["files"][:]) == ["img0.png", "img1.png", "img2.png"]
+    m = cli_model.tiny_model()
+    x = m.preprocess(np.stack([_read(p) for p in paths]))
+    targets = np.asarray(res["targets"][:])
+    np.testing.assert_array_equal(
+        targets, np.argsort(-np.asarray(m.logits(x)), axis=-1, kind="stable")[:, :2]
+    )
+    expected = np.asarray(gcj.grad_cam(m.tap_at("block1"), x, target=targets, upsample=False))
+    np.testing.assert_allclose(np.asarray(res["maps"][:], np.float32), expected, atol=2e-3)

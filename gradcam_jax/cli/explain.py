@@ -29,6 +29,7 @@ from .._cam import cam, method_names
 from ..dataset import RecordError, load_image
 from .common import EXIT_FAILED_FILES, EXIT_OK, PROG, Progress, error, positive_int
 from .explain_job import DEFAULT_METHODS, DEMO_CLASSES, PIXEL_METHODS, Job, job_from_args
+from .models import Model
 
 __all__ = ["add_parser", "run", "read_image", "explain_batch", "Output", "EXAMPLES"]
 
@@ -48,6 +49,8 @@ examples:
       chosen classes (ImageNet indices or exact names), two CAM methods side by side
   {PROG} explain dog.jpg --layer blocks_15 --methods grad_cam
       explain at another layer; `{PROG} layers` lists them
+  {PROG} explain scan.png --model mypackage.models:classifier --classes top1
+      your own model: a factory returning preprocess, tap, logits, class_names (and tap_at)
 
 {METHODS_HELP}
 """
@@ -87,8 +90,11 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="efficientnet_lite0",
-        metavar="NAME",
-        help=f"zoo model (default: %(default)s; available: {', '.join(zoo.MODELS)})",
+        metavar="NAME|MODULE:FACTORY",
+        help=f"zoo model (default: %(default)s; available: {', '.join(zoo.MODELS)}), or your own: "
+        "MODULE:FACTORY or FILE.py:FACTORY, a function called with no arguments returning an object "
+        "with preprocess(images), tap, logits(x) (or probs(x)), class_names and optionally "
+        "tap_at(layer), layers, input_size, name (see gradcam_jax.cli.models.ExplainableModel)",
     )
     p.add_argument(
         "--classes",
@@ -109,8 +115,8 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="layer to explain at, as a module path (default: the model's last "
-        "convolutional feature map, 'head' for efficientnet_lite0); see "
-        f"`{PROG} layers`",
+        "convolutional feature map, 'head' for efficientnet_lite0; your own model's tap_at(PATH)); "
+        f"see `{PROG} layers`",
     )
 
 
@@ -249,9 +255,10 @@ def _unique_stem(path: str, taken: set[str]) -> str:
     return name
 
 
-def _class_record(model: zoo.Pretrained, c, probs: np.ndarray) -> dict:
+def _class_record(model: Model, c, probs: np.ndarray) -> dict:
     c = int(c)
-    return {"index": c, "name": model.class_names[c], "prob": round(float(probs[c]), 6)}
+    name = f"class {c}" if model.class_names is None else model.class_names[c]
+    return {"index": c, "name": name, "prob": round(float(probs[c]), 6)}
 
 
 def _pretty_model(name: str) -> str:

@@ -7,16 +7,14 @@ checks its arguments and hands them to :func:`gradcam_jax.dataset.explain_datase
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import jax
 
+from .. import zoo
 from .._cam import method_names
 from ..dataset import explain_dataset
 from .common import (
@@ -27,12 +25,12 @@ from .common import (
     PROG,
     UsageError,
     error,
-    load_zoo_model,
     nonnegative_int,
     parse_classes,
     parse_methods,
     positive_int,
 )
+from .models import UserModel, layer_tap, load_model
 
 __all__ = ["add_parser", "build_parser", "run", "main", "load_model"]
 
@@ -85,9 +83,11 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="efficientnet_lite0",
-        metavar="NAME",
-        help="a zoo model (default: %(default)s) or MODULE:FUNCTION returning a zoo-style "
-        "model (with .tap, .preprocess, .input_size) or a tap",
+        metavar="NAME|MODULE:FACTORY",
+        help="a zoo model (default: %(default)s), or MODULE:FACTORY / FILE.py:FACTORY: a function "
+        "called with no arguments returning your own model (preprocess, tap, logits, class_names, "
+        "optionally tap_at, layers, input_size, name: see gradcam_jax.cli.models.ExplainableModel; "
+        "its preprocess must be traceable) or a bare tap",
     )
     p.add_argument(
         "--layer",
@@ -221,36 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _import_module(name: str) -> ModuleType:
-    """A module by dotted name, or the Python file at ``name`` (a path ending in ``.py``)."""
-    if not (name.endswith(".py") or os.sep in name):
-        return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(Path(name).stem, name)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {name}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_model(spec: str):
-    """``--model``: a zoo name, or ``MODULE:FUNCTION`` (or ``FILE.py:FUNCTION``) called with no
-    arguments, returning a zoo-style model or a tap."""
-    if ":" not in spec:
-        return load_zoo_model(spec, prefix="--model: ")
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = _import_module(module_name)
-    except (ImportError, OSError) as e:
-        raise UsageError(f"--model {spec!r}: cannot import {module_name!r} ({e}).") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise UsageError(f"--model {spec!r}: {module_name!r} has no {attr!r}.")
-    if not callable(fn):
-        raise UsageError(f"--model {spec!r}: {attr!r} is not a function returning a model.")
-    return fn()
-
-
 def _target(spec: str, model) -> str | list[int] | None:
     """``--classes`` as :func:`explain_dataset`'s ``target``."""
     classes = parse_classes(spec)  # the explain command's syntax: topK or indices/names
@@ -286,35 +256,40 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize(**given)
 
 
+def _model_arguments(model: Any, layer: str | None, size: int | None) -> dict[str, Any]:
+    """``explain_dataset``'s ``model`` (with ``layer``, or ``preprocess``, and ``size``) for ``--model``."""
+    if isinstance(model, UserModel):  # your own model: its tap at the layer, with its preprocessing
+        _, tap = layer_tap(model, layer)
+        return dict(model=tap, preprocess=model.preprocess, size=size or model.input_size)
+    if isinstance(model, zoo.Pretrained):
+        name = layer_tap(model, layer)[0] if layer else None  # checks the layer
+        return dict(model=model, layer=name, size=size)
+    if layer:
+        raise UsageError(
+            "--layer needs a model with tap_at(layer); this --model returned a tap (its layer is fixed)."
+        )
+    return dict(model=model, size=size)
+
+
 def _explain_dataset_arguments(args: argparse.Namespace) -> dict:
     """Check ``args`` (a :class:`UsageError` names the first problem) into explain_dataset's keywords."""
     if not os.path.isdir(args.dir):
         raise UsageError(f"{args.dir!r} is not a folder.")
     # Before anything touches a JAX backend: the distributed runtime must come first.
     _initialize_distributed(args)
-    model = load_model(args.model)
+    model = load_model(args.model, taps=True)
     methods = parse_methods(args.methods, method_names("gradient"))
     target = _target(args.classes, model)
-    layer = args.layer.strip("/") if args.layer else None
-    if layer and hasattr(model, "layers") and layer not in model.layers:
-        shown = ", ".join(p for p in model.layers if "/" not in p)
-        raise UsageError(f"--layer {args.layer!r} is not a layer of the model. Top-level layers: {shown}.")
-    is_zoo_like = hasattr(model, "tap") and hasattr(model, "preprocess") and hasattr(model, "module")
-    if layer and not is_zoo_like:
-        raise UsageError(
-            "--layer applies to zoo-style models; this --model returned a tap (its layer is fixed)."
-        )
+    model_arguments = _model_arguments(model, args.layer, args.size)
     return dict(
         source=args.dir,
-        model=model,
+        **model_arguments,
         methods=methods[0] if len(methods) == 1 else methods,
         target=target,
         out=args.out,
         batch_size=args.batch_size,
         resume=not args.no_resume,
         resolution=args.resolution,
-        size=args.size,
-        layer=layer,
         device_batch=args.device_batch,
         top=args.top,
         workers=args.workers,

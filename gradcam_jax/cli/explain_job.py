@@ -1,4 +1,5 @@
-"""The ``explain`` command's job: its arguments checked and resolved against the zoo model.
+"""The ``explain`` command's job: its arguments checked and resolved against the model (a zoo
+model, or your own from ``--model MODULE:FACTORY``: see :mod:`.models`).
 
 :func:`job_from_args` turns parsed arguments into a :class:`Job` (what to read, explain and
 write) or raises :class:`~.common.UsageError` naming the first problem; :mod:`.explain` runs it.
@@ -17,7 +18,8 @@ import matplotlib
 from .. import zoo
 from .._cam import method_names
 from ..guided import guided_backprop, guided_grad_cam
-from .common import PROG, UsageError, load_zoo_model, parse_classes, parse_methods
+from .common import UsageError, parse_classes, parse_methods
+from .models import Model, class_count, layer_tap, load_model
 
 __all__ = ["Job", "job_from_args", "DEMO_CLASSES", "PIXEL_METHODS", "DEFAULT_METHODS", "METHODS"]
 
@@ -40,7 +42,7 @@ class Job:
     paths: list[str]
     classes_spec: str
     methods: list[str]
-    model: zoo.Pretrained
+    model: Model
     layer: str
     tap: object  # the model split at ``layer``
     fixed: list[int] | None  # the classes named in --classes; None: each image's top k
@@ -67,10 +69,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
         raise UsageError(
             f"--cmap {args.cmap!r} is not a Matplotlib colormap (try jet, turbo, inferno, viridis)."
         )
-    model = load_zoo_model(args.model)
+    model = load_model(args.model)
     fixed, k = _resolve_classes(classes, model)
-    layer = _resolve_layer(args.layer, model)
-    tap = model.tap if layer == model.default_layer else model.tap_at(layer)
+    layer, tap = layer_tap(model, args.layer)
     out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +84,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
     )
 
 
-def _resolve_classes(classes: int | list[int | str], model: zoo.Pretrained) -> tuple[list[int] | None, int]:
+def _resolve_classes(classes: int | list[int | str], model: Model) -> tuple[list[int] | None, int]:
     """The classes named in ``--classes`` (None: each image's most probable ones) and how many."""
-    n = len(model.class_names)
+    n = class_count(model)
     if isinstance(classes, int):
         if classes > n:
             raise UsageError(f"--classes top{classes}: {model.name} has only {n} classes.")
@@ -105,14 +106,3 @@ def _resolve_classes(classes: int | list[int | str], model: zoo.Pretrained) -> t
             except ValueError as e:
                 raise UsageError(f"--classes: {e}") from None
     return out, len(out)
-
-
-def _resolve_layer(spec: str | None, model: zoo.Pretrained) -> str:
-    layer = (spec or model.default_layer).strip("/")
-    if layer != model.default_layer and layer not in model.layers:
-        shown = ", ".join(p for p in model.layers if "/" not in p)
-        raise UsageError(
-            f"--layer {layer!r} is not a layer of {model.name}. Top-level layers: {shown}. "
-            f"`{PROG} layers --all` lists every submodule."
-        )
-    return layer
