@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
 
 from . import methods, perturbation
-from ._grads import check_tap_target, grads_for_spec
-from ._maps import MapOptions, kernel, map_size, maps_from_grads
+from ._grads import check_tap_target, grads_for_spec, zero_gradients
+from ._maps import MapOptions, kernel, map_geometry, maps_from_grads
 from ._tap import Tap, as_tap
-from ._targets import Target, TargetSpec, batch_size, target_spec
+from ._targets import Target, TargetSpec, batch_size, is_concrete, target_spec
 
 __all__ = [
     "Method",
@@ -40,10 +42,15 @@ GRADIENT, PERTURBATION = "gradient", "perturbation"
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """An entry of :data:`METHODS`: ``kind`` is ``"gradient"`` or ``"perturbation"``."""
+    """An entry of :data:`METHODS`: ``kind`` is ``"gradient"`` or ``"perturbation"``.
+
+    ``uses_grads``: a gradient method whose formula reads ``dA`` (Eigen-CAM does not); for
+    those an all-zero ``dA`` is refused as the silent failure it is.
+    """
 
     kind: str
     fn: Callable
+    uses_grads: bool = True
 
 
 #: Every CAM method by name. A gradient method's ``fn`` is ``(A, dA) -> (B, h, w)``; a
@@ -57,7 +64,7 @@ METHODS: dict[str, Method] = {
     "xgrad_cam": Method(GRADIENT, methods.xgrad_cam),
     "hires_cam": Method(GRADIENT, methods.hires_cam),
     "layer_cam": Method(GRADIENT, methods.layer_cam),
-    "eigen_cam": Method(GRADIENT, methods.eigen_cam),
+    "eigen_cam": Method(GRADIENT, methods.eigen_cam, uses_grads=False),
     "eigen_grad_cam": Method(GRADIENT, methods.eigen_grad_cam),
     "score_cam": Method(PERTURBATION, perturbation.score_cam),
     "ablation_cam": Method(PERTURBATION, perturbation.ablation_cam),
@@ -126,9 +133,34 @@ class GradientCamOptions:
 
 @kernel
 def gradient_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GradientCamOptions):
-    """A gradient method's maps under ``jit``: one forward pass, one (vmapped) pullback."""
+    """A gradient method's maps under ``jit``: one forward pass, one (vmapped) pullback.
+
+    Returns ``(maps, dead)``: ``dead`` is ``(B,)`` (or ``(B, K)``), true where ``dA`` is zero at
+    every position of the layer — the explained score does not depend on it there.
+    """
     out = grads_for_spec(tap, x, target)
-    return maps_from_grads(out, options.method, options.maps, map_size(x, options.maps))
+    size, rank = map_geometry(x, options.maps, "cam")
+    maps = maps_from_grads(out, options.method, options.maps, size, rank)
+    return maps, zero_gradients(out, options.maps.drop_tokens)
+
+
+def check_dead(dead, method) -> None:
+    """Refuse maps built from an all-zero ``dA`` (a concrete ``dead`` only: under an outer
+    ``jit`` the all-zero maps are returned, as documented in :func:`cam`)."""
+    if not is_concrete(dead):
+        return
+    dead = np.asarray(dead)
+    if not dead.any():
+        return
+    rows = sorted({int(i) for i in np.argwhere(dead)[:, 0]})
+    raise ValueError(
+        f"{method}: the gradient of the explained score with respect to the tapped layer is exactly zero "
+        f"everywhere for example(s) {rows[:10]}: the score does not depend on this layer's output, so the "
+        f"map would be all zeros. Likely causes: a transformer whose head reads only the class token, "
+        f"tapped at the last block's output (tap the last block's input or its first LayerNorm instead, "
+        f"with drop_tokens=1); a head whose weights are zero (e.g. a zero-initialised classifier); a "
+        f"callable target that does not depend on the model's output."
+    )
 
 
 def cam(
@@ -143,7 +175,9 @@ def cam(
     interpolation: str = "bilinear",
     counterfactual: bool = False,
     drop_tokens: int = 0,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, ...] | None = None,
+    layout: str | None = None,
+    input: Any = None,
     **method_options,
 ) -> jax.Array:
     """Class activation maps by any registered method.
@@ -155,7 +189,10 @@ def cam(
 
     Args:
       tap: the model split at a layer (:func:`~gradcam_jax.linen_tap`, ...).
-      x: the input batch, ``(B, H, W, C)`` images (any batched input with ``upsample=False``).
+      x: the input batch: images ``(B, H, W, C)``, signals ``(B, T, C)``, volumes or videos
+        ``(B, D, H, W, C)`` (channels-first with ``layout=``), or a pytree of arrays (a dict,
+        a tuple for a multi-input model) whose image ``input=`` picks; any batched input with
+        ``upsample=False``.
       target: what to explain. ``None``: each example's top class; an int: that class for every
         example; an int array ``(B,)``: one class per example; a list of K ints or an int array
         ``(B, K)``: K maps per example (still one forward pass); a callable
@@ -174,12 +211,27 @@ def cam(
         (Selvaraju et al. §3.3).
       drop_tokens: for token activations ``(B, N, C)``: leading tokens to drop (1 for a class
         token).
-      grid: for token activations: ``(h, w)`` of the token grid (default: square).
+      grid: for token activations: ``(h, w)`` of the token grid (default: square; ``(d, h, w)``
+        for volumes).
+      layout: the image's layout: ``"NHWC"`` (default for 4-D), ``"NCHW"``, ``"NLC"`` / ``"NCL"``
+        (1-D), ``"NDHWC"`` / ``"NCDHW"`` (3-D). An input that looks channels-first is refused
+        without it rather than guessed. With ``upsample=False`` and no ``layout``, a 3-D input
+        ``(B, N, C)`` is taken as tokens (a square grid, as for a ViT); ``layout="NLC"`` makes
+        it a 1-D signal.
+      input: for a pytree input, the image: a key, an index, or a callable picking it (default:
+        the only floating array of rank >= 3). Other leaves pass through unchanged.
       **method_options: options of the perturbation methods (``chunk_size``, ``top_n``,
         ``compute_dtype``).
 
     Returns:
-      ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
+      ``float32`` maps ``(B, *spatial)`` (``(B, H, W)`` for images), or ``(B, K, *spatial)``
+      for K targets per example.
+
+    Raises:
+      ValueError: the gradient at the tapped layer is exactly zero for an example (the score
+        does not depend on the layer there: the map would be silently empty); the message
+        names the likely cause. Under an outer ``jax.jit`` this cannot be checked: the
+        all-zero maps are returned.
 
     Examples:
       >>> import jax, jax.numpy as jnp, gradcam_jax as gcj
@@ -190,7 +242,9 @@ def cam(
     """
     # long-function: the docstring documents every option; the body is short.
     entry = resolve_method(method)
-    maps = MapOptions(upsample, normalize, relu, interpolation, counterfactual, drop_tokens, grid)
+    maps = MapOptions(
+        upsample, normalize, relu, interpolation, counterfactual, drop_tokens, grid, layout, input
+    )
     if entry.kind == PERTURBATION:
         if counterfactual:
             raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
@@ -204,6 +258,8 @@ def cam(
             interpolation=interpolation,
             drop_tokens=drop_tokens,
             grid=grid,
+            layout=layout,
+            input=input,
             **method_options,
         )
     if method_options:
@@ -212,10 +268,13 @@ def cam(
             f"({', '.join(method_names(PERTURBATION))}) take; method={method!r} does not."
         )
     tap = as_tap(tap)
-    map_size(x, maps)  # a clear error now for upsampling a non-image input
+    map_geometry(x, maps, "cam")  # a clear error now, e.g. for upsampling a non-image input
     spec = target_spec(target, batch_size(x))
     check_tap_target(tap, x, spec)
-    return gradient_cam_kernel(tap, x, spec, options=GradientCamOptions(entry.fn, maps))
+    out, dead = gradient_cam_kernel(tap, x, spec, options=GradientCamOptions(entry.fn, maps))
+    if entry.uses_grads:
+        check_dead(dead, method if isinstance(method, str) else "cam")
+    return out
 
 
 def grad_cam(
@@ -229,7 +288,9 @@ def grad_cam(
     interpolation: str = "bilinear",
     counterfactual: bool = False,
     drop_tokens: int = 0,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, ...] | None = None,
+    layout: str | None = None,
+    input: Any = None,
 ) -> jax.Array:
     """Grad-CAM maps: ``ReLU(sum_k w_k A^k)`` with ``w_k`` the spatial mean of ``d y^c / d A^k``.
 
@@ -266,4 +327,6 @@ def grad_cam(
         counterfactual=counterfactual,
         drop_tokens=drop_tokens,
         grid=grid,
+        layout=layout,
+        input=input,
     )

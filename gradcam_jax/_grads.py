@@ -25,7 +25,14 @@ from ._targets import (
     target_spec,
 )
 
-__all__ = ["Grads", "activations_and_grads", "grads_for_spec", "tap_shapes", "check_tap_target"]
+__all__ = [
+    "Grads",
+    "activations_and_grads",
+    "grads_for_spec",
+    "tap_shapes",
+    "check_tap_target",
+    "zero_gradients",
+]
 
 
 class Grads(NamedTuple):
@@ -103,3 +110,18 @@ def grads_for_spec(tap: Tap, x, spec: TargetSpec) -> Grads:
         )
     (grads,) = pull_back(pullback, selected)
     return Grads(scores, a, grads, selected)
+
+
+def zero_gradients(out: Grads, drop_tokens: int = 0) -> jax.Array:
+    """Where ``dA`` is exactly zero at every position and channel: ``(B,)``, or ``(B, K)`` for K targets.
+
+    ``drop_tokens`` leading tokens of a token activation ``(B, N, C)`` are left out (a class
+    token's gradient is not part of the map).
+    """
+    g = out.grads
+    if out.selected.ndim == 1:
+        g = g[None]
+    if drop_tokens and out.activation.ndim == 3:
+        g = g[:, :, drop_tokens:]
+    dead = jnp.all(g.reshape(g.shape[0], g.shape[1], -1) == 0, axis=-1)  # (K, B)
+    return dead[0] if out.selected.ndim == 1 else dead.T

@@ -11,11 +11,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ._grads import Grads
+from ._inputs import InputView, input_view, spatial_size
+from ._layout import parse_layout
 from .postprocess import check_interpolation, normalize_maps, upsample_to
 
 __all__ = [
@@ -25,7 +28,8 @@ __all__ = [
     "finish_maps",
     "maps_from_grads",
     "check_image_batch",
-    "map_size",
+    "check_images",
+    "map_geometry",
 ]
 
 #: ``jax.jit`` with one static argument, ``options`` (a frozen dataclass): every explainer's
@@ -37,9 +41,13 @@ kernel = functools.partial(jax.jit, static_argnames=("options",))
 class MapOptions:
     """How raw maps become the maps a user gets (see :func:`gradcam_jax.cam` for each field).
 
+    ``layout`` and ``input`` say where the image is in the model's input (see
+    :func:`gradcam_jax._inputs.input_view`): maps are upsampled to its spatial size and come
+    back as ``(B, *spatial)``, whatever its layout.
+
     Examples:
       >>> from gradcam_jax._maps import MapOptions
-      >>> MapOptions(grid=[7, 7]).grid
+      >>> MapOptions(grid=[7, 7], layout="nchw").grid
       (7, 7)
     """
 
@@ -49,7 +57,9 @@ class MapOptions:
     interpolation: str = "bilinear"
     counterfactual: bool = False
     drop_tokens: int = 0
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
+    layout: str | None = None
+    input: Any = None
 
     def __post_init__(self):
         check_interpolation(self.interpolation)
@@ -62,68 +72,89 @@ class MapOptions:
         object.__setattr__(self, "drop_tokens", int(self.drop_tokens))
         if self.grid is not None:
             grid = tuple(int(v) for v in self.grid)
-            if len(grid) != 2 or min(grid) < 1:
-                raise ValueError(f"grid must be a pair of positive ints (h, w); got {self.grid!r}.")
+            if not 1 <= len(grid) <= 3 or min(grid) < 1:
+                raise ValueError(
+                    f"grid must be positive ints, (h, w) (or (t,), (d, h, w)); got {self.grid!r}."
+                )
             object.__setattr__(self, "grid", grid)
+        if self.layout is not None:
+            object.__setattr__(self, "layout", parse_layout(self.layout).name)
+        hash(self.input)  # a key, an index or a function: it is part of a static argument
 
 
-def _square_side(n: int, n_tokens: int, drop_tokens: int) -> int:
-    side = math.isqrt(n)
-    if side * side != n:
+def _side(n: int, rank: int, n_tokens: int, drop_tokens: int) -> int:
+    side = round(n ** (1.0 / rank))
+    if side**rank != n:
+        shape = "square" if rank == 2 else "cube"
         raise ValueError(
             f"The tapped layer outputs {n_tokens} tokens; after dropping {drop_tokens}, {n} "
-            f"do not form a square grid. Pass drop_tokens= (e.g. 1 for a class token) and/or "
-            f"grid=(h, w)."
+            f"do not form a {shape} grid. Pass drop_tokens= (e.g. 1 for a class token) and/or "
+            f"grid=({', '.join('hw' if rank == 2 else 'dhw')})."
         )
     return side
 
 
-def to_grid(a, drop_tokens: int = 0, grid: tuple[int, int] | None = None):
-    """Bring an activation (or gradient) to ``(B, h, w, C)``.
+def _tokens_to_grid(a, drop_tokens: int, grid, rank: int):
+    tokens = a[:, drop_tokens:, :]
+    n = tokens.shape[1]
+    if grid is None:
+        grid = (n,) if rank == 1 else (_side(n, rank, a.shape[1], drop_tokens),) * rank
+    if len(grid) != rank or math.prod(grid) != n:
+        hint = (
+            " A (B, N, C) input is read as a 1-D signal when maps are upsampled to it; for token "
+            "embeddings pass upsample=False (maps on the token grid)."
+            if rank == 1
+            else ""
+        )
+        raise ValueError(
+            f"grid={tuple(grid)} holds {math.prod(grid)} tokens in {len(grid)}-D, but {n} remain after "
+            f"dropping {drop_tokens} and the input has {rank} spatial axes.{hint}"
+        )
+    return tokens.reshape((a.shape[0], *grid, a.shape[-1]))
 
-    ``(B, h, w, C)`` is kept; ``(B, C)`` becomes ``(B, 1, 1, C)`` (no spatial axes: a method's
-    weights are then ``dA`` itself); tokens ``(B, N, C)`` lose ``drop_tokens`` leading tokens
-    (a class token, register tokens) and are reshaped to ``grid = (h, w)``, by default the
-    square ``sqrt(N - drop_tokens)``.
+
+def to_grid(a, drop_tokens: int = 0, grid: tuple[int, ...] | None = None, rank: int | None = None):
+    """Bring an activation (or gradient) to ``(B, *spatial, C)`` with ``rank`` spatial axes.
+
+    ``rank`` is the input's number of spatial axes (2 for images, the default; 1 for signals,
+    3 for volumes). An activation with that many is kept; ``(B, C)`` gets size-1 spatial axes
+    (no spatial extent: a method's weights are then ``dA`` itself); for images and volumes,
+    tokens ``(B, N, C)`` lose ``drop_tokens`` leading tokens (a class token, register tokens)
+    and are reshaped to ``grid``, by default a square (cube) ``N - drop_tokens`` side.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from gradcam_jax._maps import to_grid
       >>> to_grid(jnp.zeros((2, 1 + 16, 8)), drop_tokens=1).shape
       (2, 4, 4, 8)
+      >>> to_grid(jnp.zeros((2, 50, 8)), rank=1).shape
+      (2, 50, 8)
     """
-    if a.ndim == 4:
+    rank = 2 if rank is None else rank
+    if a.ndim == 2:
+        return a.reshape((a.shape[0],) + (1,) * rank + (a.shape[1],))
+    if a.ndim == rank + 2 and not (rank == 1 and (drop_tokens or grid is not None)):
         if drop_tokens or grid is not None:
             raise ValueError(
-                "drop_tokens and grid apply to token activations (B, N, C); "
-                "this layer's output is (B, h, w, C)."
+                f"drop_tokens and grid apply to token activations (B, N, C); this layer's output is "
+                f"{a.shape}, which already has the input's {rank} spatial axes."
             )
         return a
-    if a.ndim == 2:
-        return a[:, None, None, :]
     if a.ndim == 3:
-        tokens = a[:, drop_tokens:, :]
-        n = tokens.shape[1]
-        if grid is None:
-            side = _square_side(n, a.shape[1], drop_tokens)
-            grid = (side, side)
-        if grid[0] * grid[1] != n:
-            raise ValueError(
-                f"grid={tuple(grid)} holds {grid[0] * grid[1]} tokens, "
-                f"but {n} remain after dropping {drop_tokens}."
-            )
-        return tokens.reshape(a.shape[0], grid[0], grid[1], a.shape[-1])
+        return _tokens_to_grid(a, drop_tokens, grid, rank)
     raise ValueError(
-        f"The tapped layer's output has shape {a.shape}; supported are (B, h, w, C), tokens (B, N, C) "
-        f"and (B, C). Tap another layer, or reshape in a split_tap."
+        f"The tapped layer's output has shape {a.shape}; for an input with {rank} spatial axes supported are "
+        f"(B, *{rank} spatial, C), tokens (B, N, C) and (B, C). Tap another layer, pass activation_layout= "
+        f"to the adapter for a channels-first layer, or reshape in a split_tap."
     )
 
 
-def finish_maps(raw, options: MapOptions, size: tuple[int, int] | None):
+def finish_maps(raw, options: MapOptions, size: tuple[int, ...] | None, rank: int = 2):
     """ReLU, upsample to ``size``, normalise — in that order (the paper's convention).
 
     After a ReLU, the overshoot of bicubic/Lanczos kernels is clipped so that zero evidence
-    stays zero. ``size`` is the input's ``(H, W)`` (unused when ``options.upsample`` is off).
+    stays zero. ``size`` is the image's spatial size (unused when ``options.upsample`` is off);
+    ``rank`` its number of spatial axes (the maps' last ``rank`` axes).
     """
     raw = raw.astype(jnp.float32)
     if options.relu:
@@ -133,17 +164,19 @@ def finish_maps(raw, options: MapOptions, size: tuple[int, int] | None):
         if options.relu and options.interpolation not in ("nearest", "bilinear", "linear"):
             raw = jax.nn.relu(raw)
     if options.normalize:
-        raw = normalize_maps(raw)
+        raw = normalize_maps(raw, rank)
     return raw
 
 
-def maps_from_grads(out: Grads, method_fn: Callable, options: MapOptions, size: tuple[int, int] | None):
-    """One method's finished maps from one forward's :class:`Grads`: ``(B, H, W)`` or ``(B, K, H, W)``.
+def maps_from_grads(out: Grads, method_fn: Callable, options: MapOptions, size, rank: int | None = 2):
+    """One method's finished maps from one forward's :class:`Grads`: ``(B, *spatial)`` or ``(B, K, ...)``.
 
-    ``method_fn(A, dA) -> (B, h, w)`` is a raw-map formula of :mod:`gradcam_jax.methods`.
+    ``method_fn(A, dA) -> (B, *spatial)`` is a raw-map formula of :mod:`gradcam_jax.methods`;
+    ``size``/``rank`` as in :func:`finish_maps` (see :func:`map_geometry`).
     """
-    a = to_grid(out.activation, options.drop_tokens, options.grid).astype(jnp.float32)
-    if options.normalize and a.shape[1:3] == (1, 1):
+    rank = 2 if rank is None else rank
+    a = to_grid(out.activation, options.drop_tokens, options.grid, rank).astype(jnp.float32)
+    if options.normalize and all(d == 1 for d in a.shape[1:-1]):
         raise ValueError(
             f"The tapped layer's output {out.activation.shape} has no spatial extent: its map is one "
             f"number per example, which normalisation would turn into 0. Pass normalize=False and "
@@ -154,15 +187,32 @@ def maps_from_grads(out: Grads, method_fn: Callable, options: MapOptions, size: 
         g = -g
 
     def raw_map(gk):
-        return method_fn(a, to_grid(gk, options.drop_tokens, options.grid))
+        return method_fn(a, to_grid(gk, options.drop_tokens, options.grid, rank))
 
     if out.selected.ndim == 1:
-        return finish_maps(raw_map(g), options, size)
-    return finish_maps(jnp.swapaxes(jax.vmap(raw_map)(g), 0, 1), options, size)  # (B, K, h, w)
+        return finish_maps(raw_map(g), options, size, rank)
+    return finish_maps(jnp.moveaxis(jax.vmap(raw_map)(g), 0, 1), options, size, rank)  # (B, K, ...)
+
+
+def check_images(x, options: MapOptions, who: str) -> InputView:
+    """The input's image view; the image must be floating (the model's input)."""
+    view = input_view(x, options.layout, options.input, who)
+    image = jax.tree_util.tree_leaves(x)[view.leaf]
+    if view.spatial_rank == 0:
+        raise ValueError(
+            f"{who}: the image must have spatial axes, (B, H, W, C) or (B, T, C), (B, D, H, W, C) "
+            f"(channels-first with layout=); got shape {tuple(image.shape)}."
+        )
+    if not jnp.issubdtype(image.dtype, jnp.floating):
+        raise TypeError(
+            f"{who}: images must be floating (the model's input); got dtype {image.dtype}. "
+            f"Convert them with x.astype(jnp.float32) (or the model's preprocess)."
+        )
+    return view
 
 
 def check_image_batch(x, who: str) -> None:
-    """Raise unless ``x`` is a floating channels-last image batch ``(B, H, W, C)``."""
+    """Raise unless ``x`` is a floating channels-last image batch ``(B, H, W, C)`` (the metrics' input)."""
     if not hasattr(x, "ndim") or x.ndim != 4:
         shape = getattr(x, "shape", type(x).__name__)
         raise ValueError(f"{who}: images must be a channels-last batch (B, H, W, C); got {shape}.")
@@ -173,14 +223,28 @@ def check_image_batch(x, who: str) -> None:
         )
 
 
-def map_size(x, options: MapOptions) -> tuple[int, int] | None:
-    """The ``(H, W)`` maps are upsampled to: the input's, or ``None`` without upsampling."""
+def map_geometry(x, options: MapOptions, who: str = "explain") -> tuple[tuple[int, ...] | None, int | None]:
+    """``(size, rank)`` of the maps for input ``x``: the image's spatial size (``None`` without
+    upsampling) and its number of spatial axes (``None`` when the input has none: the
+    activation decides, as for a token model)."""
     if not options.upsample:
-        return None
-    if not hasattr(x, "ndim") or x.ndim != 4:
-        shape = getattr(x, "shape", type(x).__name__)
+        try:
+            view = input_view(x, options.layout, options.input, who)
+        except ValueError:
+            if options.layout is not None or options.input is not None:
+                raise
+            return None, None  # e.g. token ids: maps stay at the layer's resolution
+        if options.layout is None and view.spatial_rank == 1:
+            # (B, N, C) without layout= and without upsampling: tokens (a 2-D grid, as for a ViT's
+            # embeddings); pass layout="NLC" for a 1-D signal at the layer's resolution.
+            return None, None
+        return None, (view.spatial_rank or None)
+    view = input_view(x, options.layout, options.input, who)
+    if view.spatial_rank == 0:
+        shape = tuple(jax.tree_util.tree_leaves(x)[view.leaf].shape)
         raise ValueError(
-            f"upsample=True resizes maps to the input image, which must be (B, H, W, C); the input "
-            f"is {shape}. Pass upsample=False for maps at the layer's resolution."
+            f"upsample=True resizes maps to the input image, which must have spatial axes ((B, H, W, C), "
+            f"(B, T, C) or (B, D, H, W, C); channels-first with layout=); the input is {shape}. Pass "
+            f"upsample=False for maps at the layer's resolution."
         )
-    return tuple(x.shape[1:3])
+    return spatial_size(x, view), view.spatial_rank

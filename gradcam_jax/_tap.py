@@ -63,6 +63,9 @@ class Edit:
 
 ApplyFn = Callable[[Any, jax.Array, "Edit | None"], "tuple[Any, jax.Array]"]
 
+#: What a plain-callable tap receives as ``delta`` for "no change".
+NO_DELTA = 0.0
+
 __all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn", "pick_output", "adapt_tap"]
 
 
@@ -149,25 +152,30 @@ def split_tap(features_fn: Callable, head_fn: Callable, name: str | None = None)
 
 @jax.tree_util.register_pytree_node_class
 class CallableTap(Tap):
-    """A user's own ``tap(x, delta) -> (scores, activation)`` function, wrapped."""
+    """A user's own ``tap(x, delta) -> (scores, activation)`` function, wrapped.
+
+    ``delta`` is added to the layer's output; "no change" is passed as the scalar ``0.0`` (so a
+    tap written as ``a + delta`` works as it is).
+    """
 
     def __init__(self, fn: Callable):
         def apply(params, x, edit):
             if edit is None:
-                return fn(x, None)
-            # A plain callable only understands additive deltas: express the edit as one. This
-            # costs an extra forward pass; build a Tap with split_tap or an adapter to avoid it.
-            _, a = fn(x, None)
+                return fn(x, NO_DELTA)
+            if edit.kind == "add":
+                return fn(x, edit.value)
+            # A plain callable only understands additive deltas: express a replacement as one.
+            # This costs an extra forward pass; build a Tap with split_tap or an adapter to avoid it.
+            _, a = fn(x, NO_DELTA)
             a = jax.lax.stop_gradient(a)
-            delta = a + edit.value if edit.kind == "add" else edit.value
-            scores, _ = fn(x, delta - a)
+            scores, _ = fn(x, edit.value - a)
             return scores, a
 
         super().__init__(apply, (), getattr(fn, "__name__", None))
         self.fn = fn
 
     def __call__(self, x, delta=None):
-        return self.fn(x, delta)
+        return self.fn(x, NO_DELTA if delta is None else delta)
 
     def tree_flatten(self):
         return (), (self.fn,)
@@ -231,7 +239,7 @@ def pick_output(out: Any, output: str | int | Callable | None = None) -> Any:
             f"Pass output= (a field name, an index or a callable output -> scores); its fields: "
             f"{', '.join(_fields(out)) or '(none found)'}."
         )
-    if isinstance(output, int) and not isinstance(output, bool):
+    if not isinstance(output, str):  # an index into a tuple or list output
         return out[output]
     if isinstance(out, Mapping):
         if output not in out:

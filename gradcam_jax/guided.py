@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from . import methods
 from ._callables import PytreeCallable, as_pytree
 from ._grads import Grads, check_tap_target, tap_shapes
-from ._maps import MapOptions, check_image_batch, kernel, maps_from_grads
+from ._inputs import image_leaf, leaf_index, spatial_size, with_leaf
+from ._maps import MapOptions, check_images, kernel, maps_from_grads
 from ._rules import (
     DECONV,
     GUIDED,
@@ -96,9 +98,11 @@ def _targets_second(grads, selected):
 
 @dataclasses.dataclass(frozen=True)
 class InputGradOptions:
-    """The static option of the input-gradient kernel: the backward rule (``None``: plain)."""
+    """The static options of the input-gradient kernel: the backward rule (``None``: plain) and
+    which leaf of the input is differentiated (the image)."""
 
     rule: Rule | None = None
+    leaf: int = 0
 
 
 @kernel
@@ -107,36 +111,53 @@ def input_grads_kernel(fn: PytreeCallable, x, target: TargetSpec, *, options: In
     call = scores_fn(fn.fn)
     if options.rule is not None:
         call = transform(call, options.rule)
-    selected, pullback = jax.vjp(lambda x: select_scores(target, call(x)), x)
+
+    def explained(image):
+        return select_scores(target, call(with_leaf(x, options.leaf, image)))
+
+    selected, pullback = jax.vjp(explained, jax.tree_util.tree_leaves(x)[options.leaf])
     (grads,) = pull_back(pullback, selected)
     return _targets_second(grads, selected)
 
 
-def _input_grads(fn, x, target, rule):
+def _image_leaf(x, input, who: str) -> int:
+    leaf = leaf_index(x, input, who)
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    if not jnp.issubdtype(image.dtype, jnp.floating):
+        raise TypeError(
+            f"{who}: the input must be floating to be differentiated; got dtype {image.dtype}. Convert "
+            f"it with x.astype(jnp.float32) (or the model's preprocess)."
+        )
+    return leaf
+
+
+def _input_grads(fn, x, target, rule, input, who):
     if not callable(fn):
         raise TypeError(
             f"Expected a callable x -> scores (a model, an apply function or a tap); got {type(fn).__name__}."
         )
+    leaf = _image_leaf(x, input, who)
     spec = target_spec(target, batch_size(x))
     check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
-    return input_grads_kernel(as_pytree(fn), x, spec, options=InputGradOptions(rule))
+    return input_grads_kernel(as_pytree(fn), x, spec, options=InputGradOptions(rule, leaf))
 
 
-def gradients(fn: Callable, x, target: Target = None) -> jax.Array:
+def gradients(fn: Callable, x, target: Target = None, *, input: Any = None) -> jax.Array:
     """Plain input gradients ``d y^c / d x`` ("vanilla" saliency, Simonyan et al. 2014).
 
     Args:
       fn: any JAX callable ``x -> scores`` (a Flax ``apply`` closure, an Equinox model, a tap).
-      x: the input batch.
+      x: the input batch (any layout), or a pytree of arrays whose image ``input`` picks.
       target: as in :func:`gradcam_jax.grad_cam`.
+      input: for a pytree input, the leaf differentiated (see :func:`gradcam_jax.cam`).
 
     Returns:
-      Gradients shaped like ``x`` — ``(B, H, W, C)`` — or ``(B, K, H, W, C)`` for K targets.
+      Gradients shaped like the image — ``(B, H, W, C)`` — or ``(B, K, H, W, C)`` for K targets.
     """
-    return _input_grads(fn, x, target, None)
+    return _input_grads(fn, x, target, None, input, "gradients")
 
 
-def guided_backprop(fn: Callable, x, target: Target = None) -> jax.Array:
+def guided_backprop(fn: Callable, x, target: Target = None, *, input: Any = None) -> jax.Array:
     """Guided Backpropagation: input gradients with the guided ReLU rule at every ReLU.
 
     ``fn`` is traced and re-evaluated with each ReLU (``jax.nn.relu``, ``relu6``,
@@ -159,10 +180,10 @@ def guided_backprop(fn: Callable, x, target: Target = None) -> jax.Array:
       Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR 2015
       workshop, https://arxiv.org/abs/1412.6806.
     """
-    return _input_grads(fn, x, target, GUIDED)
+    return _input_grads(fn, x, target, GUIDED, input, "guided_backprop")
 
 
-def deconvnet(fn: Callable, x, target: Target = None) -> jax.Array:
+def deconvnet(fn: Callable, x, target: Target = None, *, input: Any = None) -> jax.Array:
     """Deconvnet: input gradients with the Deconvnet ReLU rule (``g * (g > 0)``) at every ReLU.
 
     As :func:`guided_backprop` otherwise.
@@ -171,7 +192,7 @@ def deconvnet(fn: Callable, x, target: Target = None) -> jax.Array:
       Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014,
       https://arxiv.org/abs/1311.2901.
     """
-    return _input_grads(fn, x, target, DECONV)
+    return _input_grads(fn, x, target, DECONV, input, "deconvnet")
 
 
 _PIXEL_EXPLAINERS = {"gradients": gradients, "guided_backprop": guided_backprop, "deconvnet": deconvnet}
@@ -187,6 +208,7 @@ def smooth_grad(
     noise_level: float = 0.15,
     method: str = "gradients",
     chunk_size: int | None = None,
+    input: Any = None,
 ):
     """SmoothGrad: the mean of input gradients over Gaussian-noised copies of ``x``.
 
@@ -200,6 +222,7 @@ def smooth_grad(
       noise_level: the noise's standard deviation as a fraction of each example's value range.
       method: ``"gradients"``, ``"guided_backprop"`` or ``"deconvnet"``.
       chunk_size: samples evaluated at once (default: all).
+      input: for a pytree input, the image: only it gets noise and gradients.
 
     References:
       Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017,
@@ -211,12 +234,16 @@ def smooth_grad(
     if target is None:
         # Each noisy copy explains the clean input's top class, not its own.
         target = jnp.argmax(jax.lax.stop_gradient(scores_fn(fn)(x)), axis=-1)
-    axes = tuple(range(1, x.ndim))
-    sigma = noise_level * (jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True))
-    noise = jax.random.normal(key, (n_samples,) + x.shape, jnp.float32).astype(x.dtype) * sigma
+    leaf = _image_leaf(x, input, "smooth_grad")
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    axes = tuple(range(1, image.ndim))
+    sigma = noise_level * (
+        jnp.max(image, axis=axes, keepdims=True) - jnp.min(image, axis=axes, keepdims=True)
+    )
+    noise = jax.random.normal(key, (n_samples,) + image.shape, jnp.float32).astype(image.dtype) * sigma
 
     def one(n):
-        return explain(fn, x + n, target)
+        return explain(fn, with_leaf(x, leaf, image + n), target, input=input)
 
     grads = jax.lax.map(one, noise, batch_size=chunk_size) if chunk_size else jax.vmap(one)(noise)
     return jnp.mean(grads, axis=0)
@@ -229,12 +256,11 @@ def smooth_grad(
 
 @dataclasses.dataclass(frozen=True)
 class GuidedGradCamOptions:
-    """The static options of the Guided Grad-CAM kernel."""
+    """The static options of the Guided Grad-CAM kernel: the Grad-CAM map's options and
+    whether the product is normalised."""
 
-    interpolation: str = "bilinear"
+    maps: MapOptions
     normalize: bool = True
-    drop_tokens: int = 0
-    grid: tuple[int, int] | None = None
 
 
 @kernel
@@ -242,31 +268,30 @@ def guided_grad_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GuidedGr
     """Guided Grad-CAM under ``jit`` (see :func:`guided_grad_cam`)."""
     _, act = tap_shapes(tap, x)
     delta0 = jnp.zeros(act.shape, act.dtype)
+    view = check_images(x, options.maps, "guided_grad_cam")
 
-    # One forward pass with guided ReLUs everywhere: scores, A, and the guided pullback to x.
-    def guided_objective(x, delta):
-        scores, a = tap(x, delta)
+    # One forward pass with guided ReLUs everywhere: scores, A, and the guided pullback to the image.
+    def guided_objective(image, delta):
+        scores, a = tap(with_leaf(x, view.leaf, image), delta)
         return select_scores(target, scores), a
 
-    selected, pullback, a = jax.vjp(transform(guided_objective, GUIDED), x, delta0, has_aux=True)
+    image = image_leaf(x, view)
+    selected, pullback, a = jax.vjp(transform(guided_objective, GUIDED), image, delta0, has_aux=True)
     gb = _targets_second(pull_back(lambda c: pullback(c)[0], selected), selected)
 
     # Grad-CAM needs dA under the model's own ReLUs: pull back through the part above the
     # layer only (under jit the layers below are dead code in tap.head).
     sel2, head_pullback = jax.vjp(lambda a_: select_scores(target, tap.head(x, a_)), a)
     (da,) = pull_back(head_pullback, sel2)  # (B, ...) or (K, B, ...)
-    cam_options = MapOptions(
-        upsample=True,
-        normalize=False,
-        relu=True,
-        interpolation=options.interpolation,
-        drop_tokens=options.drop_tokens,
-        grid=options.grid,
+    rank = view.spatial_rank
+    cam = maps_from_grads(
+        Grads(None, a, da, sel2), methods.grad_cam, options.maps, spatial_size(x, view), rank
     )
-    cam = maps_from_grads(Grads(None, a, da, sel2), methods.grad_cam, cam_options, tuple(x.shape[1:3]))
-    out = gb.astype(jnp.float32) * cam[..., None]
+    # The map broadcasts over the image's channel axis, wherever its layout puts it.
+    channel = cam.ndim if not view.layout.channels_first else cam.ndim - rank
+    out = gb.astype(jnp.float32) * jnp.expand_dims(cam, channel)
     if options.normalize:
-        scale = jnp.max(jnp.abs(out), axis=(-3, -2, -1), keepdims=True)
+        scale = jnp.max(jnp.abs(out), axis=tuple(range(-rank - 1, 0)), keepdims=True)
         out = jnp.where(scale > 0, out / jnp.where(scale > 0, scale, 1.0), 0.0)
     return out
 
@@ -280,6 +305,8 @@ def guided_grad_cam(
     normalize: bool = True,
     drop_tokens: int = 0,
     grid=None,
+    layout: str | None = None,
+    input: Any = None,
 ) -> jax.Array:
     """Guided Grad-CAM: Guided Backprop ⊙ the Grad-CAM map upsampled to the input.
 
@@ -290,24 +317,25 @@ def guided_grad_cam(
 
     Args:
       tap: the model split at the Grad-CAM layer.
-      x: images ``(B, H, W, C)``.
+      x: images ``(B, H, W, C)`` (signals, volumes, channels-first with ``layout=``, a pytree
+        with ``input=``: see :func:`gradcam_jax.cam`).
       target: as in :func:`gradcam_jax.grad_cam`.
       interpolation: how the Grad-CAM map is upsampled: ``"bilinear"`` (the paper's) or
         ``"nearest"`` (Captum's ``GuidedGradCam`` default).
       normalize: divide each map by its largest absolute value (to [-1, 1], signs kept);
         ``False`` returns the raw product ``GB * ReLU(L)``.
+      drop_tokens, grid, layout, input: as in :func:`gradcam_jax.cam`.
 
     Returns:
-      ``float32`` ``(B, H, W, C)``, or ``(B, K, H, W, C)`` for K targets per example.
+      ``float32``, shaped like the image (``(B, H, W, C)``), or ``(B, K, ...)`` for K targets.
 
     References:
       Selvaraju et al., ICCV 2017, §3.2, https://arxiv.org/abs/1610.02391.
     """
     tap = as_tap(tap)
-    check_image_batch(x, "guided_grad_cam")
-    # MapOptions checks interpolation, drop_tokens and grid once, with the usual messages.
-    checked = MapOptions(interpolation=interpolation, drop_tokens=drop_tokens, grid=grid)
+    # The Grad-CAM factor: upsampled, ReLU'd, not normalised (the product is).
+    maps = MapOptions(True, False, True, interpolation, False, drop_tokens, grid, layout, input)
+    check_images(x, maps, "guided_grad_cam")
     spec = target_spec(target, batch_size(x))
     check_tap_target(tap, x, spec)
-    options = GuidedGradCamOptions(checked.interpolation, bool(normalize), checked.drop_tokens, checked.grid)
-    return guided_grad_cam_kernel(tap, x, spec, options=options)
+    return guided_grad_cam_kernel(tap, x, spec, options=GuidedGradCamOptions(maps, bool(normalize)))

@@ -3,6 +3,8 @@
 Every function here is a *raw-map formula*: it takes the activation ``A`` and the gradient
 of the explained score with respect to it, ``dA`` (both ``float32``, ``(B, h, w, C)``), and
 returns the raw map ``(B, h, w)`` *before* the final ReLU, upsampling and normalisation.
+Any spatial rank works the same way: ``(B, t, C)`` for 1-D signals, ``(B, d, h, w, C)`` for
+volumes and videos; "spatial" below means every axis between the batch and the channels.
 The explainers users call (:func:`gradcam_jax.grad_cam`, :func:`gradcam_jax.cam`) take a
 model and an input, look a method up by name in :data:`gradcam_jax.METHODS` and apply these.
 Notation: ``g = dA``, ``Z = h * w``.
@@ -29,7 +31,10 @@ __all__ = [
     "eigen_grad_cam",
 ]
 
-SPATIAL = (1, 2)
+
+def spatial_axes(a) -> tuple[int, ...]:
+    """The spatial axes of ``(B, *spatial, C)``: every axis but the first and the last."""
+    return tuple(range(1, a.ndim - 1))
 
 
 def safe_divide(num, den):
@@ -39,8 +44,8 @@ def safe_divide(num, den):
 
 
 def weighted_sum(weights, a):
-    """``sum_k w_k A_k``: weights ``(B, C)``, activation ``(B, h, w, C)`` -> ``(B, h, w)``."""
-    return jnp.einsum("bc,bhwc->bhw", weights, a, precision=jax.lax.Precision.HIGHEST)
+    """``sum_k w_k A_k``: weights ``(B, C)``, activation ``(B, *spatial, C)`` -> ``(B, *spatial)``."""
+    return jnp.einsum("bc,b...c->b...", weights, a, precision=jax.lax.Precision.HIGHEST)
 
 
 def grad_cam(a, g):
@@ -50,7 +55,7 @@ def grad_cam(a, g):
       Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
       Localization", ICCV 2017, https://arxiv.org/abs/1610.02391 (eq. 1-2).
     """
-    return weighted_sum(jnp.mean(g, axis=SPATIAL), a)
+    return weighted_sum(jnp.mean(g, axis=spatial_axes(a)), a)
 
 
 def gradient_sum(a, g):
@@ -63,7 +68,7 @@ def gradient_sum(a, g):
       Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016,
       https://arxiv.org/abs/1512.04150; Selvaraju et al. 2017 §3.1 (the CAM equivalence).
     """
-    return weighted_sum(jnp.sum(g, axis=SPATIAL), a)
+    return weighted_sum(jnp.sum(g, axis=spatial_axes(a)), a)
 
 
 def grad_cam_plus_plus(a, g):
@@ -78,9 +83,9 @@ def grad_cam_plus_plus(a, g):
     """
     g2 = g * g
     g3 = g2 * g
-    sum_a = jnp.sum(a, axis=SPATIAL, keepdims=True)
+    sum_a = jnp.sum(a, axis=spatial_axes(a), keepdims=True)
     alpha = safe_divide(g2, 2.0 * g2 + sum_a * g3)
-    weights = jnp.sum(alpha * jax.nn.relu(g), axis=SPATIAL)
+    weights = jnp.sum(alpha * jax.nn.relu(g), axis=spatial_axes(a))
     return weighted_sum(weights, a)
 
 
@@ -91,7 +96,7 @@ def xgrad_cam(a, g):
       Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of
       CNNs", BMVC 2020, https://arxiv.org/abs/2008.02312.
     """
-    weights = safe_divide(jnp.sum(g * a, axis=SPATIAL), jnp.sum(a, axis=SPATIAL))
+    weights = safe_divide(jnp.sum(g * a, axis=spatial_axes(a)), jnp.sum(a, axis=spatial_axes(a)))
     return weighted_sum(weights, a)
 
 
@@ -122,15 +127,15 @@ def _first_component(m):
     right singular vector is ``U[:, 0] * S[0]``. The sign of a singular vector is arbitrary:
     it is fixed so that the projection correlates positively with the channel-mean of ``m``.
     """
-    b, h, w, c = m.shape
-    flat = m.reshape(b, h * w, c)
+    b, c = m.shape[0], m.shape[-1]
+    flat = m.reshape(b, -1, c)
     centred = flat - jnp.mean(flat, axis=1, keepdims=True)
     u, s, _ = jnp.linalg.svd(centred, full_matrices=False)
     proj = u[:, :, 0] * s[:, :1]
     reference = jnp.mean(flat, axis=-1)
     reference = reference - jnp.mean(reference, axis=1, keepdims=True)
     sign = jnp.where(jnp.sum(proj * reference, axis=1, keepdims=True) < 0, -1.0, 1.0)
-    return (proj * sign).reshape(b, h, w)
+    return (proj * sign).reshape(m.shape[:-1])
 
 
 def eigen_cam(a, g):

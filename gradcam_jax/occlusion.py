@@ -7,6 +7,8 @@ in :mod:`gradcam_jax.perturbation`; the masks are built inside each chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ import numpy as np
 
 from ._callables import PytreeCallable, as_pytree
 from ._chunking import chunked_vmap, perturbations_per_step
-from ._maps import check_image_batch, kernel
+from ._inputs import image_leaf, image_of, spatial_size, with_image
+from ._layout import to_channels_last
+from ._maps import MapOptions, check_images, kernel
 from ._tap import scores_fn
 from ._targets import (
     Target,
@@ -55,11 +59,24 @@ def _window_masks(size: int, window: int, stride: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class OcclusionOptions:
-    """The static options of the occlusion kernel."""
+    """The static options of the occlusion kernel (``window`` and ``stride`` per spatial axis)."""
 
-    window: tuple[int, int]
-    stride: tuple[int, int]
+    window: tuple[int, ...]
+    stride: tuple[int, ...]
     per_step: int
+    maps: MapOptions = MapOptions()
+
+
+def _sum_over_windows(drops, masks: list[np.ndarray]):
+    """``sum_p drop_p * window_p`` where window ``p`` is the outer product of one mask per axis.
+
+    ``drops``: ``(n_1, ..., n_r, B[, K])``; ``masks[d]``: ``(n_d, size_d)``. It factorises per
+    axis, so no ``(P, *spatial)`` mask tensor is built.
+    """
+    r = len(masks)
+    win, pos = "ijk"[:r], "uvw"[:r]
+    eq = f"{win}...," + ",".join(f"{w}{p}" for w, p in zip(win, pos, strict=True)) + f"->...{pos}"
+    return jnp.einsum(eq, drops, *[jnp.asarray(m, jnp.float32) for m in masks], precision=_HIGHEST)
 
 
 @kernel
@@ -69,50 +86,51 @@ def occlusion_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, opt
     clean_scores = scores_of(x)
     spec = fixed_top(target, clean_scores)
     y = select_scores(spec, clean_scores).astype(jnp.float32)
-    height, width = x.shape[1:3]
-    rows = _window_masks(height, options.window[0], options.stride[0])  # (nr, H)
-    cols = _window_masks(width, options.window[1], options.stride[1])  # (nc, W)
-    nr, nc = rows.shape[0], cols.shape[0]
-    fill = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+    view = check_images(x, options.maps, "occlusion")
+    image = image_of(x, view)  # (B, *spatial, C)
+    sizes = image.shape[1:-1]
+    masks = [_window_masks(n, w, s) for n, w, s in zip(sizes, options.window, options.stride, strict=True)]
+    counts = [m.shape[0] for m in masks]
+    grid = np.meshgrid(*[np.arange(n) for n in counts], indexing="ij")
+    positions = tuple(jnp.asarray(m[g.reshape(-1)]) for m, g in zip(masks, grid, strict=True))  # (P, size_d)
+    fill = to_channels_last(jnp.broadcast_to(baseline, image_leaf(x, view).shape), view.layout)
 
-    def occluded_score(row_col):
-        row, col = row_col
-        inside = row[:, None] & col[None, :]  # (H, W)
-        return select_scores(spec, scores_of(jnp.where(inside[None, :, :, None], fill, x))).astype(
-            jnp.float32
-        )
+    def occluded_score(window_masks):
+        inside = functools.reduce(
+            jnp.logical_and,
+            [
+                m.reshape((1,) * d + (m.shape[0],) + (1,) * (len(sizes) - d - 1))
+                for d, m in enumerate(window_masks)
+            ],
+        )  # (*spatial)
+        occluded = jnp.where(inside[None, ..., None], fill, image)
+        return select_scores(spec, scores_of(with_image(x, view, occluded))).astype(jnp.float32)
 
-    positions = (jnp.asarray(np.repeat(rows, nc, axis=0)), jnp.asarray(np.tile(cols, (nr, 1))))
     drops = y[None] - chunked_vmap(occluded_score, positions, options.per_step)  # (P, B[, K])
-    drops = drops.reshape((nr, nc) + drops.shape[1:])
-    r = jnp.asarray(rows, jnp.float32)
-    c = jnp.asarray(cols, jnp.float32)
-    # A window is the outer product of a row mask and a column mask, so the sum over windows
-    # of drop * mask factorises: no (P, H, W) mask tensor.
-    total = jnp.einsum("ij...,ih,jw->...hw", drops, r, c, precision=_HIGHEST)
-    count = jnp.asarray(np.outer(rows.sum(0), cols.sum(0)), jnp.float32)  # windows covering each pixel
-    return safe_divide(total, count)
+    total = _sum_over_windows(drops.reshape(tuple(counts) + drops.shape[1:]), masks)
+    count = jnp.asarray(functools.reduce(np.multiply.outer, [m.sum(0) for m in masks]), jnp.float32)
+    return safe_divide(total, count)  # count: windows covering each position
 
 
-def _pair(v, name: str) -> tuple[int, int]:
+def _per_axis(v, name: str, rank: int) -> tuple[int, ...]:
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        v = (int(v), int(v))
+        v = (int(v),) * rank
     try:
         v = tuple(int(i) for i in v)
     except TypeError:
-        raise TypeError(f"occlusion: {name} must be an int or a pair (h, w); got {v!r}.") from None
-    if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"occlusion: {name} must be a pair of positive ints (h, w); got {v!r}.")
+        raise TypeError(f"occlusion: {name} must be an int or one int per spatial axis; got {v!r}.") from None
+    if len(v) != rank or min(v) < 1:
+        raise ValueError(f"occlusion: {name} must be {rank} positive ints (one per spatial axis); got {v!r}.")
     return v
 
 
-def _check_baseline(baseline, x):
-    baseline = jnp.asarray(baseline, x.dtype)
+def _check_baseline(baseline, image):
+    baseline = jnp.asarray(baseline, image.dtype)
     try:
-        jnp.broadcast_shapes(baseline.shape, x.shape)
+        jnp.broadcast_shapes(baseline.shape, image.shape)
     except ValueError:
         raise ValueError(
-            f"occlusion: baseline of shape {baseline.shape} does not broadcast to the input {x.shape}."
+            f"occlusion: baseline of shape {baseline.shape} does not broadcast to the input {image.shape}."
         ) from None
     return baseline
 
@@ -122,10 +140,12 @@ def occlusion(
     x,
     target: Target = None,
     *,
-    window: int | tuple[int, int] = (16, 16),
-    stride: int | tuple[int, int] = (8, 8),
+    window: int | tuple[int, ...] = 16,
+    stride: int | tuple[int, ...] = 8,
     baseline=0.0,
     chunk_size: int = 64,
+    layout: str | None = None,
+    input: Any = None,
 ) -> jax.Array:
     """Sliding-window occlusion: the score drop when a window is replaced by a baseline.
 
@@ -150,17 +170,18 @@ def occlusion(
       fn: any callable ``x -> scores`` (``(B, classes)``, or whatever a callable target takes);
         a :class:`~gradcam_jax.Tap` is used through its scores. Arrays inside ``fn``'s pytree
         (an Equinox module, a tap's parameters) are traced, not baked in.
-      x: images ``(B, H, W, C)``.
+      x: images ``(B, H, W, C)`` — or signals ``(B, T, C)``, volumes ``(B, D, H, W, C)``,
+        channels-first with ``layout=``, a pytree with ``input=`` (see :func:`gradcam_jax.cam`).
       target: as in :func:`gradcam_jax.grad_cam`; ``None`` is the top class of the unoccluded
         input. K targets share the occluded passes.
-      window: patch size ``(h, w)`` (or an int).
-      stride: step ``(sh, sw)`` (or an int).
-      baseline: the fill value: a number, or an array broadcastable to ``x`` (a blurred copy,
-        a per-channel mean ``(C,)``).
+      window: patch size ``(h, w)`` (one int per spatial axis, or one int for all).
+      stride: step ``(sh, sw)`` (likewise).
+      baseline: the fill value: a number, or an array broadcastable to the image in its own
+        layout (a blurred copy, a per-channel mean ``(C,)`` for channels-last).
       chunk_size: occluded images per step (rounded down to whole batches, at least one).
 
     Returns:
-      ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
+      ``float32`` maps ``(B, *spatial)``, or ``(B, K, *spatial)`` for K targets per example.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -178,12 +199,15 @@ def occlusion(
     if not callable(fn):
         raise TypeError(f"occlusion: fn must be a callable x -> scores (or a tap); got {type(fn).__name__}.")
     batch = batch_size(x)
-    check_image_batch(x, "occlusion")
-    win, step = _pair(window, "window"), _pair(stride, "stride")
-    height, width = x.shape[1:3]
-    if win[0] > height or win[1] > width:
-        raise ValueError(f"occlusion: window {win} does not fit in the {height}x{width} image.")
+    maps = MapOptions(layout=layout, input=input)
+    view = check_images(x, maps, "occlusion")
+    sizes = spatial_size(x, view)
+    win = _per_axis(window, "window", len(sizes))
+    step = _per_axis(stride, "stride", len(sizes))
+    if any(w > n for w, n in zip(win, sizes, strict=True)):
+        raise ValueError(f"occlusion: window {win} does not fit in the {'x'.join(map(str, sizes))} input.")
     spec = target_spec(target, batch)
     check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
-    options = OcclusionOptions(win, step, perturbations_per_step(chunk_size, batch))
-    return occlusion_kernel(as_pytree(fn), x, spec, _check_baseline(baseline, x), options=options)
+    options = OcclusionOptions(win, step, perturbations_per_step(chunk_size, batch), maps)
+    baseline = _check_baseline(baseline, image_leaf(x, view))
+    return occlusion_kernel(as_pytree(fn), x, spec, baseline, options=options)

@@ -32,7 +32,8 @@ import numpy as np
 
 from ._chunking import chunked_vmap, perturbations_per_step
 from ._grads import check_tap_target
-from ._maps import MapOptions, check_image_batch, finish_maps, kernel, map_size, to_grid
+from ._inputs import image_of, spatial_size, with_image
+from ._maps import MapOptions, check_images, finish_maps, kernel, map_geometry, to_grid
 from ._tap import Tap, as_tap
 from ._targets import (
     Target,
@@ -95,18 +96,19 @@ def _in_dtype(tap: Tap, compute_dtype) -> Tap:
 
 
 def _weighted(weights, a):
-    """``sum_k w_k A^k``: weights ``(N, B)`` or ``(N, B, K)``, ``a`` ``(B, h, w, N)``."""
+    """``sum_k w_k A^k``: weights ``(N, B)`` or ``(N, B, K)``, ``a`` ``(B, *spatial, N)``."""
     if weights.ndim == 2:
-        return jnp.einsum("nb,bhwn->bhw", weights, a, precision=_HIGHEST)
-    return jnp.einsum("nbk,bhwn->bkhw", weights, a, precision=_HIGHEST)
+        return jnp.einsum("nb,b...n->b...", weights, a, precision=_HIGHEST)
+    return jnp.einsum("nbk,b...n->bk...", weights, a, precision=_HIGHEST)
 
 
-def _prepare(tap, x, target, who: str, *, images: bool):
+def _prepare(tap, x, target, who: str, maps: MapOptions, *, images: bool):
     """The checks every perturbation CAM makes in Python, before anything is compiled."""
     tap = as_tap(tap)
     batch = batch_size(x)
     if images:
-        check_image_batch(x, who)
+        check_images(x, maps, who)
+    map_geometry(x, maps, who)
     spec = target_spec(target, batch)
     check_tap_target(tap, x, spec)
     return tap, batch, spec
@@ -127,8 +129,8 @@ def _top_spread_channels(a, top_n: int | None):
     """Faster Score-CAM: each example's ``top_n`` channels by spatial standard deviation."""
     if top_n is None or top_n >= a.shape[-1]:
         return a
-    _, keep = jax.lax.top_k(jnp.std(a, axis=(1, 2)), top_n)  # (B, N)
-    return jnp.take_along_axis(a, keep[:, None, None, :], axis=-1)
+    _, keep = jax.lax.top_k(jnp.std(a, axis=tuple(range(1, a.ndim - 1))), top_n)  # (B, N)
+    return jnp.take_along_axis(a, keep.reshape((keep.shape[0],) + (1,) * (a.ndim - 2) + (top_n,)), axis=-1)
 
 
 @kernel
@@ -137,21 +139,25 @@ def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOp
     maps = options.maps
     clean_scores, act = tap(x)
     spec = fixed_top(target, clean_scores)
-    a = _top_spread_channels(to_grid(act, maps.drop_tokens, maps.grid).astype(jnp.float32), options.top_n)
-    channels = jnp.moveaxis(a, -1, 0)  # (N, B, h, w): one layer-resolution map per channel
+    view = check_images(x, maps, "score_cam")
+    image_size, rank = spatial_size(x, view), view.spatial_rank
+    a = to_grid(act, maps.drop_tokens, maps.grid, rank).astype(jnp.float32)
+    a = _top_spread_channels(a, options.top_n)
+    channels = jnp.moveaxis(a, -1, 0)  # (N, B, *spatial): one layer-resolution map per channel
     fwd = _in_dtype(tap, options.compute_dtype)
-    xin = x if options.compute_dtype is None else x.astype(options.compute_dtype)
-    image_size = tuple(x.shape[1:3])
+    xin = _cast_floating(x, options.compute_dtype)
+    image = image_of(xin, view)  # (B, *spatial, C)
 
     def masked_score(channel):
-        mask = normalize_maps(upsample_to(channel, image_size, maps.interpolation))  # (B, H, W) in [0, 1]
-        scores, _ = fwd(xin * mask[..., None].astype(xin.dtype))
+        mask = normalize_maps(upsample_to(channel, image_size, maps.interpolation), rank)  # in [0, 1]
+        scores, _ = fwd(with_image(xin, view, image * mask[..., None].astype(image.dtype)))
         return select_scores(spec, scores).astype(jnp.float32)
 
     masked = chunked_vmap(masked_score, channels, options.per_step)  # (N, B) or (N, B, K)
     # softmax_k(y(x*m_k) - y(baseline)) == softmax_k(y(x*m_k)): the baseline is constant in k.
     alpha = jax.nn.softmax(masked, axis=0)
-    return finish_maps(_weighted(alpha, a), maps, map_size(x, maps))
+    size, _ = map_geometry(x, maps, "score_cam")
+    return finish_maps(_weighted(alpha, a), maps, size, rank)
 
 
 def score_cam(
@@ -167,7 +173,9 @@ def score_cam(
     relu: bool = True,
     interpolation: str = "bilinear",
     drop_tokens: int = 0,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, ...] | None = None,
+    layout: str | None = None,
+    input: Any = None,
 ) -> jax.Array:
     """Score-CAM: channels weighted by the score of the input masked with each channel.
 
@@ -204,7 +212,7 @@ def score_cam(
         images and the tap's floating parameters are cast; scores and weights stay ``float32``.
         Layers that fix their own computation dtype (Flax ``dtype=jnp.float32``) keep it: build
         such a model with ``dtype=jnp.bfloat16`` instead. On CPUs bfloat16 is rarely faster.
-      upsample, normalize, relu, interpolation, drop_tokens, grid: as in
+      upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input: as in
         :func:`gradcam_jax.cam`. ``interpolation`` also upsamples the masks.
 
     Returns:
@@ -223,8 +231,8 @@ def score_cam(
       Networks", CVPR Workshops 2020, https://arxiv.org/abs/1910.01279 (Algorithm 1).
       Faster Score-CAM: https://github.com/tabayashi0117/Score-CAM#faster-score-cam.
     """
-    maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid)
-    tap, batch, spec = _prepare(tap, x, target, "score_cam", images=True)
+    maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid, layout, input)
+    tap, batch, spec = _prepare(tap, x, target, "score_cam", maps, images=True)
     if top_n is not None and (
         isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1
     ):
@@ -245,7 +253,7 @@ def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: Perturbatio
     clean_scores, act = tap(x)
     spec = fixed_top(target, clean_scores)
     head_tap = _in_dtype(tap, dtype)
-    xin = x if dtype is None else x.astype(dtype)
+    xin = _cast_floating(x, dtype)
     act_in = act if dtype is None else act.astype(dtype)
 
     def head_score(a_new):
@@ -261,8 +269,9 @@ def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: Perturbatio
 
     ablated = chunked_vmap(ablated_score, channel_ids, options.per_step)  # (C, B) or (C, B, K)
     weights = safe_divide(y[None] - ablated, jnp.broadcast_to(y[None], ablated.shape))
-    a = to_grid(act, options.maps.drop_tokens, options.maps.grid).astype(jnp.float32)
-    return finish_maps(_weighted(weights, a), options.maps, map_size(x, options.maps))
+    size, rank = map_geometry(x, options.maps, "ablation_cam")
+    a = to_grid(act, options.maps.drop_tokens, options.maps.grid, rank).astype(jnp.float32)
+    return finish_maps(_weighted(weights, a), options.maps, size, 2 if rank is None else rank)
 
 
 def ablation_cam(
@@ -277,7 +286,9 @@ def ablation_cam(
     relu: bool = True,
     interpolation: str = "bilinear",
     drop_tokens: int = 0,
-    grid: tuple[int, int] | None = None,
+    grid: tuple[int, ...] | None = None,
+    layout: str | None = None,
+    input: Any = None,
 ) -> jax.Array:
     """Ablation-CAM: channels weighted by the drop of the score when each one is zeroed.
 
@@ -305,7 +316,7 @@ def ablation_cam(
       chunk_size: ablated examples per step (rounded down to whole batches, at least one).
       compute_dtype: run the head passes (the reference ``y^c`` included) in this dtype (the
         activation and the tap's floating parameters are cast; see :func:`score_cam`).
-      upsample, normalize, relu, interpolation, drop_tokens, grid: as in
+      upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input: as in
         :func:`gradcam_jax.cam`.
 
     Returns:
@@ -325,6 +336,6 @@ def ablation_cam(
       https://openaccess.thecvf.com/content_WACV_2020/html/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.html
       (eq. 3).
     """
-    maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid)
-    tap, batch, spec = _prepare(tap, x, target, "ablation_cam", images=False)
+    maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid, layout, input)
+    tap, batch, spec = _prepare(tap, x, target, "ablation_cam", maps, images=False)
     return ablation_cam_kernel(tap, x, spec, options=_options(maps, chunk_size, batch, compute_dtype))

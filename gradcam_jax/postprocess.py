@@ -22,10 +22,11 @@ def check_interpolation(interpolation: str) -> str:
 
 
 def upsample_to(maps, size, interpolation: str = "bilinear"):
-    """Resize the last two axes of ``maps`` to ``size = (H, W)``.
+    """Resize the last ``len(size)`` axes of ``maps`` to ``size``: ``(H, W)``, ``(T,)`` or ``(D, H, W)``.
 
     ``jax.image.resize`` with half-pixel centres: the convention of ``torch``'s
-    ``F.interpolate(..., align_corners=False)`` and of OpenCV's ``resize``.
+    ``F.interpolate(..., align_corners=False)`` and of OpenCV's ``resize``. ``"bilinear"`` and
+    ``"linear"`` are the same (linear along each resized axis: linear in 1-D, trilinear in 3-D).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -35,13 +36,14 @@ def upsample_to(maps, size, interpolation: str = "bilinear"):
     """
     check_interpolation(interpolation)
     size = tuple(int(s) for s in size)
-    if tuple(maps.shape[-2:]) == size:
+    lead = maps.shape[: maps.ndim - len(size)]
+    if tuple(maps.shape[len(lead) :]) == size:
         return maps
-    return jax.image.resize(maps, maps.shape[:-2] + size, method=interpolation, antialias=False)
+    return jax.image.resize(maps, lead + size, method=interpolation, antialias=False)
 
 
-def normalize_maps(maps):
-    """Min-max normalise each map (the last two axes) to [0, 1].
+def normalize_maps(maps, rank: int = 2):
+    """Min-max normalise each map (its last ``rank`` axes) to [0, 1].
 
     A constant map (an all-zero one included) becomes all zeros, never NaN.
 
@@ -51,8 +53,9 @@ def normalize_maps(maps):
       >>> normalize_maps(jnp.array([[[2.0, 4.0], [3.0, 6.0]]])).tolist()
       [[[0.0, 0.5], [0.25, 1.0]]]
     """
-    lo = jnp.min(maps, axis=(-2, -1), keepdims=True)
-    hi = jnp.max(maps, axis=(-2, -1), keepdims=True)
+    axes = tuple(range(-rank, 0))
+    lo = jnp.min(maps, axis=axes, keepdims=True)
+    hi = jnp.max(maps, axis=axes, keepdims=True)
     span = hi - lo
     ok = span > 0
     return jnp.where(ok, (maps - lo) / jnp.where(ok, span, 1.0), 0.0)

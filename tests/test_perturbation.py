@@ -370,7 +370,7 @@ def test_bad_arguments_fail_with_messages():
     with pytest.raises(ValueError, match="out of range"):
         ablation_cam(tap, x, NCLS)
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
-        score_cam(tap, x[..., 0])
+        score_cam(tap, x[:, 0, 0, 0])  # (B,): no spatial axes to mask
     with pytest.raises(ValueError, match="does not fit"):
         occlusion(lambda z: z.sum((1, 2)), x, 0, window=S + 1)
     with pytest.raises(TypeError, match="floating"):

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from .._grads import grads_for_spec
-from .._maps import MapOptions, map_size, maps_from_grads
+from .._maps import MapOptions, map_geometry, maps_from_grads
 from .._tap import Tap
 from .._targets import TargetSpec
 from .targets import TopK
@@ -112,9 +112,9 @@ def compute(tap: Tap, x: jax.Array, t: jax.Array, options: ComputeOptions) -> tu
     s32 = jax.lax.stop_gradient(out.scores).astype(jnp.float32)
     top_p, top_c = jax.lax.top_k(jax.nn.softmax(s32, axis=-1), options.top)
     explained = _explained(options, out.scores, t, out.selected)
-    size = map_size(x, options.maps)
+    size, rank = map_geometry(x, options.maps, "explain_dataset")
     # The same (A, dA) for every method: one forward pass in all.
-    maps = [maps_from_grads(out, fn, options.maps, size) for fn in options.methods]
+    maps = [maps_from_grads(out, fn, options.maps, size, rank) for fn in options.methods]
     m = jnp.stack(maps, axis=1) if options.method_axis else maps[0]
     return m.astype(jnp.float16), top_c.astype(jnp.int32), top_p, explained.astype(jnp.int32)
 
