@@ -389,3 +389,5 @@ def test_explain_dir_with_a_factory_model(env, tmp_path):
     )
     expected = np.asarray(gcj.grad_cam(m.tap_at("block1"), x, target=targets, upsample=False))
     np.testing.assert_allclose(np.asarray(res["maps"][:], np.float32), expected, atol=2e-3)
+    assert res.class_names == list(cli_model.FRUITS)  # the factory's class names reach the store
+    assert res.config["layer"] == "block1"

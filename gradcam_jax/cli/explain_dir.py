@@ -258,9 +258,9 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 def _model_arguments(model: Any, layer: str | None, size: int | None) -> dict[str, Any]:
     """``explain_dataset``'s ``model`` (with ``layer``, or ``preprocess``, and ``size``) for ``--model``."""
-    if isinstance(model, UserModel):  # your own model: its tap at the layer, with its preprocessing
-        _, tap = layer_tap(model, layer)
-        return dict(model=tap, preprocess=model.preprocess, size=size or model.input_size)
+    if isinstance(model, UserModel):  # your own model: its tap at the layer, preprocessing, class names
+        name = layer_tap(model, layer)[0] if layer else None  # checks the layer
+        return dict(model=model, layer=name, size=size or model.input_size)
     if isinstance(model, zoo.Pretrained):
         name = layer_tap(model, layer)[0] if layer else None  # checks the layer
         return dict(model=model, layer=name, size=size)

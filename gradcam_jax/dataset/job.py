@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -196,15 +197,21 @@ def to_float(x: jax.Array) -> jax.Array:
 
 
 def pretrained_preprocess(model: Any, size: int) -> KeyedFunction:
-    """``x -> model.preprocess(x, size)``, equal for the same model object and size (so the
-    compiled step is reused)."""
-    return KeyedFunction(
-        functools.partial(model.preprocess, size=size), ("preprocess", ByIdentity(model), size)
-    )
+    """``x -> model.preprocess(x, size=size)`` (or ``model.preprocess(x)`` when it takes no
+    ``size``), equal for the same model object and size (so the compiled step is reused)."""
+    fn = model.preprocess
+    try:
+        takes_size = "size" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: call it as it is
+        takes_size = False
+    call = functools.partial(fn, size=size) if takes_size else fn
+    return KeyedFunction(call, ("preprocess", ByIdentity(model), size if takes_size else None))
 
 
 def _is_pretrained(model) -> bool:
-    return hasattr(model, "tap") and hasattr(model, "preprocess") and hasattr(model, "module")
+    """A zoo model, or any model object with a ``tap`` and a ``preprocess`` (the protocol of
+    ``gradcam-jax --model MODULE:FACTORY``), as opposed to a bare tap."""
+    return not isinstance(model, Tap) and hasattr(model, "tap") and hasattr(model, "preprocess")
 
 
 def resolve_model(model: Any, layer: str | None, preprocess: Callable | None, size: int | None) -> ModelParts:
@@ -212,7 +219,7 @@ def resolve_model(model: Any, layer: str | None, preprocess: Callable | None, si
     if _is_pretrained(model):
         size = int(size) if size else int(getattr(model, "input_size", 224))
         return ModelParts(
-            tap=model.tap_at(layer) if layer else model.tap,
+            tap=as_tap(model.tap_at(layer) if layer else model.tap),
             preprocess=preprocess or pretrained_preprocess(model, size),
             size=size,
             class_names=list(getattr(model, "class_names", []) or []) or None,
