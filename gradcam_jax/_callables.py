@@ -3,11 +3,26 @@
 A callable pytree is split into its array leaves, which ``jit`` traces (weights are arguments,
 not constants baked into the program), and everything else, which becomes a hashable static
 argument (unhashable leaves are compared by identity).
+
+Plain functions and lambdas are compared by what they compute, not by identity
+(:func:`function_key`): the same code, the same globals, equal defaults and closures whose
+captured values are equal — hashable values by value (``k = 3``), others (arrays, dicts, models)
+by identity. So ``target=lambda s: s[:, 3]`` written in a loop compiles once, while a lambda
+capturing another ``k`` compiles anew (it computes something else). A closure that captures a
+jax or NumPy array bakes it into the program as a constant and is keyed by the array's
+identity: a new array means a new compilation. Bind arrays with ``functools.partial`` instead
+(``functools.partial(fn, mask)``): they are then traced arguments and new masks reuse the
+compiled program.
+
+A function's globals are read when it is traced, not keyed: as with any jitted function,
+rebinding a global that a cached function reads does not recompile it.
 """
 
 from __future__ import annotations
 
 import functools
+import types
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,6 +31,8 @@ __all__ = [
     "partition_callable",
     "combine_callable",
     "hashable",
+    "function_key",
+    "StableFunction",
     "ByIdentity",
     "KeyedFunction",
     "PytreeCallable",
@@ -58,8 +75,86 @@ class KeyedFunction:
         return isinstance(other, KeyedFunction) and self.key == other.key
 
 
+def _value_key(value, seen: tuple):
+    """A hashable key for a captured value: itself (with its type) if hashable, else its identity."""
+    if isinstance(value, types.FunctionType):
+        return _function_key(value, seen)
+    if type(value) is tuple:
+        return (tuple, tuple(_value_key(v, seen) for v in value))
+    if isinstance(value, (float, complex, np.inexact)):  # by bits: -0.0 is not 0.0, nan is nan
+        return (type(value), np.asarray(value).tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        return ByIdentity(value)
+    return (type(value), value)  # the type too: a lambda capturing 1 is not one capturing 1.0
+
+
+def _function_key(fn: types.FunctionType, seen: tuple):
+    if fn in seen:  # a recursive closure refers to itself: the same place in the structure
+        return ("recursion", seen.index(fn))
+    seen = (*seen, fn)
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(_value_key(cell.cell_contents, seen))
+        except ValueError:  # an empty cell (a name not yet bound in the enclosing function)
+            cells.append(("empty cell",))
+    kwdefaults = sorted((fn.__kwdefaults__ or {}).items())
+    return (
+        fn.__code__,
+        ByIdentity(fn.__globals__),
+        tuple(cells),
+        tuple(_value_key(v, seen) for v in fn.__defaults__ or ()),
+        tuple((k, _value_key(v, seen)) for k, v in kwdefaults),
+    )
+
+
+def function_key(fn) -> Any:
+    """A hashable key under which equal keys mean the same computation.
+
+    For a plain function or lambda: its code object, its globals (by identity), its defaults
+    and the values its closure captured — hashable ones by value and type, others (arrays,
+    dicts, models) by identity, captured functions by their own key. Two lambdas written at
+    the same place capturing equal values get equal keys; capturing different values, or
+    written elsewhere, they do not. For any other callable: the object itself (with its type) if
+    hashable, else its identity.
+    """
+    return _value_key(fn, ())
+
+
+class StableFunction:
+    """A callable compared and hashed by :func:`function_key` of the function it wraps.
+
+    As a static ``jit`` argument, a fresh ``lambda`` with the same code and captured values as
+    one seen before reuses that compiled program instead of compiling again.
+    """
+
+    __slots__ = ("fn", "key", "_hash")
+
+    def __init__(self, fn):
+        self.fn = fn.fn if isinstance(fn, StableFunction) else fn
+        self.key = function_key(self.fn)
+        self._hash = hash(self.key)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, StableFunction) and (self.fn is other.fn or self.key == other.key)
+
+    def __repr__(self):
+        return f"StableFunction({self.fn!r})"
+
+
 def hashable(value):
-    """``value`` if hashable, else a stand-in compared by identity."""
+    """A static-argument form of ``value``: functions keyed by :func:`function_key`, other
+    hashable values as they are, unhashable ones compared by identity."""
+    if isinstance(value, types.FunctionType):
+        return StableFunction(value)
     try:
         hash(value)
         return value
@@ -74,8 +169,10 @@ def partition_callable(fn):
     (a mask, a box) are traced rather than compiled in. A closure's captured arrays are not
     visible: bind them with ``functools.partial`` to avoid a compilation per new array.
     """
-    if isinstance(fn, functools.partial) and not isinstance(fn, jax.tree_util.Partial):
-        fn = jax.tree_util.Partial(fn.func, *fn.args, **fn.keywords)
+    if isinstance(fn, functools.partial):
+        # A Partial's function is in its treedef: keyed, a fresh lambda bound there matches too.
+        func = StableFunction(fn.func) if isinstance(fn.func, types.FunctionType) else fn.func
+        fn = jax.tree_util.Partial(func, *fn.args, **fn.keywords)
     leaves, treedef = jax.tree_util.tree_flatten(fn)
     arrays, static = [], []
     for leaf in leaves:
@@ -88,13 +185,16 @@ def partition_callable(fn):
     return arrays, (treedef, tuple(static))
 
 
+def _unwrap(static_leaf):
+    if isinstance(static_leaf, ByIdentity):
+        return static_leaf.obj
+    return static_leaf.fn if isinstance(static_leaf, StableFunction) else static_leaf
+
+
 def combine_callable(arrays, static):
     """The inverse of :func:`partition_callable`."""
     treedef, rest = static
-    leaves = [
-        a if s is None else (s.obj if isinstance(s, ByIdentity) else s)
-        for a, s in zip(arrays, rest, strict=True)
-    ]
+    leaves = [a if s is None else _unwrap(s) for a, s in zip(arrays, rest, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

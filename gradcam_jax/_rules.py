@@ -7,6 +7,11 @@ ReLU — ``jax.nn.relu``, ``jax.nn.relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x,
 ``jit``, ``custom_jvp``/``custom_vjp`` functions, ``remat``, ``scan``, ``while`` and ``cond``
 as well. ``jax.nn`` is never patched and the model is never edited.
 
+Only rectifiers of activations are ReLUs (:mod:`._relu_sites` finds them): the clamp of a
+variance at zero inside ``LayerNorm`` / ``GroupNorm`` / ``BatchNorm`` (``max(0, var)``) is a
+numerical guard, left alone — a LayerNorm + GELU model (a ViT, a ConvNeXt) has no ReLU and is
+refused rather than given "guided" gradients equal to nothing the method defines.
+
 Not caught (they keep their ordinary gradient): ReLUs written as ``jnp.where(x > 0, x, 0)`` or
 ``x * (x > 0)``, and ReLUs inside functions that carry their own custom derivative rule (other
 than ``relu``/``relu6`` themselves) — so ``softplus = logaddexp(x, 0)`` is rightly left alone.
@@ -22,8 +27,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
+
+from ._relu_sites import (
+    CALLS,
+    Facts,
+    analyse,
+    closed_parts,
+    count_relus,
+    enters_call,
+    relu_operand,
+    sub_closed,
+)
 
 __all__ = [
     "Rule",
@@ -109,147 +124,6 @@ DECONV = Rule("deconvnet", deconv_relu, _straight_through_min)
 # The jaxpr rewrite
 # --------------------------------------------------------------------------------------------
 
-_CALLS = {
-    "pjit",
-    "jit",
-    "closed_call",
-    "core_call",
-    "remat2",
-    "checkpoint",
-    "remat",
-    "custom_jvp_call",
-    "custom_vjp_call",
-    "custom_vjp_call_jaxpr",
-    "custom_lin",
-}
-_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
-# What jax.nn.relu / relu6 / clip are made of: a custom-derivative function built only from
-# these is a (clipped) ReLU and gets our rule; any other one (softplus = logaddexp(x, 0),
-# mish, celu...) keeps its own derivative even though it contains a max(x, 0).
-_PURE_CLIP_OPS = {
-    "max",
-    "min",
-    "clamp",
-    "jit",
-    "pjit",
-    "closed_call",
-    "convert_element_type",
-    "broadcast_in_dim",
-}
-
-
-def _known(v, env_known):
-    if isinstance(v, jcore.Literal):
-        return np.asarray(v.val)
-    return env_known.get(v)
-
-
-def _is_zero(val) -> bool:
-    return val is not None and val.size > 0 and bool(np.all(val == 0))
-
-
-def _relu_site(eqn, ins) -> bool:
-    """``max(x, 0)`` / ``max(0, x)`` / ``clamp(0, x, c)`` on floats: a ReLU to rewrite."""
-    name = eqn.primitive.name
-    if name not in ("max", "clamp") or not eqn.outvars:
-        return False
-    if not jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
-        return False  # integer clamps (index arithmetic) are not activations
-    if name == "max":
-        return len(ins) == 2 and (_is_zero(ins[0]) != _is_zero(ins[1]))
-    return _is_zero(ins[0])
-
-
-def _sub_closed(eqn):
-    """The single sub-jaxpr of a call-like equation (a Jaxpr or ClosedJaxpr), or None."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if key in eqn.params:
-            return eqn.params[key]
-    return None
-
-
-def _is_pure_clip(jaxpr) -> bool:
-    jaxpr, _ = _closed_parts(jaxpr)
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name not in _PURE_CLIP_OPS:
-            return False
-        sub = _sub_closed(eqn)
-        if sub is not None and not _is_pure_clip(sub):
-            return False
-    return True
-
-
-def _enters_call(eqn) -> bool:
-    """Whether the rewrite goes inside this call-like equation."""
-    if eqn.primitive.name not in _CALLS or _sub_closed(eqn) is None:
-        return False
-    return eqn.primitive.name not in _CUSTOM or _is_pure_clip(_sub_closed(eqn))
-
-
-def _closed_parts(c):
-    return (c.jaxpr, list(c.consts)) if isinstance(c, jcore.ClosedJaxpr) else (c, [])
-
-
-def count_relus(jaxpr, known_args: list[Any] | None = None) -> int:
-    """How many ReLU sites (float ``max(x, 0)``, clamps at 0) a jaxpr holds, sub-jaxprs included.
-
-    Custom-derivative functions count only when they are a (clipped) ReLU themselves.
-    """
-    jaxpr, consts = _closed_parts(jaxpr)
-    known = {}
-    for v, c in zip(jaxpr.constvars, consts, strict=False):
-        k = _concrete(c)
-        if k is not None:
-            known[v] = k
-    for v, k in zip(jaxpr.invars, known_args or [], strict=False):
-        if k is not None:
-            known[v] = k
-    n = 0
-    for eqn in jaxpr.eqns:
-        ins = [_known(v, known) for v in eqn.invars]
-        if _relu_site(eqn, ins):
-            n += 1
-        elif eqn.primitive.name in _CALLS and _sub_closed(eqn) is not None:
-            if _enters_call(eqn):
-                n += count_relus(_sub_closed(eqn), ins)
-        else:
-            n += sum(count_relus(sub) for sub in jcore.jaxprs_in_params(eqn.params))
-        _propagate_known(eqn, ins, known)
-    return n
-
-
-def _concrete(c):
-    """The value of a scalar constant (a possible ReLU threshold); None for anything else.
-
-    Only scalars are read: a model's weights captured as constants stay on the device.
-    """
-    if isinstance(c, jax.core.Tracer) or getattr(c, "size", None) != 1:
-        return None
-    try:
-        return np.asarray(c)
-    except Exception:  # not an array value
-        return None
-
-
-_SHAPE_OPS = {"convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims"}
-
-
-def _propagate_known(eqn, ins, known):
-    """Track compile-time constants through the shape ops that build a broadcast zero."""
-    if (
-        eqn.primitive.name in _SHAPE_OPS
-        and len(eqn.outvars) == 1
-        and ins
-        and ins[0] is not None
-        and all(i is not None for i in ins)
-    ):
-        val = ins[0]
-        if val.size == 1 or _is_zero(val):
-            out_aval = eqn.outvars[0].aval
-            known[eqn.outvars[0]] = np.broadcast_to(
-                val.reshape(()) if val.size == 1 else val.flat[0], out_aval.shape
-            ).astype(out_aval.dtype)
-
 
 def _bind(eqn, invals):
     params = eqn.primitive.get_bind_params(eqn.params)
@@ -266,10 +140,10 @@ class _Counter:
         self.n = 0
 
 
-def _eval(jaxpr, consts, args, rule: Rule, counter: _Counter, known_args=None):
+def _eval(jaxpr, consts, args, rule: Rule, counter: _Counter, known_args=None, kind_args=None):
     """Evaluate ``jaxpr`` with every ReLU replaced by ``rule``'s."""
     env: dict[Any, Any] = {}
-    known: dict[Any, Any] = {}
+    facts = Facts(jaxpr, consts, known_args, kind_args)
     relu_outs: set[Any] = set()
 
     def read(v):
@@ -277,28 +151,23 @@ def _eval(jaxpr, consts, args, rule: Rule, counter: _Counter, known_args=None):
 
     for v, c in zip(jaxpr.constvars, consts, strict=False):
         env[v] = c
-        k = _concrete(c)
-        if k is not None:
-            known[v] = k
-    for i, (v, a) in enumerate(zip(jaxpr.invars, args, strict=False)):
+    for v, a in zip(jaxpr.invars, args, strict=False):
         env[v] = a
-        if known_args is not None and i < len(known_args) and known_args[i] is not None:
-            known[v] = known_args[i]
 
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        ins = [_known(v, known) for v in eqn.invars]
-        outs = _eval_eqn(eqn, invals, ins, relu_outs, rule, counter)
+        ins, kinds = facts.read(eqn)
+        outs = _eval_eqn(eqn, invals, ins, kinds, relu_outs, rule, counter)
         if outs is None:
             outs = _bind(eqn, invals)
-            _propagate_known(eqn, ins, known)
+        facts.update(eqn, ins, kinds)
         for v, o in zip(eqn.outvars, outs, strict=False):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
 
-def _eval_eqn(eqn, invals, ins, relu_outs, rule: Rule, counter: _Counter):
+def _eval_eqn(eqn, invals, ins, kinds, relu_outs, rule: Rule, counter: _Counter):
     """One equation under ``rule``: its outputs, or ``None`` to bind it unchanged."""
     name = eqn.primitive.name
     out_aval: Any = eqn.outvars[0].aval if eqn.outvars else None
@@ -307,8 +176,9 @@ def _eval_eqn(eqn, invals, ins, relu_outs, rule: Rule, counter: _Counter):
         v = eqn.invars[i]
         return isinstance(v, jcore.Var) and v in relu_outs
 
-    if _relu_site(eqn, ins) and name == "max":
-        x = invals[1] if _is_zero(ins[0]) else invals[0]
+    operand = relu_operand(eqn, ins, kinds)
+    if operand is not None and name == "max":
+        x = invals[operand]
         x = jnp.broadcast_to(jnp.asarray(x, out_aval.dtype), out_aval.shape)
         counter.n += 1
         relu_outs.add(eqn.outvars[0])
@@ -321,13 +191,13 @@ def _eval_eqn(eqn, invals, ins, relu_outs, rule: Rule, counter: _Counter):
         y, c = (invals[0], invals[1]) if relu_out(0) else (invals[1], invals[0])
         y = jnp.broadcast_to(y, out_aval.shape)
         return [rule.clip(y, jnp.broadcast_to(jnp.asarray(c, out_aval.dtype), out_aval.shape))]
-    if _relu_site(eqn, ins):  # clamp(0, x, c)
+    if operand is not None:  # clamp(0, x, c)
         _, x, hi = invals
         x = jnp.broadcast_to(x, out_aval.shape)
         counter.n += 1
         return [rule.clip(rule.relu(x), jnp.broadcast_to(jnp.asarray(hi, out_aval.dtype), out_aval.shape))]
-    if name in _CALLS and _sub_closed(eqn) is not None:
-        return _eval_call(eqn, invals, ins, rule, counter)
+    if name in CALLS and sub_closed(eqn) is not None:
+        return _eval_call(eqn, invals, ins, kinds, rule, counter)
     if name == "scan" and count_relus(eqn.params["jaxpr"]) > 0:
         return _eval_scan(eqn, invals, rule, counter)
     if name == "while" and (count_relus(eqn.params["body_jaxpr"]) > 0):
@@ -337,16 +207,16 @@ def _eval_eqn(eqn, invals, ins, relu_outs, rule: Rule, counter: _Counter):
     return None
 
 
-def _eval_call(eqn, invals, ins, rule: Rule, counter: _Counter):
+def _eval_call(eqn, invals, ins, kinds, rule: Rule, counter: _Counter):
     """A call-like equation: inlined under ``rule`` when it holds ReLUs we may rewrite."""
-    sub = _sub_closed(eqn)
-    if not _enters_call(eqn) or count_relus(sub, ins) == 0:
+    sub = sub_closed(eqn)
+    if not enters_call(eqn) or analyse(sub, ins, kinds)[0] == 0:
         return _bind(eqn, invals)
     # Inline the call (dropping any custom derivative rule: the ReLUs inside get ours).
-    sj, sc = _closed_parts(sub)
+    sj, sc = closed_parts(sub)
 
     def inner(*a):
-        return _eval(sj, sc, list(a), rule, counter, ins)
+        return _eval(sj, sc, list(a), rule, counter, ins, kinds)
 
     if eqn.primitive.name in ("remat2", "checkpoint", "remat"):
         inner = jax.checkpoint(
@@ -359,7 +229,7 @@ def _eval_scan(eqn, invals, rule, counter):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
-    body, body_consts = _closed_parts(p["jaxpr"])
+    body, body_consts = closed_parts(p["jaxpr"])
 
     def step(carry, x):
         out = _eval(body, body_consts, list(consts) + list(carry) + list(x), rule, counter)
@@ -375,8 +245,8 @@ def _eval_while(eqn, invals, rule, counter):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
-    cj, cc = _closed_parts(p["cond_jaxpr"])
-    bj, bc = _closed_parts(p["body_jaxpr"])
+    cj, cc = closed_parts(p["cond_jaxpr"])
+    bj, bc = closed_parts(p["body_jaxpr"])
 
     def cond(carry):
         return _eval(cj, cc, list(cconsts) + list(carry), rule, counter)[0]
@@ -391,7 +261,7 @@ def _eval_cond(eqn, invals, rule, counter):
     index, ops = invals[0], invals[1:]
     branches = []
     for b in eqn.params["branches"]:
-        bj, bc = _closed_parts(b)
+        bj, bc = closed_parts(b)
         branches.append(lambda *a, bj=bj, bc=bc: _eval(bj, bc, list(a), rule, counter))
     return list(jax.lax.switch(index, branches, *ops))
 
@@ -414,9 +284,11 @@ def transform(fn: Callable, rule: Rule) -> Callable:
         if counter.n == 0:
             raise ValueError(
                 f"{rule.name}: the model has no ReLU (no jax.nn.relu, relu6, max(x, 0) or clip(x, 0, c) "
-                f"was found in its computation), so its {rule.name} gradients would equal plain "
-                f"gradients. Use gcj.gradients for those, or check that the model's activations are "
-                f"ReLUs."
+                f"applied to an activation was found in its computation; the clamp of a variance inside "
+                f"a LayerNorm / GroupNorm / BatchNorm is not one), so {rule.name} is not defined for it: "
+                f"its gradients would be plain gradients. For models with GELU / SiLU / tanh activations "
+                f"(ViT, ConvNeXt...) use gcj.gradients(fn, x, target) for plain input gradients or "
+                f"gcj.smooth_grad(fn, x, target, key=jax.random.key(0)) for a less noisy saliency map."
             )
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
