@@ -14,6 +14,7 @@ for any number of classes); a *perturbation* method is an explainer of
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 
 from . import methods, perturbation
+from ._callables import StableFunction
 from ._grads import check_tap_target, grads_for_spec, zero_gradients
 from ._maps import MapOptions, kernel, map_geometry, maps_from_grads
 from ._tap import Tap, as_tap
@@ -108,7 +110,8 @@ def resolve_method(method: str | Callable) -> Method:
                 f"Unknown CAM method {method!r}. Known methods: {', '.join(method_names())}."
             ) from None
     if callable(method):
-        return Method(GRADIENT, method)
+        # Keyed by code and closure: a fresh lambda with the same code reuses the compiled kernel.
+        return Method(GRADIENT, StableFunction(method) if inspect.isfunction(method) else method)
     raise TypeError(f"method must be a registered name or a function (A, dA) -> map; got {method!r}.")
 
 

@@ -142,6 +142,17 @@ def test_stable_function_as_a_static_jit_argument(caplog):
 # ------------------------------------------------------------------ through the explainers
 
 
+def test_fresh_lambda_method_compiles_once(caplog):
+    tap, x = image_tap(13)
+    with compilations(caplog, "gradient_cam_kernel") as compiled:
+        maps = [
+            np.asarray(gcj.cam(tap, x, 2, method=lambda a, g: (g * a).sum(-1)))  # HiResCAM, written inline
+            for _ in range(3)
+        ]
+    assert len(compiled) == 1, compiled
+    np.testing.assert_allclose(maps[2], np.asarray(gcj.cam(tap, x, 2, "hires_cam")), rtol=1e-6, atol=1e-7)
+
+
 def test_fresh_lambda_target_compiles_once(caplog):
     tap, x = image_tap(17)
     with compilations(caplog, "gradient_cam_kernel") as compiled:
