@@ -11,9 +11,14 @@ and in notebooks alike.
 * :func:`figure_grid` — one row per explained class, one column per method: the image, then
   e.g. Grad-CAM | Guided Backprop | Guided Grad-CAM, rows labelled with the class name and its
   probability.
+* :func:`signal_figure` — a 1-D signal ``(T, C)`` (time series, audio features) drawn as lines,
+  with one heat strip per map ``(T,)`` underneath (or the map as a coloured band behind it).
+* :func:`volume_figure` — a volume or a video ``(D, H, W[, C])`` as a grid of slices / frames
+  along one axis, each overlaid with its slice of the ``(D, H, W)`` heatmap.
 * :func:`save_png` / :func:`png_bytes` — write a figure or an image.
 
-All functions accept a single example or a batch (leading batch axis).
+All functions accept a single example or a batch (leading batch axis). :func:`overlay` and
+:func:`figure_grid` draw images only; given a signal or a volume they say which function to use.
 """
 
 from ._grid import figure_grid as figure_grid
@@ -23,5 +28,17 @@ from ._images import overlay as overlay
 from ._images import png_bytes as png_bytes
 from ._images import resize_map as resize_map
 from ._images import save_png as save_png
+from ._signal import signal_figure as signal_figure
+from ._volume import volume_figure as volume_figure
 
-__all__ = ["overlay", "gradient_image", "figure_grid", "save_png", "png_bytes", "resize_map", "METHOD_TITLES"]
+__all__ = [
+    "overlay",
+    "gradient_image",
+    "figure_grid",
+    "signal_figure",
+    "volume_figure",
+    "save_png",
+    "png_bytes",
+    "resize_map",
+    "METHOD_TITLES",
+]

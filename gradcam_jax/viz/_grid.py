@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ._images import METHOD_TITLES, as_uint8_image, gradient_image, overlay, resize_rgb
+from ._images import METHOD_TITLES, NOT_AN_IMAGE, as_uint8_image, gradient_image, overlay, resize_rgb
 
-__all__ = ["figure_grid"]
+__all__ = ["figure_grid", "new_figure"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -16,7 +16,8 @@ __all__ = ["figure_grid"]
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float, dpi: float):
+def new_figure(width: float, height: float, dpi: float):
+    """An empty white ``Figure`` of ``width`` x ``height`` inches on its own Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -95,6 +96,7 @@ def figure_grid(
       A ``matplotlib.figure.Figure`` (a list of them for a batch). Save with :func:`save_png`.
     """
     # long-function: the docstring documents every option; the body is short.
+    _check_image_rank(image, maps)
     img = as_uint8_image(image)
     if img.ndim == 4:
         return _figure_grid_batch(
@@ -111,7 +113,9 @@ def figure_grid(
             show_image=show_image,
         )
     if img.ndim != 3:
-        raise ValueError(f"figure_grid: image must be (H, W, 3) or (B, H, W, 3); got {img.shape}.")
+        raise ValueError(
+            f"figure_grid: image must be (H, W, 3) or (B, H, W, 3); got {np.shape(image)}. {NOT_AN_IMAGE}"
+        )
     if not maps and not show_image:
         raise ValueError("figure_grid: nothing to draw (no maps and show_image=False).")
 
@@ -131,13 +135,22 @@ def figure_grid(
         labelled=labelled,
         titled=bool(title),
     )
-    fig = _new_figure(fig_w, fig_h, dpi)
+    fig = new_figure(fig_w, fig_h, dpi)
     _draw_grid(fig, rects, img, panels, labels, show_image=show_image, alpha=alpha, cmap=cmap)
     if title:
         fig.text(
             left / fig_w, 1 - 0.16 / fig_h, title, ha="left", va="top", fontsize=_BASE_FONT, color="0.25"
         )
     return fig
+
+
+def _check_image_rank(image, maps: Mapping[str, object]) -> None:
+    """Refuse a signal or a volume (a 1-D or 5-D image, a 1-D map) rather than draw nonsense."""
+    shapes = {name: np.asarray(v).shape for name, v in maps.items()}
+    flat = [name for name, shape in shapes.items() if len(shape) == 1]
+    if np.ndim(image) in (1, 5) or flat:
+        what = f"maps[{flat[0]!r}] of shape {shapes[flat[0]]}" if flat else f"shape {np.shape(image)}"
+        raise ValueError(f"figure_grid draws images (H, W, 3) and their 2-D maps; got {what}. {NOT_AN_IMAGE}")
 
 
 def _figure_grid_batch(img: np.ndarray, maps: Mapping[str, object], classes, probs, title, **options) -> list:

@@ -13,9 +13,11 @@ __all__ = [
     "save_png",
     "png_bytes",
     "resize_map",
+    "resize_linear",
     "resize_rgb",
     "as_uint8_image",
     "METHOD_TITLES",
+    "NOT_AN_IMAGE",
 ]
 
 #: How method names are printed in figure headers.
@@ -34,6 +36,13 @@ METHOD_TITLES = {
     "deconvnet": "Deconvnet",
     "guided_grad_cam": "Guided Grad-CAM",
 }
+
+
+#: The pointer that image-only functions give for inputs of another spatial rank.
+NOT_AN_IMAGE = (
+    "For a 1-D signal (T,) / (T, C) and its (T,) maps use viz.signal_figure; for a volume or video "
+    "(D, H, W[, C]) and its (D, H, W) heatmap use viz.volume_figure."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +86,42 @@ def resize_map(m, size) -> np.ndarray:
     return out.reshape(m.shape[:-2] + (h, w))
 
 
+def linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """The ``(n_out, n_in)`` matrix of a linear resize with half-pixel centres (edges clamped)."""
+    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (x - lo).astype(np.float32)
+    weights = np.zeros((n_out, n_in), np.float32)
+    np.add.at(weights, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(weights, (np.arange(n_out), hi), frac)
+    return weights
+
+
+def resize_linear(m, shape) -> np.ndarray:
+    """Linear resize of the last ``len(shape)`` axes of ``m`` (1-D linear, 2-D bilinear, 3-D
+    trilinear), with half-pixel centres like :func:`gradcam_jax.postprocess.upsample_to`.
+
+    Args:
+      m: a float array ``(…, *spatial)``.
+      shape: the new sizes of its last ``len(shape)`` axes.
+
+    Returns:
+      ``float32`` ``(…, *shape)``; ``m`` itself (as float32) where the sizes already match.
+
+    >>> resize_linear(np.array([0.0, 1.0]), (4,)).tolist()
+    [0.0, 0.25, 0.75, 1.0]
+    """
+    out = np.asarray(m, np.float32)
+    k = len(shape)
+    for i, n in enumerate(shape):
+        axis = out.ndim - k + i
+        if out.shape[axis] != int(n):
+            moved = np.tensordot(linear_weights(out.shape[axis], int(n)), np.moveaxis(out, axis, 0), axes=1)
+            out = np.moveaxis(moved, 0, axis)
+    return out
+
+
 def resize_rgb(img: np.ndarray, size) -> np.ndarray:
     from PIL import Image
 
@@ -109,22 +154,30 @@ def overlay(image, heatmap, alpha: float = 0.5, cmap="jet") -> np.ndarray:
     Returns:
       ``uint8`` RGB: ``(H, W, 3)``, ``(B, H, W, 3)``, or with the extra class axis of
       ``heatmap``.
+
+    Images only: a 1-D map or a signal gets an error pointing to :func:`signal_figure`, a 5-D input
+    or a volume whose heatmap has fewer slices one pointing to :func:`volume_figure`.
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}.")
     img = as_uint8_image(image)
-    if img.ndim not in (3, 4):
-        raise ValueError(f"overlay: image must be (H, W, 3) or (B, H, W, 3); got shape {img.shape}.")
     hm = np.nan_to_num(np.asarray(heatmap, np.float32))
+    if img.ndim not in (3, 4) or hm.ndim < 2:
+        bad_image = img.ndim not in (3, 4)
+        what = f"image of shape {np.shape(image)}" if bad_image else f"heatmap of shape {hm.shape}"
+        raise ValueError(
+            f"overlay: expected an image (H, W, 3) or (B, H, W, 3) and an (h, w) heatmap (or batched); got "
+            f"an {what}. {NOT_AN_IMAGE}"
+        )
     lead_img = img.shape[:-3]
-    if hm.ndim < 2:
-        raise ValueError(f"overlay: heatmap must be (h, w) or batched; got shape {hm.shape}.")
     lead_hm = hm.shape[:-2]
     # Accept (…, h, w) whose leading axes extend the image's (batch, then classes).
     if lead_hm[: len(lead_img)] != lead_img:
         raise ValueError(
             f"overlay: {img.shape[0] if lead_img else 1} image(s) of shape {img.shape}, but heatmap "
-            f"of shape {hm.shape}: give one (h, w) map per image, or (K, h, w) per image."
+            f"of shape {hm.shape}: give one (h, w) map per image, or (K, h, w) per image. For a volume "
+            "or video (D, H, W[, C]) with a (d, h, w) heatmap, use viz.volume_figure (it resizes the depth "
+            "too)."
         )
     hm = resize_map(np.clip(hm, 0.0, 1.0), img.shape[-3:-1])
     colours = _colormap(cmap)(hm)[..., :3].astype(np.float32)  # (…, H, W, 3) in [0, 1]
