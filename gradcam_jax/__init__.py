@@ -23,11 +23,11 @@ from ._cam import grad_cam as grad_cam
 from ._cam import method_names as method_names
 from ._cam import register_method as register_method
 from ._grads import Grads as Grads
+from ._grads import activations_and_grads as activations_and_grads
 from ._haiku import haiku_layers as haiku_layers
 from ._haiku import haiku_tap as haiku_tap
 from ._keras import keras_layers as keras_layers
 from ._keras import keras_tap as keras_tap
-from ._grads import activations_and_grads as activations_and_grads
 from ._maps import MapOptions as MapOptions
 from ._tap import Edit as Edit
 from ._tap import Tap as Tap
