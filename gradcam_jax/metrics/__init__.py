@@ -6,6 +6,13 @@ the metrics that query the model, a scores function ``images -> (B, classes)`` â
 one value per image, so results can be aggregated over any number of batches
 (:class:`Report`). Docstrings give each definition and its reference.
 
+Signals ``(B, T, C)`` and volumes or videos ``(B, D, H, W, C)`` (maps ``(B, T)``,
+``(B, D, H, W)``) work with every metric that makes sense for them: deletion, insertion (the
+canvas blurred along every spatial axis), confidence change, the pointing game, faithfulness,
+the correlations and the sanity checks; the model's input may be channels-first
+(``layout=``) or a pytree (``input=``), as for the explainers. SSIM, the localisation boxes,
+their connected components and ROAD's imputation are 2-D and refuse other ranks with a message.
+
 ======================================  ===================================================
 where the map points                    :func:`localization_box` (15% threshold, largest
                                         connected segment, its box), :func:`box_iou`,
@@ -32,7 +39,8 @@ test data                               :func:`boxes_dataset`, :func:`colour_det
 [True]
 """
 
-from ._common import gaussian_blur, pixel_saliency, saliency_order, saliency_ranks
+from ._blur import gaussian_blur
+from ._saliency import pixel_saliency, saliency_order, saliency_ranks
 from .localization import (
     EMPTY_BOX,
     Localization,
@@ -43,8 +51,8 @@ from .localization import (
     localization_box,
     localization_correct,
     localization_errors,
-    pointing_game,
 )
+from .pointing import pointing_game
 from .removal import ConfidenceChange, Curve, confidence_change, deletion, insertion
 from .report import METRICS, MetricInfo, Report, evaluate
 from .road import ROAD, noisy_linear_imputation, road

@@ -1,8 +1,13 @@
-"""Where does a map point? Weakly-supervised localisation boxes and the pointing game.
+"""Where does a map point? Weakly-supervised localisation boxes (the pointing game is in
+:mod:`gradcam_jax.metrics.pointing`).
 
 Boxes everywhere here are ``(y0, x0, y1, x1)`` **inclusive** pixel indices (row of the top
 edge, column of the left edge, row of the bottom edge, column of the right edge), int32. A box
 covers ``(y1 - y0 + 1) * (x1 - x0 + 1)`` pixels; the empty box is ``(0, 0, -1, -1)``.
+
+The boxes, their IoU and the connected components they come from are 2-D (the ILSVRC protocol
+of Grad-CAM §4.1 is defined on images): signal maps ``(B, T)``, volume maps ``(B, D, H, W)``
+and boxes of other than 4 numbers are refused with a message.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ __all__ = [
     "localization_correct",
     "Localization",
     "localization_errors",
-    "pointing_game",
 ]
 
 EMPTY_BOX = (0, 0, -1, -1)
@@ -40,6 +44,15 @@ def _check_connectivity(connectivity) -> int:
             f"connectivity must be 4 (edge neighbours) or 8 (edges and corners); got {connectivity!r}."
         )
     return int(connectivity)
+
+
+def _check_2d(mask, who: str):
+    if mask.ndim < 2:
+        raise ValueError(
+            f"{who}: masks must be 2-D, (..., H, W) (connected components here are those of an image); "
+            f"got shape {mask.shape}."
+        )
+    return mask
 
 
 def _labels_one(fg, connectivity: int):
@@ -88,7 +101,7 @@ def connected_components(mask, connectivity: int = 8):
     row-major order of their first pixel, which is the order of these labels).
     """
     connectivity = _check_connectivity(connectivity)
-    mask = jnp.asarray(mask, bool)
+    mask = _check_2d(jnp.asarray(mask, bool), "connected_components")
     flat = mask.reshape((-1,) + mask.shape[-2:])
     labels = jax.vmap(lambda m: _labels_one(m, connectivity))(flat)
     return labels.reshape(mask.shape)
@@ -112,7 +125,7 @@ def largest_component(mask, connectivity: int = 8):
     :func:`connected_components`.
     """
     connectivity = _check_connectivity(connectivity)
-    mask = jnp.asarray(mask, bool)
+    mask = _check_2d(jnp.asarray(mask, bool), "largest_component")
     flat = mask.reshape((-1,) + mask.shape[-2:])
     out = jax.vmap(lambda m: _largest_one(m, connectivity))(flat)
     return out.reshape(mask.shape)
@@ -155,7 +168,9 @@ def localization_box(maps, threshold: float = 0.15, *, connectivity: int = 8):
     anything is 0.
 
     Args:
-      maps: ``(..., H, W)`` — ``(B, H, W)``, or ``(B, K, H, W)`` for K classes per image.
+      maps: ``(B, H, W)``, or ``(B, K, H, W)`` for K classes per image. 2-D only: a signal's
+        ``(B, T)`` maps are refused; a volume's ``(B, D, H, W)`` maps would be read as D maps
+        per image (one box per slice), so do not pass them.
       threshold: the fraction of the maximum (the paper's 15%). May be traced.
       connectivity: 8 (default) or 4.
 
@@ -169,8 +184,12 @@ def localization_box(maps, threshold: float = 0.15, *, connectivity: int = 8):
       Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016, §3).
     """
     maps = jnp.asarray(maps)
-    if maps.ndim < 2:
-        raise ValueError(f"localization_box: maps must be (..., H, W); got shape {maps.shape}.")
+    if maps.ndim not in (3, 4):
+        raise ValueError(
+            f"localization_box: boxes are 2-D: maps must be (B, H, W) or (B, K, H, W); got shape "
+            f"{maps.shape}. Signal (B, T) and volume maps have no box here (use pointing_game with a "
+            f"mask, or the removal metrics); for a single (H, W) map pass maps[None]."
+        )
     return _localization_box_jit(maps, jnp.asarray(threshold, jnp.float32), _check_connectivity(connectivity))
 
 
@@ -180,9 +199,15 @@ def box_iou(a, b):
 
     Areas count pixels: ``(y1 - y0 + 1) * (x1 - x0 + 1)``, so two identical one-pixel boxes have
     IoU 1. An empty box (``y1 < y0`` or ``x1 < x0``) has area 0 and IoU 0 with everything.
+    Boxes are 2-D: anything but 4 numbers per box (a 1-D interval, a 3-D box) is refused.
     """
     a = jnp.asarray(a, jnp.int32)
     b = jnp.asarray(b, jnp.int32)
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != 4 or b.shape[-1] != 4:
+        raise ValueError(
+            f"box_iou: boxes are 2-D, (..., 4) inclusive (y0, x0, y1, x1); got shapes {a.shape} and "
+            f"{b.shape}. Intervals of signals and 3-D boxes are not supported."
+        )
 
     def area(x):
         return jnp.maximum(x[..., 2] - x[..., 0] + 1, 0) * jnp.maximum(x[..., 3] - x[..., 1] + 1, 0)
@@ -210,7 +235,13 @@ def boxes_to_masks(boxes, shape, valid=None):
     per image ``(B, H, W)`` — several objects of the class in one image.
     """
     boxes = jnp.asarray(boxes, jnp.int32)
-    masks = _boxes_to_masks(boxes, tuple(int(s) for s in shape))
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or boxes.ndim == 0 or boxes.shape[-1] != 4:
+        raise ValueError(
+            f"boxes_to_masks: boxes are 2-D: boxes (..., 4) and shape (H, W); got boxes {boxes.shape} "
+            f"and shape {shape}."
+        )
+    masks = _boxes_to_masks(boxes, shape)
     if valid is not None:
         masks = jnp.any(masks & jnp.asarray(valid, bool)[..., None, None], axis=-3)
     return masks
@@ -347,58 +378,3 @@ def localization_errors(
     iou = box_iou(boxes[:, :, None, :], gt_boxes[:, None, :, :])
     same = (pred_classes[:, :, None] == gt_labels[:, None, :]) & valid[:, None, :]
     return Localization(boxes, jnp.max(jnp.where(same, iou, 0.0), axis=-1), correct)
-
-
-# --------------------------------------------------------------------------------------------
-# Pointing game
-# --------------------------------------------------------------------------------------------
-
-
-@jax.jit
-def _pointing_jit(maps, masks, tolerance):
-    b, h, w = maps.shape
-    flat = maps.reshape(b, -1).astype(jnp.float32)
-    peak = jnp.argmax(flat, axis=-1)  # first maximum in row-major order
-    py, px = peak // w, peak % w
-    ys = jnp.arange(h)[None, :, None]
-    xs = jnp.arange(w)[None, None, :]
-    d2 = (ys - py[:, None, None]) ** 2 + (xs - px[:, None, None]) ** 2
-    near = d2.astype(jnp.float32) <= tolerance * tolerance
-    return jnp.any(masks & near, axis=(1, 2))
-
-
-def pointing_game(maps, masks, tolerance: float = 0):
-    """Pointing game: is each map's maximum on the object?
-
-    The *peak* is the pixel holding the map's maximum (the first one in row-major order when
-    several share it). A hit when some object pixel lies within Euclidean distance
-    ``tolerance`` of the peak: ``min over object pixels q of |q - peak| <= tolerance`` (pixel
-    centres, so ``tolerance=0`` means the peak itself is an object pixel). Zhang et al. use a
-    15-pixel tolerance (``tolerance=15``) to forgive small misalignments. The accuracy is
-    ``hits / (hits + misses)``: the mean of the result.
-
-    Args:
-      maps: ``(B, H, W)``.
-      masks: the objects: boolean masks ``(B, H, W)``, or boxes ``(B, 4)`` as inclusive
-        ``(y0, x0, y1, x1)`` (use :func:`boxes_to_masks` with ``valid`` for several boxes).
-      tolerance: in pixels (default 0; the customary value is 15).
-
-    Returns:
-      ``(B,)`` bool hits.
-
-    References:
-      Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016, §5.1,
-      https://arxiv.org/abs/1608.00507.
-    """
-    maps = jnp.asarray(maps)
-    if maps.ndim != 3:
-        raise ValueError(f"pointing_game: maps must be (B, H, W); got shape {maps.shape}.")
-    masks = jnp.asarray(masks)
-    if masks.ndim == 2 and masks.shape == (maps.shape[0], 4):
-        masks = boxes_to_masks(masks, maps.shape[1:])
-    if masks.shape != maps.shape:
-        raise ValueError(
-            f"pointing_game: masks must be (B, H, W) like the maps {maps.shape} or boxes "
-            f"({maps.shape[0]}, 4); got shape {masks.shape}."
-        )
-    return _pointing_jit(maps, masks.astype(bool), jnp.asarray(tolerance, jnp.float32))

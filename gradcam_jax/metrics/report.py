@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._layout import Layout
 from .._tap import scores_fn
-from .localization import box_iou, localization_box, pointing_game
+from ._common import check_inputs
+from .localization import box_iou, localization_box
+from .pointing import pointing_game
 from .removal import confidence_change, deletion, insertion
 from .road import road
 from .similarity import faithfulness
@@ -220,6 +223,8 @@ def evaluate(
     threshold: float = 0.15,
     tolerance: float = 15.0,
     softmax: bool = True,
+    layout: str | Layout | None = None,
+    input: Any = None,
 ) -> dict[str, jax.Array]:
     """Every metric the given ground truth allows, per image, for one method's maps.
 
@@ -228,47 +233,38 @@ def evaluate(
     ``road_lerf``, ``road_gap`` (:func:`road`: the mean over ``road_fractions``). With ``boxes``
     (``(B, 4)`` inclusive, one object per image): ``iou`` and ``loc_error`` (1 when the box IoU is
     below 0.5, or, with ``labels``, when the explained class is not the label) and the pointing
-    game on the boxes; with ``masks`` (``(B, H, W)``) the pointing game on the masks instead
+    game on the boxes; with ``masks`` (shaped like the maps) the pointing game on the masks instead
     (``pointing`` with no tolerance, ``pointing_15`` with ``tolerance``). With
     ``occlusion_maps``: ``faithfulness``.
 
-    ``maps`` are ``(B, H, W)`` in [0, 1] (:func:`confidence_change` uses them as a mask). The
+    ``maps`` are ``(B, *spatial)`` in [0, 1] (:func:`confidence_change` uses them as a mask). The
     result feeds :meth:`Report.add` directly: ``report.add("grad_cam", **evaluate(...))``.
+
+    Signals ``(B, T, C)`` and volumes ``(B, D, H, W, C)`` (maps ``(B, T)``, ``(B, D, H, W)``;
+    ``layout=`` and ``input=`` as for the explainers) get deletion, insertion, the confidence
+    change, the pointing game on ``masks`` and faithfulness; boxes and ROAD are 2-D and are
+    refused for them with a message.
     """
-    # long-function: the docstring documents every option; the body is short.
+    # long-function: the docstring documents every option; the body is a list of metrics.
+    view = check_inputs(images, layout, input, "evaluate")
+    if view.spatial_rank != 2 and boxes is not None:
+        raise ValueError(
+            "evaluate: boxes (and the localisation error) are 2-D, for images; for signals and volumes "
+            "pass masks= (the pointing game) instead."
+        )
     out: dict[str, jax.Array] = {}
     if target is None:  # resolve once, so that every metric explains the same class
         target = jnp.argmax(scores_fn(fn)(images), axis=-1).astype(jnp.int32)
-    out["deletion"] = deletion(
-        fn, images, maps, target, n_steps=n_steps, baseline=baseline, chunk_size=chunk_size, softmax=softmax
-    ).auc
+    common: dict[str, Any] = {"chunk_size": chunk_size, "softmax": softmax, "layout": layout, "input": input}
+    out["deletion"] = deletion(fn, images, maps, target, n_steps=n_steps, baseline=baseline, **common).auc
     out["insertion"] = insertion(
-        fn,
-        images,
-        maps,
-        target,
-        n_steps=n_steps,
-        blur_sigma=blur_sigma,
-        chunk_size=chunk_size,
-        softmax=softmax,
+        fn, images, maps, target, n_steps=n_steps, blur_sigma=blur_sigma, **common
     ).auc
-    cc = confidence_change(
-        fn, images, maps, target, baseline=baseline, chunk_size=chunk_size, softmax=softmax
-    )
+    cc = confidence_change(fn, images, maps, target, baseline=baseline, **common)
     out["avg_drop"] = cc.drop
     out["increase"] = cc.increase
     if key is not None:
-        rd = road(
-            fn,
-            images,
-            maps,
-            target,
-            key=key,
-            fractions=road_fractions,
-            noise=road_noise,
-            chunk_size=chunk_size,
-            softmax=softmax,
-        )
+        rd = road(fn, images, maps, target, key=key, fractions=road_fractions, noise=road_noise, **common)
         out["road_morf"] = jnp.mean(rd.morf, axis=-1)
         out["road_lerf"] = jnp.mean(rd.lerf, axis=-1)
         out["road_gap"] = rd.gap

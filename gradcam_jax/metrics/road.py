@@ -1,13 +1,14 @@
 """ROAD (RemOve And Debias): removal curves with noisy linear imputation (Rong et al. 2022).
 
 Arguments shared with the other removal metrics (``fn``, ``images``, ``maps``, ``target``,
-``softmax``) are described in :mod:`gradcam_jax.metrics.removal`.
+``softmax``, ``layout``, ``input``) are described in :mod:`gradcam_jax.metrics.removal`. ROAD
+stays 2-D: its imputation is a system over a pixel's 8 neighbours in the image plane.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +16,23 @@ import numpy as np
 
 from .._callables import PytreeCallable, as_pytree
 from .._chunking import map_in_chunks
-from .._maps import check_image_batch, kernel
+from .._inputs import image_of, with_image
+from .._layout import Layout
+from .._maps import kernel
 from .._tap import scores_fn
 from ._common import (
     RemovalOptions,
     check_fn,
+    check_inputs,
     check_maps,
     check_positive_int,
     class_scores,
+    examples,
+    map_shape,
     prepare_target,
     resolve_target,
-    saliency_ranks,
 )
+from ._saliency import saliency_ranks
 
 __all__ = ["ROAD", "road", "noisy_linear_imputation"]
 
@@ -34,6 +40,12 @@ __all__ = ["ROAD", "road", "noisy_linear_imputation"]
 # --------------------------------------------------------------------------------------------
 # ROAD: noisy linear imputation
 # --------------------------------------------------------------------------------------------
+
+
+_TWO_D = (
+    "ROAD's imputation (each removed pixel the weighted mean of its 8 neighbours) is defined on 2-D "
+    "images (B, H, W, C) (channels-first with layout='NCHW'); signals and volumes are not supported"
+)
 
 
 def _positive(v) -> bool:
@@ -100,7 +112,11 @@ def noisy_linear_imputation(
     """
     images = jnp.asarray(images)
     if images.ndim != 4:
-        raise ValueError(f"noisy_linear_imputation: images must be (B, H, W, C); got {images.shape}.")
+        raise ValueError(
+            f"noisy_linear_imputation: images must be a channels-last 2-D batch (B, H, W, C) (the "
+            f"imputation uses a pixel's 8 neighbours; signals and volumes are not supported); got "
+            f"{images.shape}."
+        )
     removed = jnp.asarray(removed, bool)
     if removed.shape != images.shape[:3]:
         raise ValueError(
@@ -208,15 +224,25 @@ class ROAD(NamedTuple):
         return jnp.mean(self.lerf - self.morf, axis=-1)
 
 
+def _fractions(fractions, who: str) -> np.ndarray:
+    fr = np.asarray(fractions, np.float64).reshape(-1)
+    if fr.size == 0 or np.any(fr < 0) or np.any(fr > 1):
+        raise ValueError(
+            f"{who}: fractions must be a non-empty list of numbers in [0, 1]; got {fractions!r}."
+        )
+    return fr
+
+
 @kernel
 def road_kernel(
-    model: PytreeCallable, images, maps, target, key, noise, tol, max_iter, *, options: RemovalOptions
+    model: PytreeCallable, x, maps, target, key, noise, tol, max_iter, *, options: RemovalOptions
 ):
-    chunk, softmax, counts = options.chunk, options.softmax, options.counts
+    chunk, softmax, counts, view = options.chunk, options.softmax, options.counts, options.view
     fn = scores_fn(model.fn)
+    images = image_of(x, view)  # (B, H, W, C)
     b, h, w, _ = images.shape
     n_pix = h * w
-    target = resolve_target(fn, images, target, chunk)
+    target = resolve_target(fn, x, target, chunk, b)
     ranks = saliency_ranks(maps)
     counts_arr = jnp.asarray(counts, jnp.int32)
     p = len(counts)
@@ -228,12 +254,12 @@ def road_kernel(
         r = ranks[img]
         cnt = counts_arr[j][:, None, None]
         removed = jnp.where((lerf == 1)[:, None, None], r >= n_pix - cnt, r < cnt)
-        x = _impute(images[img], removed, tol, max_iter)
+        xi = _impute(images[img], removed, tol, max_iter)
         eps = jax.vmap(
             lambda i: jax.random.normal(jax.random.fold_in(key, i), images.shape[1:], jnp.float32)
         )(idx)
-        x = x + jnp.where(removed[..., None], noise * eps, 0.0)
-        scores = fn(x.astype(images.dtype))
+        xi = xi + jnp.where(removed[..., None], noise * eps, 0.0)
+        scores = fn(with_image(examples(x, img), view, xi.astype(images.dtype)))
         prob = class_scores(scores, target[img], softmax)
         return prob, jnp.argmax(scores, axis=-1) == target[img]
 
@@ -256,6 +282,8 @@ def road(
     softmax: bool = True,
     tol: float = 1e-4,
     max_iter: int = 1000,
+    layout: str | Layout | None = None,
+    input: Any = None,
 ) -> ROAD:
     """ROAD: RemOve And Debias (Rong et al. 2022), both orders, with noisy linear imputation.
 
@@ -271,7 +299,10 @@ def road(
     chunks of ``chunk_size`` images.
 
     Args:
-      fn, images, maps, target, softmax: see the module docstring.
+      fn, images, maps, target, softmax: see the module docstring. ROAD is 2-D: ``images``
+        are ``(B, H, W, C)`` (``"NCHW"`` with ``layout=``, or the image of a pytree picked by
+        ``input=``); its imputation system is built on a pixel's 8 neighbours, and signals or
+        volumes are refused.
       key: a ``jax.random`` key for the imputation noise (required when ``noise > 0``); image
         ``b`` at fraction ``j`` in order ``o`` uses ``fold_in(key, (o * P + j) * B + b)``, so
         the result does not depend on ``chunk_size``.
@@ -289,22 +320,18 @@ def road(
     """
     who = "road"
     check_fn(fn, who)
-    check_image_batch(images, who)
-    check_maps(maps, images, who)
+    view = check_inputs(images, layout, input, who, ranks=(2,), why=_TWO_D)
+    check_maps(maps, images, view, who)
     chunk = check_positive_int(chunk_size, "chunk_size", who)
-    fr = np.asarray(fractions, np.float64).reshape(-1)
-    if fr.size == 0 or np.any(fr < 0) or np.any(fr > 1):
-        raise ValueError(
-            f"{who}: fractions must be a non-empty list of numbers in [0, 1]; got {fractions!r}."
-        )
+    fr = _fractions(fractions, who)
     if key is None and _positive(noise):
         raise ValueError(f"{who}: pass key= (a jax.random key) for the imputation noise, or noise=0.")
     if key is None:
         key = jax.random.key(0)  # multiplied by noise = 0
-    n_pix = images.shape[1] * images.shape[2]
-    counts = tuple(int(c) for c in np.round(fr * n_pix).astype(np.int64))
-    target = prepare_target(fn, images, target, who)
-    options = RemovalOptions(chunk, bool(softmax), counts=counts)
+    b, h, w = map_shape(images, view)
+    counts = tuple(int(c) for c in np.round(fr * h * w).astype(np.int64))
+    target = prepare_target(fn, images, b, target, who)
+    options = RemovalOptions(chunk, bool(softmax), counts=counts, view=view)
     prob, ok = road_kernel(
         as_pytree(fn),
         images,

@@ -11,13 +11,16 @@ pass); Guided Backprop and Guided Grad-CAM stay almost the same down to the lowe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import pixel_saliency
+from .._inputs import InputView
+from .._layout import Layout
+from ._common import SPATIAL_AXES, check_inputs
+from ._saliency import pixel_saliency
 from .similarity import spearman, ssim
 
 __all__ = ["randomize_layers", "cascading_randomization", "Sanity", "sanity_check", "SIMILARITIES"]
@@ -167,13 +170,18 @@ def cascading_randomization(
     return steps
 
 
-def _as_maps(m, reduce):
+def _as_maps(m, reduce, view: InputView):
+    """``explain``'s output as maps ``(B, *spatial)``: maps as they are, attributions with
+    channels (in the input's layout) collapsed by :func:`pixel_saliency`."""
     m = jnp.asarray(m, jnp.float32)
-    if m.ndim == 4:
-        m = pixel_saliency(m, reduce)
-    if m.ndim != 3:
+    rank = view.spatial_rank
+    if m.ndim == rank + 2:
+        m = pixel_saliency(m, reduce, layout=view.layout)
+    if m.ndim != rank + 1:
+        axes = SPATIAL_AXES[rank]
         raise ValueError(
-            f"sanity_check: explain must return (B, H, W) maps or (B, H, W, C) attributions; got {m.shape}."
+            f"sanity_check: explain must return (B, {axes}) maps or (B, {axes}, C) attributions (in "
+            f"the images' layout); got {m.shape}."
         )
     return m
 
@@ -181,7 +189,7 @@ def _as_maps(m, reduce):
 def _unit(m):
     """|m| scaled by its maximum to [0, 1] per map (0 stays 0): the maps SSIM compares."""
     a = jnp.abs(m)
-    top = jnp.max(a, axis=(1, 2), keepdims=True)
+    top = jnp.max(a, axis=tuple(range(1, m.ndim)), keepdims=True)
     return jnp.where(top > 0, a / jnp.where(top > 0, top, 1.0), 0.0)
 
 
@@ -192,13 +200,30 @@ SIMILARITIES: dict[str, Callable] = {
 }
 
 
+def _similarity_names(names: Sequence[str] | None, rank: int) -> tuple[str, ...]:
+    """The similarities to compute: ``names``, checked, or the default for maps of ``rank``."""
+    if names is None:
+        return ("spearman", "spearman_abs") + (("ssim",) if rank == 2 else ())
+    for name in names:
+        if name not in SIMILARITIES:
+            raise ValueError(
+                f"sanity_check: unknown similarity {name!r}; available: {', '.join(SIMILARITIES)}."
+            )
+    if "ssim" in names and rank != 2:
+        raise ValueError(
+            f"sanity_check: SSIM is a 2-D image measure; these inputs have {rank} spatial axes. Use "
+            f"similarities=('spearman', 'spearman_abs')."
+        )
+    return tuple(names)
+
+
 class Sanity(NamedTuple):
     """Result of :func:`sanity_check`.
 
     ``steps``: ``("original", layer_0, layer_1, ...)``; ``similarity``: metric name ->
     ``(len(steps), B)`` similarity of each image's map at each step to its original map (step 0
-    compares the original with itself); ``maps``: the maps at every step, ``(len(steps), B, H,
-    W)``, when kept.
+    compares the original with itself); ``maps``: the maps at every step, ``(len(steps), B,
+    *spatial)``, when kept.
     """
 
     steps: tuple[str, ...]
@@ -233,9 +258,11 @@ def sanity_check(
     key=None,
     random_variables=None,
     collections=None,
-    similarities: Sequence[str] = ("spearman", "spearman_abs", "ssim"),
+    similarities: Sequence[str] | None = None,
     reduce: str = "abs_sum",
     keep_maps: bool = False,
+    layout: str | Layout | None = None,
+    input: Any = None,
 ) -> Sanity:
     """Cascading model-parameter randomisation test (Adebayo et al. 2018).
 
@@ -247,9 +274,11 @@ def sanity_check(
     - ``"spearman_abs"``: the same on absolute values;
     - ``"ssim"``: SSIM (:func:`ssim`) of the absolute maps scaled to [0, 1] by their maximum.
 
-    Attributions with channels ``(B, H, W, C)`` (Guided Backprop) are first collapsed to
-    ``(B, H, W)`` with :func:`pixel_saliency` (``reduce``, default the sum of absolute values
-    over channels).
+    Signals and volumes (maps ``(B, T)``, ``(B, D, H, W)``) get the correlations only: SSIM is
+    2-D, so the default similarities are all three for images and the two Spearman ones
+    otherwise (``"ssim"`` is refused there). Attributions with channels (Guided Backprop's
+    ``(B, H, W, C)``; ``(B, C, H, W)`` with ``layout="NCHW"``) are first collapsed to maps by
+    :func:`pixel_saliency` (``reduce``, default the sum of absolute values over channels).
 
     A method passes when the similarity falls as layers are randomised. Keep the explained
     class fixed across steps (pass the trained model's classes as the target inside
@@ -263,11 +292,12 @@ def sanity_check(
       variables: the trained Flax Linen variables.
       layers: module paths, from the top of the network down (``["fc", "head", "blocks_15",
         ...]``).
-      images: the inputs.
+      images: ``explain``'s inputs, as for :func:`gradcam_jax.cam` (only their shapes are read).
       key, random_variables, collections: see :func:`randomize_layers`.
-      similarities: names in :data:`SIMILARITIES`.
+      similarities: names in :data:`SIMILARITIES` (default: see above).
       reduce: how channel attributions are collapsed.
       keep_maps: also return every step's maps.
+      layout, input: the image of ``images`` and its layout, as for :func:`gradcam_jax.cam`.
 
     Returns:
       a :class:`Sanity` (``.mean("spearman")``, ``.table()``).
@@ -276,11 +306,8 @@ def sanity_check(
       Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim, "Sanity Checks for Saliency Maps",
       NeurIPS 2018, §3.1 and Fig. 2, https://arxiv.org/abs/1810.03292.
     """
-    for name in similarities:
-        if name not in SIMILARITIES:
-            raise ValueError(
-                f"sanity_check: unknown similarity {name!r}; available: {', '.join(SIMILARITIES)}."
-            )
+    view = check_inputs(images, layout, input, "sanity_check")
+    similarities = _similarity_names(similarities, view.spatial_rank)
     cascade = cascading_randomization(
         variables, layers, key=key, random_variables=random_variables, collections=collections
     )
@@ -288,7 +315,7 @@ def sanity_check(
     sims: dict[str, list] = {n: [] for n in similarities}
     kept = []
     for _, v in cascade:
-        m = _as_maps(explain(v, images), reduce)
+        m = _as_maps(explain(v, images), reduce, view)
         if base is None:
             base = m
         for n in similarities:

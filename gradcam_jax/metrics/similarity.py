@@ -1,6 +1,9 @@
 """Comparing maps: rank correlation, SSIM, and faithfulness to occlusion.
 
-All functions compare two batches map by map and return one number per pair, ``(B,)``.
+All functions compare two batches map by map and return one number per pair, ``(B,)``. The
+correlations (:func:`spearman`, :func:`pearson`, :func:`faithfulness`) take maps of any spatial
+rank — ``(B, T)`` signals, ``(B, H, W)`` images, ``(B, D, H, W)`` volumes — over all their
+positions; :func:`ssim` is the 2-D image measure and takes ``(B, H, W)`` only.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ._common import filter_axis, gaussian_kernel
+from ._blur import filter_axis, gaussian_kernel
 
 __all__ = ["rankdata", "spearman", "pearson", "ssim", "faithfulness"]
 
@@ -56,10 +59,15 @@ def _pearson_rows(a, b):
 def pearson(a, b):
     """Pearson correlation of each pair of maps ``(B, ...)`` over their trailing axes ``(B,)``.
 
-    0 (not NaN) when either map is constant.
+    Maps of any spatial rank (``(B, T)``, ``(B, H, W)``, ``(B, D, H, W)``). 0 (not NaN) when
+    either map is constant.
     """
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(
+            f"pearson: maps must be two batches (B, ...) of the same shape; got {a.shape} and {b.shape}."
+        )
     return _pearson_rows(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
@@ -82,7 +90,7 @@ def _spearman_jit(a, b, absolute):
 
 
 def spearman(a, b, *, absolute: bool = False):
-    """Spearman rank correlation of each pair of maps ``(B, ...)``, over all their pixels: ``(B,)``.
+    """Spearman rank correlation of each pair of maps ``(B, ...)``, over all their positions: ``(B,)``.
 
     The Pearson correlation of the average ranks (ties share their mean rank), as
     ``scipy.stats.spearmanr(a_i.ravel(), b_i.ravel())``. ``absolute=True`` ranks ``|a|`` and
@@ -142,9 +150,15 @@ def ssim(
     """
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
-    if a.shape != b.shape or a.ndim != 3:
+    if a.shape != b.shape:
         raise ValueError(
             f"ssim: both inputs must be (B, H, W) of the same shape; got {a.shape} and {b.shape}."
+        )
+    if a.ndim != 3:
+        kind = {2: "(B, T) signal maps", 4: "(B, D, H, W) volume maps"}.get(a.ndim, f"{a.ndim}-D arrays")
+        raise ValueError(
+            f"ssim: SSIM is a 2-D image measure and takes (B, H, W) maps; got {kind} of shape {a.shape}. "
+            f"Compare maps of other ranks with metrics.spearman or metrics.pearson."
         )
     width = 2 * int(truncate * sigma + 0.5) + 1
     if min(a.shape[1:]) < width:
@@ -162,15 +176,16 @@ def faithfulness(maps, occlusion_maps):
     Selvaraju et al. measure how faithful an explanation is to the model by the Spearman rank
     correlation between it and the *occlusion map* of the same image and class (the drop of
     the class score when a patch around each pixel is masked), pixel by pixel. Higher is
-    better. Compute the occlusion maps with :func:`gradcam_jax.perturbation.occlusion` (same
-    targets, same resolution as the maps)::
+    better. Maps of signals ``(B, T)`` and volumes ``(B, D, H, W)`` are compared position by
+    position the same way (occlusion windows of that rank). Compute the occlusion maps with
+    :func:`gradcam_jax.perturbation.occlusion` (same targets, same resolution as the maps)::
 
         occ = gradcam_jax.perturbation.occlusion(fn, x, target, window=32, stride=16)
         rho = metrics.faithfulness(maps, occ)
 
     Args:
-      maps: ``(B, H, W)``.
-      occlusion_maps: ``(B, H, W)``.
+      maps: ``(B, *spatial)``: ``(B, H, W)``, ``(B, T)``, ``(B, D, H, W)``.
+      occlusion_maps: the same shape.
 
     Returns:
       ``(B,)`` Spearman correlations in [-1, 1] (0 when a map is constant).
@@ -179,4 +194,11 @@ def faithfulness(maps, occlusion_maps):
       Selvaraju et al., "Grad-CAM", ICCV 2017, §5.3 (PASCAL VOC 2007 val: Grad-CAM 0.254,
       Guided Grad-CAM 0.261, Guided Backprop 0.168), https://arxiv.org/abs/1610.02391.
     """
+    maps = jnp.asarray(maps, jnp.float32)
+    occlusion_maps = jnp.asarray(occlusion_maps, jnp.float32)
+    if maps.shape != occlusion_maps.shape:
+        raise ValueError(
+            f"faithfulness: maps {maps.shape} and occlusion maps {occlusion_maps.shape} differ in shape; "
+            f"compute the occlusion at the maps' resolution."
+        )
     return spearman(maps, occlusion_maps)
