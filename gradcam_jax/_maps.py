@@ -27,7 +27,6 @@ __all__ = [
     "to_grid",
     "finish_maps",
     "maps_from_grads",
-    "check_image_batch",
     "check_images",
     "map_geometry",
 ]
@@ -209,18 +208,6 @@ def check_images(x, options: MapOptions, who: str) -> InputView:
             f"Convert them with x.astype(jnp.float32) (or the model's preprocess)."
         )
     return view
-
-
-def check_image_batch(x, who: str) -> None:
-    """Raise unless ``x`` is a floating channels-last image batch ``(B, H, W, C)`` (the metrics' input)."""
-    if not hasattr(x, "ndim") or x.ndim != 4:
-        shape = getattr(x, "shape", type(x).__name__)
-        raise ValueError(f"{who}: images must be a channels-last batch (B, H, W, C); got {shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{who}: images must be floating (the model's input); got dtype {x.dtype}. "
-            f"Convert them with x.astype(jnp.float32) (or the model's preprocess)."
-        )
 
 
 def map_geometry(x, options: MapOptions, who: str = "explain") -> tuple[tuple[int, ...] | None, int | None]:
