@@ -1,7 +1,9 @@
-"""Adapters: build a :class:`~gradcam_jax.Tap` from Flax Linen, Flax NNX and Equinox models.
+"""Adapters: build a :class:`~gradcam_jax.Tap` from Flax Linen and Equinox models (NNX: ``_nnx``).
 
 None of them edits the user's model. Framework imports happen inside the functions, so
-``import gradcam_jax`` needs neither Flax nor Equinox.
+``import gradcam_jax`` needs neither Flax nor Equinox. Every adapter takes ``output=`` (which
+part of the model's output holds the scores) and ``activation_layout=`` (the tapped layer's
+layout, e.g. ``"NCHW"``) and ends with :func:`~gradcam_jax._tap.adapt_tap`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import jax
 import jax.numpy as jnp
 
 from ._callables import ByIdentity, KeyedFunction, hashable
-from ._tap import Edit, Tap
+from ._layout import Layout
+from ._nnx import nnx_layers as nnx_layers
+from ._nnx import nnx_tap as nnx_tap
+from ._tap import Edit, Tap, adapt_tap
 
-__all__ = ["linen_tap", "nnx_tap", "equinox_tap", "linen_layers"]
+__all__ = ["linen_tap", "equinox_tap", "linen_layers", "nnx_tap", "nnx_layers", "Output"]
+
+#: What ``output=`` takes: a field or key name, an index, a callable ``output -> scores``, or ``None``.
+Output = str | int | Callable | None
 
 
-def _check_array_output(out, where: str):
+def _check_array_output(out, where: str) -> None:
     if not isinstance(out, jax.Array) and not hasattr(out, "shape"):
         raise TypeError(
             f"The layer {where} returns {type(out).__name__}, not an array. Tap a layer whose "
@@ -26,7 +34,7 @@ def _check_array_output(out, where: str):
         )
 
 
-def _list_layers(paths):
+def _list_layers(paths: list[str]) -> str:
     shown = ", ".join(p or "<root>" for p in paths[:60])
     more = f", ... ({len(paths) - 60} more)" if len(paths) > 60 else ""
     return shown + more
@@ -68,7 +76,15 @@ def linen_layers(module, variables, x, **apply_kwargs) -> list[str]:
 
 
 def linen_tap(
-    module, variables, layer: str, *, call: int | None = None, layer_method: str = "__call__", **apply_kwargs
+    module,
+    variables,
+    layer: str,
+    *,
+    call: int | None = None,
+    layer_method: str = "__call__",
+    output: Output = None,
+    activation_layout: str | Layout | None = None,
+    **apply_kwargs,
 ) -> Tap:
     """Split a Flax Linen module at the layer whose module path is ``layer``.
 
@@ -83,6 +99,11 @@ def linen_tap(
       call: which call of the layer to tap when the layer is called more than once (0 is the
         first). By default a layer called twice is an error.
       layer_method: the layer's method whose output is tapped (``"__call__"``).
+      output: where the scores are in the model's output: ``None`` (an array as is, else its
+        ``.logits`` / ``["logits"]``), a field or key name, an index, or a callable
+        ``output -> scores``.
+      activation_layout: the tapped activation's layout when it is not channels-last (for
+        example ``"NCHW"``); the tap returns it channels-last, as the methods expect.
       **apply_kwargs: passed to ``module.apply`` (``train=False``, ``method=...`` to run
         another method of the model, ``mutable=...``; with ``mutable`` the scores are the first
         output).
@@ -109,7 +130,8 @@ def linen_tap(
         layer_method,
         tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())),
     )
-    return Tap(KeyedFunction(apply, key), variables, layer)
+    tap = Tap(KeyedFunction(apply, key), variables, layer)
+    return adapt_tap(tap, output=output, activation_layout=activation_layout)
 
 
 def _linen_apply(module, layer: str, call: int | None, layer_method: str, apply_kwargs: dict):
@@ -174,112 +196,6 @@ def _check_linen_calls(layer: str, call: int | None, paths: list, hits: list, ta
 
 
 # --------------------------------------------------------------------------------------------
-# Flax NNX
-# --------------------------------------------------------------------------------------------
-
-
-def _resolve_path(root, path: str):
-    obj = root
-    for part in path.split("."):
-        if part.isdigit() or (part.startswith("-") and part[1:].isdigit()):
-            obj = obj[int(part)]
-        else:
-            if not hasattr(obj, part):
-                children = [n for n in dir(obj) if not n.startswith("_")]
-                raise ValueError(
-                    f"nnx_tap: {type(obj).__name__} has no attribute {part!r} (in layer path "
-                    f"{path!r}). Its attributes: {', '.join(children[:40])}."
-                )
-            obj = getattr(obj, part)
-    return obj
-
-
-class _Recorder:
-    """Calls the wrapped layer, applies the edit, records the output. Lives only in a copy."""
-
-    def __init__(self, inner, edit, sink, label):
-        self.inner = inner
-        self.edit = edit
-        self.sink = sink
-        self.label = label
-
-    def __call__(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        _check_array_output(out, self.label)
-        self.sink.append(out)
-        return self.edit(out) if self.edit is not None else out
-
-
-def _nnx_swap(root, target, replacement):
-    """Replace every reference to ``target`` inside the object graph of ``root``."""
-    from flax import nnx
-
-    found = 0
-    for path, node in list(nnx.iter_graph(root)):
-        if not path or node is not target:
-            continue
-        parent = root
-        for part in path[:-1]:
-            by_item = isinstance(part, int) or not hasattr(parent, str(part))
-            parent = parent[part] if by_item else getattr(parent, part)
-        last = path[-1]
-        if isinstance(last, int) or not hasattr(parent, str(last)):
-            parent[last] = replacement
-        else:
-            object.__setattr__(parent, last, replacement)
-        found += 1
-    return found
-
-
-def nnx_tap(model, layer: str | Callable[[Any], Any]) -> Tap:
-    """Split a Flax NNX model at a submodule.
-
-    Args:
-      model: an ``nnx.Module``; ``model(x) -> scores``.
-      layer: a dotted attribute path (``"backbone.stage4"``, list items by index:
-        ``"layers.3"``) or a callable picking the submodule (``lambda m: m.backbone.stage4``).
-
-    The model is split once with ``nnx.split``; each run merges a fresh copy and swaps the
-    submodule for a recorder inside that copy, so the user's model is never edited. The tap's
-    parameters are the model's state (a pytree), so explainers can be jitted and
-    differentiated with respect to them.
-    """
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    if isinstance(layer, str):
-        label = layer
-
-        def pick(m):
-            return _resolve_path(m, layer)
-    elif callable(layer):
-        label = getattr(layer, "__name__", "layer")
-        pick = layer
-    else:
-        raise TypeError(f"nnx_tap: layer must be a dotted path or a callable; got {layer!r}.")
-    # Fail early on a bad path.
-    pick(model)
-
-    def apply(state, x, edit):
-        m = nnx.merge(graphdef, state)
-        sub = pick(m)
-        sink = []
-        if _nnx_swap(m, sub, _Recorder(sub, edit, sink, repr(label))) == 0:
-            raise ValueError(f"nnx_tap: the layer {label!r} is not a submodule reachable from the model.")
-        scores = m(x)
-        if not sink:
-            raise ValueError(f"nnx_tap: the layer {label!r} was not called by the model's forward pass.")
-        if len(sink) > 1:
-            raise ValueError(
-                f"nnx_tap: the layer {label!r} was called {len(sink)} times in one forward pass; tap "
-                f"a layer that is called once."
-            )
-        return scores, sink[0]
-
-    return Tap(KeyedFunction(apply, ("nnx", ByIdentity(model), hashable(layer))), state, label)
-
-
-# --------------------------------------------------------------------------------------------
 # Equinox
 # --------------------------------------------------------------------------------------------
 
@@ -288,22 +204,33 @@ class _ChannelAxis:
     """Moves the channel axis of images (and activations) between the library's channels-last
     layout and a channels-first model's; arrays of lower rank pass unchanged."""
 
-    def __init__(self, batched: bool, channels_first: bool):
+    def __init__(self, batched: bool, channels_first: bool, activations: bool = True):
         self.rank = 4 if batched else 3  # an image, with the batch axis when the model takes it
         self.axis = 1 if batched else 0
         self.channels_first = channels_first
+        self.activations = channels_first and activations  # False: activation_layout= handles them
 
     def to_model(self, x):
-        """``(…, H, W, C)`` -> ``(…, C, H, W)``: the input, and an edit's value."""
+        """``(…, H, W, C)`` -> ``(…, C, H, W)``: the input."""
         return jnp.moveaxis(x, -1, self.axis) if self.channels_first and x.ndim >= self.rank else x
+
+    def edit_to_model(self, v):
+        """An edit's value, channels-last -> the model's activation layout."""
+        return jnp.moveaxis(v, -1, self.axis) if self.activations and v.ndim >= self.rank else v
 
     def to_library(self, a):
         """``(…, C, H, W)`` -> ``(…, H, W, C)``: the tapped activation."""
-        return jnp.moveaxis(a, self.axis, -1) if self.channels_first and a.ndim >= self.rank else a
+        return jnp.moveaxis(a, self.axis, -1) if self.activations and a.ndim >= self.rank else a
 
 
 def equinox_tap(
-    model, where: Callable[[Any], Any], *, batched: bool = False, channels_first: bool = True
+    model,
+    where: Callable[[Any], Any],
+    *,
+    batched: bool = False,
+    channels_first: bool = True,
+    output: Output = None,
+    activation_layout: str | Layout | None = None,
 ) -> Tap:
     """Split an Equinox model at the submodule that ``where`` picks (as in ``eqx.tree_at``).
 
@@ -312,10 +239,20 @@ def equinox_tap(
       where: picks the submodule, e.g. ``lambda m: m.layers[-3]``.
       batched: the model takes the whole batch. By default (Equinox's convention) it takes one
         example and the tap ``vmap``\\ s it over the batch.
-      channels_first: the model takes and returns channels-first images, as
+      channels_first: a shorthand for models that take and return channels-first images, as
         ``eqx.nn.Conv2d`` does: the tap transposes the library's ``(B, H, W, C)`` input to
-        ``(B, C, H, W)`` and the activation back to channels-last. Use ``False`` for a model
-        that is channels-last already.
+        ``(B, C, H, W)``, and an image-shaped activation back to channels-last (as
+        ``activation_layout="NCHW"`` would). Use ``False`` for a model that is channels-last,
+        or when the input is already channels-first (explainers called with ``layout="NCHW"``)
+        together with ``activation_layout="NCHW"``.
+      output: as in :func:`linen_tap` (``None``: an array of scores, or its ``.logits``).
+      activation_layout: the layout of the tapped activation, batch axis included (``"NCHW"``,
+        ``"NCL"``, ``"NCDHW"``, ...), when it is not channels-last. The general form of
+        ``channels_first``'s activation half: when given, ``channels_first`` only decides
+        whether the input is transposed.
+
+    Returns:
+      A :class:`~gradcam_jax.Tap`; its parameters are the model's arrays.
     """
     import equinox as eqx
 
@@ -323,35 +260,8 @@ def equinox_tap(
         raise TypeError(
             "equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2]."
         )
-
-    class _EqxRecorder(eqx.Module):
-        inner: Any
-        edit: Any
-        sink: Any = eqx.field(static=True)
-
-        def __call__(self, *args, **kwargs):
-            out = self.inner(*args, **kwargs)
-            _check_array_output(out, "picked by where")
-            self.sink.append(out)
-            return self.edit(out) if self.edit is not None else out
-
-    axes = _ChannelAxis(batched, channels_first)
-
-    def one(model, x, edit):
-        sink = []
-        if edit is not None:
-            edit = Edit(edit.kind, axes.to_model(edit.value))
-        wrapped = eqx.tree_at(where, model, replace_fn=lambda sub: _EqxRecorder(sub, edit, sink))
-        scores = wrapped(axes.to_model(x))
-        if not sink:
-            raise ValueError("equinox_tap: the submodule picked by `where` was not called by the model.")
-        if len(sink) > 1:
-            raise ValueError(
-                f"equinox_tap: the submodule picked by `where` was called {len(sink)} times; tap one "
-                f"that is called once."
-            )
-        return scores, axes.to_library(sink[0])
-
+    axes = _ChannelAxis(batched, channels_first, activations=activation_layout is None)
+    one = _equinox_one(where, axes)
     # Only the arrays are the tap's parameters (traced by jit); activations functions, flags and
     # other static fields of the model stay Python values.
     params, static = eqx.partition(model, eqx.is_array)
@@ -365,5 +275,39 @@ def equinox_tap(
         kind = edit.kind
         return jax.vmap(lambda xi, vi: one(model, xi, Edit(kind, vi)))(x, edit.value)
 
-    key = ("equinox", ByIdentity(model), hashable(where), batched, channels_first)
-    return Tap(KeyedFunction(apply, key), params, "equinox")
+    key = ("equinox", ByIdentity(model), hashable(where), batched, channels_first, activation_layout is None)
+    tap = Tap(KeyedFunction(apply, key), params, "equinox")
+    return adapt_tap(tap, output=output, activation_layout=activation_layout)
+
+
+def _equinox_one(where: Callable, axes: _ChannelAxis) -> Callable:
+    """``one(model, x, edit) -> (scores, A)``: the model on what it takes (one example, or a batch)."""
+    import equinox as eqx
+
+    class _EqxRecorder(eqx.Module):
+        inner: Any
+        edit: Any
+        sink: Any = eqx.field(static=True)
+
+        def __call__(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            _check_array_output(out, "picked by where")
+            self.sink.append(out)
+            return self.edit(out) if self.edit is not None else out
+
+    def one(model, x, edit):
+        sink: list = []
+        if edit is not None:
+            edit = Edit(edit.kind, axes.edit_to_model(edit.value))
+        wrapped = eqx.tree_at(where, model, replace_fn=lambda sub: _EqxRecorder(sub, edit, sink))
+        scores = wrapped(axes.to_model(x))
+        if not sink:
+            raise ValueError("equinox_tap: the submodule picked by `where` was not called by the model.")
+        if len(sink) > 1:
+            raise ValueError(
+                f"equinox_tap: the submodule picked by `where` was called {len(sink)} times; tap one "
+                f"that is called once."
+            )
+        return scores, axes.to_library(sink[0])
+
+    return one

@@ -1,0 +1,256 @@
+"""Adapter: build a :class:`~gradcam_jax.Tap` from a Flax NNX model.
+
+Each run merges a fresh copy of the model (``nnx.merge`` of the state split once) and gives
+every submodule of the copy a subclass of its own class whose ``__call__`` reports to the run
+in progress: it records the paths called, in order, and edits the tapped layer's output. The
+copy's modules keep their attributes, and the user's model is never touched. Flax is imported
+inside the functions, so ``import gradcam_jax`` does not need it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from ._callables import ByIdentity, KeyedFunction, hashable
+from ._layout import Layout
+from ._tap import Tap, adapt_tap
+
+__all__ = ["nnx_tap", "nnx_layers"]
+
+
+def _shown(paths: list[str]) -> str:
+    more = f", ... ({len(paths) - 60} more)" if len(paths) > 60 else ""
+    return (", ".join(paths[:60]) + more) or "(none)"
+
+
+_NNX_RUN: contextvars.ContextVar[_NnxRun | None] = contextvars.ContextVar("gradcam_jax_nnx_run", default=None)
+
+
+class _NnxRun:
+    """One forward pass of an instrumented copy: the paths called, and the tapped layer's output."""
+
+    def __init__(self, call: int | None = None, edit=None, label: str = ""):
+        self.paths: dict[int, str] = {}  # id of each submodule of the copy -> its dotted path
+        self.called: list[str] = []  # paths in the order the submodules were entered
+        self.target: int | None = None
+        self.call, self.edit, self.label = call, edit, label
+        self.hits = 0
+        self.taken: list = []
+
+    def enter(self, module, method, args, kwargs):
+        path = self.paths.get(id(module))
+        if path is None:  # a module made inside the forward pass (for example by nnx.scan)
+            return method(module, *args, **kwargs)
+        self.called.append(path)
+        out = method(module, *args, **kwargs)
+        if id(module) != self.target:
+            return out
+        index, self.hits = self.hits, self.hits + 1
+        if self.call is None or self.call == index:
+            if not hasattr(out, "shape"):
+                raise TypeError(
+                    f"nnx_tap: the layer {self.label} returns {type(out).__name__}, not an array. Tap a "
+                    f"layer whose output is a single array (for example a sub-layer of this one)."
+                )
+            self.taken.append(out)
+            if self.edit is not None:
+                out = self.edit(out)
+        return out
+
+    def forward(self, m, x):
+        token = _NNX_RUN.set(self)
+        try:
+            return m(x)
+        finally:
+            _NNX_RUN.reset(token)
+
+
+_REPORTING: dict[type, type] = {}
+
+
+def _reporting_class(cls: type) -> type:
+    """``cls`` with a ``__call__`` that reports to the run in progress (one per class)."""
+    if cls in _REPORTING:
+        return _REPORTING[cls]
+    method = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+        run = _NNX_RUN.get()
+        return method(self, *args, **kwargs) if run is None else run.enter(self, method, args, kwargs)
+
+    # nnx passes pytree= to __init_subclass__; keep the parent's choice.
+    kwds = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
+    body = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    _REPORTING[cls] = types.new_class(cls.__name__, (cls,), kwds, lambda ns: ns.update(body))
+    return _REPORTING[cls]
+
+
+def _nnx_submodules(model) -> list[tuple[str, Any]]:
+    """``(dotted path, module)`` for every callable submodule of ``model`` (each object once),
+    parents before their children, in the order the model holds them."""
+    from flax import nnx
+
+    modules = [(path, node) for path, node in nnx.iter_graph(model) if path and isinstance(node, nnx.Module)]
+    first: dict[tuple, int] = {}  # iter_graph lists children first: a subtree's position is its first entry
+    for i, (path, _) in enumerate(modules):
+        for k in range(1, len(path) + 1):
+            first.setdefault(path[:k], i)
+    modules.sort(key=lambda item: tuple(first[item[0][:k]] for k in range(1, len(item[0]) + 1)))
+    return [(".".join(str(p) for p in path), node) for path, node in modules if callable(node)]
+
+
+def _instrument(m, run: _NnxRun) -> None:
+    """Give every submodule of ``m`` (a fresh copy) a reporting class, and register its path."""
+    for path, node in _nnx_submodules(m):
+        run.paths[id(node)] = path
+        object.__setattr__(node, "__class__", _reporting_class(type(node)))
+
+
+def nnx_layers(model, x) -> list[str]:
+    """The dotted paths of the submodules called on ``x``, in call order (repeats kept).
+
+    Only submodules are listed (no methods, functions or other attributes). Use it to find the
+    ``layer=`` for :func:`nnx_tap`. The model runs abstractly (``jax.eval_shape``): nothing is
+    computed and the model is not edited.
+
+    Args:
+      model: an ``nnx.Module``; ``model(x) -> scores``.
+      x: an input batch (or a ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      The paths, e.g. ``["conv1", "conv2", "linear1", "linear2"]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from gradcam_jax._nnx import nnx_layers
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)  # called twice
+      ...         self.fc = nnx.Linear(3, 2, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         x = nnx.relu(self.conv(nnx.relu(self.conv(x))))
+      ...         return self.fc(x.mean(axis=(1, 2)))
+      >>> nnx_layers(Net(nnx.Rngs(0)), jnp.ones((1, 8, 8, 3)))
+      ['conv', 'conv', 'fc']
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    run = _NnxRun()
+
+    def forward(state, x):
+        m = nnx.merge(graphdef, state)
+        _instrument(m, run)
+        run.forward(m, x)
+
+    jax.eval_shape(forward, state, x)
+    return run.called
+
+
+def _resolve_path(root, path: str):
+    obj = root
+    for part in path.split("."):
+        if part.isdigit() or (part.startswith("-") and part[1:].isdigit()):
+            obj = obj[int(part)]
+        elif hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            raise ValueError(
+                f"nnx_tap: {type(obj).__name__} has no submodule {part!r} (in layer path {path!r}). The "
+                f"model's submodules: {_shown([p for p, _ in _nnx_submodules(root)])}."
+            )
+    return obj
+
+
+def nnx_tap(
+    model,
+    layer: str | Callable[[Any], Any],
+    *,
+    call: int | None = None,
+    output: str | int | Callable | None = None,
+    activation_layout: str | Layout | None = None,
+) -> Tap:
+    """Split a Flax NNX model at a submodule.
+
+    Args:
+      model: an ``nnx.Module``; ``model(x) -> scores``.
+      layer: a dotted attribute path (``"backbone.stage4"``, list items by index:
+        ``"layers.3"``; see :func:`nnx_layers`) or a callable picking the submodule
+        (``lambda m: m.backbone.stage4``).
+      call: which call of the layer to tap when it is called more than once in a forward pass
+        (0 is the first). By default a layer called twice is an error.
+      output, activation_layout: as in :func:`linen_tap`.
+
+    The model is split once with ``nnx.split``; each run merges a fresh copy whose submodules
+    report their calls, so the user's model is never edited. The tap's parameters are the
+    model's state (a pytree), so explainers can be jitted and differentiated with respect to
+    them. Layers inside ``nnx.scan`` / ``nnx.vmap`` bodies cannot be tapped from outside.
+
+    Returns:
+      A :class:`~gradcam_jax.Tap`; its parameters are the model's state.
+
+    Raises (when the tap is first run or traced):
+      ValueError: the layer was not called (the message lists the layers that were, in order),
+        or it was called several times and ``call`` was not given.
+
+    Examples:
+      >>> import jax.numpy as jnp, gradcam_jax as gcj
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        lambda a: a.mean(axis=(1, 2)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+      >>> tap = gcj.nnx_tap(model, "layers.0")
+      >>> gcj.grad_cam(tap, jnp.ones((1, 8, 8, 3)), 1).shape
+      (1, 8, 8)
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    pick: Callable[[Any], Any]
+    if isinstance(layer, str):
+        label = layer
+        pick = functools.partial(_resolve_path, path=layer)
+    elif callable(layer):
+        label = getattr(layer, "__name__", "layer")
+        pick = layer
+    else:
+        raise TypeError(f"nnx_tap: layer must be a dotted path or a callable; got {layer!r}.")
+    pick(model)  # fail early on a bad path
+
+    def apply(state, x, edit):
+        m = nnx.merge(graphdef, state)
+        run = _NnxRun(call, edit, repr(label))
+        _instrument(m, run)
+        run.target = id(pick(m))
+        if run.target not in run.paths:
+            raise ValueError(f"nnx_tap: the layer {label!r} is not a submodule reachable from the model.")
+        scores = run.forward(m, x)
+        _check_nnx_calls(label, run)
+        return scores, run.taken[0]
+
+    tap = Tap(KeyedFunction(apply, ("nnx", ByIdentity(model), hashable(layer), call)), state, label)
+    return adapt_tap(tap, output=output, activation_layout=activation_layout)
+
+
+def _check_nnx_calls(label: str, run: _NnxRun) -> None:
+    """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
+    if not run.hits:
+        raise ValueError(
+            f"nnx_tap: layer {label!r} was not called. Layers called, in order: {_shown(run.called)}."
+        )
+    if run.call is None and run.hits > 1:
+        raise ValueError(
+            f"nnx_tap: layer {label!r} was called {run.hits} times in one forward pass (a shared or "
+            f"recurrent layer). Pick one call with nnx_tap(..., call=i), 0 <= i < {run.hits}."
+        )
+    if run.call is not None and not run.taken:
+        raise ValueError(
+            f"nnx_tap: call={run.call} asked for, but layer {label!r} was called only {run.hits} "
+            f"time(s); use 0 <= call < {run.hits}."
+        )
