@@ -16,7 +16,6 @@ from . import zoo as zoo
 from ._adapters import equinox_tap as equinox_tap
 from ._adapters import linen_layers as linen_layers
 from ._adapters import linen_tap as linen_tap
-from ._adapters import nnx_tap as nnx_tap
 from ._cam import METHODS as METHODS
 from ._cam import cam as cam
 from ._cam import grad_cam as grad_cam
@@ -26,9 +25,13 @@ from ._grads import Grads as Grads
 from ._grads import activations_and_grads as activations_and_grads
 from ._haiku import haiku_layers as haiku_layers
 from ._haiku import haiku_tap as haiku_tap
+from ._hf import hf_layers as hf_layers
+from ._hf import hf_tap as hf_tap
 from ._keras import keras_layers as keras_layers
 from ._keras import keras_tap as keras_tap
 from ._maps import MapOptions as MapOptions
+from ._nnx import nnx_layers as nnx_layers
+from ._nnx import nnx_tap as nnx_tap
 from ._tap import Edit as Edit
 from ._tap import Tap as Tap
 from ._tap import as_tap as as_tap
@@ -65,6 +68,9 @@ __all__ = [
     "haiku_layers",
     "keras_tap",
     "keras_layers",
+    "hf_tap",
+    "hf_layers",
+    "nnx_layers",
     "linen_tap",
     "linen_layers",
     "nnx_tap",
