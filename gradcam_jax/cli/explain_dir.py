@@ -136,6 +136,15 @@ def _add_runner_arguments(p: argparse.ArgumentParser) -> None:
         help="side images are resized to (default: the model's input size)",
     )
     p.add_argument(
+        "--layout",
+        type=str.upper,
+        choices=("NHWC", "NCHW"),
+        default=None,
+        help="the layout of the model's input after its preprocess: NHWC (channels-last, the "
+        "default) or NCHW (channels-first, e.g. Hugging Face pixel_values); without it a "
+        "channels-first input is refused when maps are upsampled (--resolution input)",
+    )
+    p.add_argument(
         "--resolution",
         choices=("layer", "input"),
         default="layer",
@@ -290,6 +299,7 @@ def _explain_dataset_arguments(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         resume=not args.no_resume,
         resolution=args.resolution,
+        layout=args.layout,
         device_batch=args.device_batch,
         top=args.top,
         workers=args.workers,

@@ -80,6 +80,7 @@ class Arguments:
     counterfactual: bool
     drop_tokens: int
     grid: tuple[int, int] | None
+    layout: str | None
     workers: int | None
     worker_processes: int
     extensions: Sequence[str] | None
@@ -142,7 +143,7 @@ class Job:
         """The job as the store records it; a resumed run must match it (see
         :func:`~.store.config_mismatch`)."""
         src, plan, maps = self.source, self.plan, self.options.maps
-        return {
+        config: dict[str, Any] = {
             "format": store.FORMAT,
             "num_records": len(src),
             "source": src.kind,
@@ -173,6 +174,11 @@ class Job:
             "top": self.options.top,
             "class_names": self.model.class_names,
         }
+        # Recorded only when given: a store written without layout= (or before it existed) has
+        # no such key, which config_mismatch reads as None, so it resumes as it did.
+        if maps.layout is not None:
+            config["layout"] = maps.layout
+        return config
 
     def store_arrays(self) -> dict[str, tuple]:
         """The store's per-record arrays (see :func:`~.store.array_layout`)."""
@@ -314,6 +320,7 @@ def _check_arguments(args: Arguments) -> MapOptions:
         counterfactual=args.counterfactual,
         drop_tokens=args.drop_tokens,
         grid=args.grid,
+        layout=args.layout,
     )
     if int(args.batch_size) < 1 or int(args.top) < 1:
         raise ValueError("batch_size and top must be >= 1.")

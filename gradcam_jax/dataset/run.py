@@ -84,6 +84,7 @@ def explain_dataset(
     counterfactual: bool = False,
     drop_tokens: int = 0,
     grid: tuple[int, int] | None = None,
+    layout: str | None = None,
     workers: int | None = None,
     worker_processes: int = 0,
     extensions: Sequence[str] | None = None,
@@ -127,6 +128,11 @@ def explain_dataset(
       top: how many of the most probable classes (and their probabilities) to keep per record.
       normalize, relu, interpolation, counterfactual, drop_tokens, grid: as in
         :func:`gradcam_jax.cam`.
+      layout: the layout of the model's input, the output of ``preprocess``: ``None`` (the
+        default) or ``"NHWC"`` for channels-last, ``"NCHW"`` for a model that takes
+        channels-first images (Hugging Face ``pixel_values``), so that maps are upsampled to the
+        image's height and width (``resolution="input"``). As in :func:`gradcam_jax.cam`; the
+        store records it when given.
       workers: loader threads decoding images ahead (default: the CPU count, at most 8).
       worker_processes: if > 0, Grain multiprocessing workers on top (hosts with many cores).
       extensions: image file endings read from a folder (default: common image formats).
@@ -145,7 +151,7 @@ def explain_dataset(
     Unreadable records (corrupt or truncated files, non-images) never stop the run: they are
     computed as blank images, stored with NaN maps, class -1 and their reason in ``errors``.
     """
-    # long-function: the public signature (25 keywords) and its docstring are most of it; the body is short.
+    # long-function: the public signature (26 keywords) and its docstring are most of it; the body is short.
     args = Arguments(**locals())  # the parameters, as given: keep this the first statement
     store.require("grain", "zarr")
     job = build_job(args)
