@@ -159,6 +159,21 @@ def test_vit_tap_without_the_class_token_equals_drop_tokens():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 
+def test_explain_dir_drop_tokens_for_a_vit(images, env, tmp_path):
+    """``--drop-tokens 1`` with the plain ViT token tap: the maps of ``drop_tokens=1``."""
+    folder, pixels = images
+    store = tmp_path / "vit.zarr"
+    args = ["--model", "third_party_models:hf_vit_tokens", "--classes", "top2", "--layout", "NCHW"]
+    assert cli.main(["explain-dir", str(folder), "--out", str(store), *args, "--drop-tokens", "1", "-q"]) == 0
+    m = tpm.hf_vit_tokens()
+    res = open_results(store)
+    x = m.preprocess(pixels)
+    targets = np.asarray(res["targets"][:])
+    want = gcj.grad_cam(m.tap, x, targets, upsample=False, layout="NCHW", drop_tokens=1)
+    np.testing.assert_allclose(np.asarray(res["maps"][:], np.float32), np.asarray(want), atol=2e-3)
+    assert res.config["drop_tokens"] == 1
+
+
 # --------------------------------------------------------------------------------------------
 # explain_dataset(layout=...)
 

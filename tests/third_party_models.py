@@ -8,9 +8,10 @@ Each factory returns a :class:`ThirdPartyModel` following ``gradcam_jax.cli.mode
 - ``hf_resnet``: Hugging Face ``FlaxResNetForImageClassification`` (``gcj.hf_tap``); its input is
   channels-first ``pixel_values`` (``layout = "NCHW"``: run ``explain-dir`` with ``--layout NCHW``);
 - ``hf_vit``: Hugging Face ``FlaxViTForImageClassification``, tapped at the last block's
-  ``layernorm_before`` (NCHW too). Its tap drops the class token itself (:func:`patch_tokens`):
-  ``explain-dir`` has no ``--drop-tokens``, so the maps equal ``grad_cam(..., drop_tokens=1)`` of
-  the plain ``hf_tap`` (:meth:`ViTModel.token_tap_at`);
+  ``layernorm_before`` (NCHW too). Its tap drops the class token itself (:func:`patch_tokens`),
+  so its maps equal ``grad_cam(..., drop_tokens=1)`` of the plain ``hf_tap``
+  (:meth:`ViTModel.token_tap_at`); ``hf_vit_tokens`` keeps the token tap, for
+  ``explain-dir --drop-tokens 1``;
 - ``haiku_resnet18``: ``haiku.nets.ResNet18`` (``transform_with_state``, a non-zero head);
 - ``keras_cnn``: a Keras 3 ``Sequential`` CNN on the JAX backend;
 - ``equimo_convnext``: equimo's ConvNeXt (an Equinox model zoo);
@@ -123,8 +124,8 @@ def hf_resnet() -> ThirdPartyModel:
 
 def patch_tokens(tap: gcj.Tap, drop: int = 1) -> gcj.Tap:
     """``tap`` whose activation is the token activation without its ``drop`` leading tokens (the
-    class token): what ``drop_tokens=drop`` does inside the explainers, done in the tap, for
-    ``explain-dir`` (which takes no ``--drop-tokens``). Edits reach the remaining tokens only."""
+    class token): what ``drop_tokens=drop`` does inside the explainers, done in the tap. Edits
+    reach the remaining tokens only."""
     inner = tap.apply
 
     def apply(params, x, edit):
@@ -172,6 +173,13 @@ def hf_vit() -> ViTModel:
         layout="NCHW",
         make_token_tap=token_tap,
     )
+
+
+def hf_vit_tokens() -> ViTModel:
+    """The same ViT whose tap keeps the class token: run ``explain-dir`` with ``--drop-tokens 1``."""
+    vit = hf_vit()
+    assert vit.make_token_tap is not None
+    return dataclasses.replace(vit, name="hf_vit_tokens", make_tap=vit.make_token_tap)
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,6 +145,14 @@ def _add_runner_arguments(p: argparse.ArgumentParser) -> None:
         "channels-first input is refused when maps are upsampled (--resolution input)",
     )
     p.add_argument(
+        "--drop-tokens",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="for a transformer layer's tokens (B, N, C): leading tokens to drop before the "
+        "patch grid (1 for a ViT's class token; default: %(default)s)",
+    )
+    p.add_argument(
         "--resolution",
         choices=("layer", "input"),
         default="layer",
@@ -300,6 +308,7 @@ def _explain_dataset_arguments(args: argparse.Namespace) -> dict:
         resume=not args.no_resume,
         resolution=args.resolution,
         layout=args.layout,
+        drop_tokens=args.drop_tokens,
         device_batch=args.device_batch,
         top=args.top,
         workers=args.workers,
