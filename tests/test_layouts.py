@@ -267,3 +267,47 @@ def test_a_plain_tap_written_as_a_plus_delta_works():
     np.testing.assert_allclose(
         np.asarray(gcj.ablation_cam(my_tap, x, cls)), np.asarray(gcj.ablation_cam(ref, x, cls)), atol=1e-5
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Real convolutions: a 1-D CNN on a time series, a 3-D CNN on a volume
+# --------------------------------------------------------------------------------------------
+
+
+def np_conv_valid(x, k, stride):
+    """``x`` (B, *spatial, Cin), ``k`` (*window, Cin, Cout): a VALID strided convolution by loops."""
+    rank = x.ndim - 2
+    window = k.shape[:rank]
+    out_sizes = [(n - w) // stride + 1 for n, w in zip(x.shape[1:-1], window, strict=True)]
+    out = np.zeros((x.shape[0], *out_sizes, k.shape[-1]))
+    for pos in np.ndindex(*out_sizes):
+        sl = tuple(slice(p * stride, p * stride + w) for p, w in zip(pos, window, strict=True))
+        patch = x[(slice(None), *sl, slice(None))]  # (B, *window, Cin)
+        out[(slice(None), *pos, slice(None))] = np.tensordot(patch, k, axes=rank + 1)
+    return out
+
+
+@pytest.mark.parametrize("spatial", [(20,), (6, 8, 8)], ids=["conv1d", "conv3d"])
+def test_grad_cam_of_a_real_cnn_matches_numpy(spatial):
+    rank = len(spatial)
+    r = np.random.default_rng(9)
+    x = r.normal(size=(2, *spatial, 3)).astype(np.float32)
+    k = r.normal(size=(3,) * rank + (3, 5)).astype(np.float32) * 0.5
+    v = r.normal(size=(5, NCLS)).astype(np.float32)
+    dims = {1: ("NWC", "WIO", "NWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[rank]
+
+    def features(z):
+        y = jax.lax.conv_general_dilated(z, k, (2,) * rank, "VALID", dimension_numbers=dims)
+        return jax.nn.relu(y)
+
+    def head(a):  # global average pool + dense: dA = v[:, c] / positions
+        return a.mean(axis=tuple(range(1, rank + 1))) @ v
+
+    cls = np.array([0, 2])
+    a = np.maximum(np_conv_valid(x.astype(np.float64), k.astype(np.float64), 2), 0)
+    w = v[:, cls].T / np.prod(a.shape[1:-1])  # Grad-CAM weights: the mean of a constant gradient
+    raw = np.maximum(np.einsum("bk,b...k->b...", w, a), 0)
+    want = np_normalize(np_resize(raw, spatial), rank)
+    got = gcj.grad_cam(gcj.split_tap(features, head), x, cls)
+    assert got.shape == (2, *spatial)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
