@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._tap import Tap, as_tap
+from ._callables import as_pytree
+from ._tap import Tap, as_tap, scores_fn
 from ._targets import (
     Target,
     TargetSpec,
@@ -31,6 +32,8 @@ __all__ = [
     "grads_for_spec",
     "tap_shapes",
     "check_tap_target",
+    "scores_shapes",
+    "check_fn_target",
     "zero_gradients",
 ]
 
@@ -59,9 +62,23 @@ def tap_shapes(tap: Tap, x):
     return _run_tap.eval_shape(tap, x)
 
 
-def check_tap_target(tap: Tap, x, spec: TargetSpec) -> None:
-    """Range-check a concrete index target against the tap's number of classes (no compute)."""
-    check_target_against(spec, lambda: tap_shapes(tap, x)[0])
+# The same for a model called as x -> scores (a function, a module, a tap), passed as a pytree.
+_run_scores = jax.jit(lambda fn, x: scores_fn(fn.fn)(x))
+
+
+def scores_shapes(fn, x):
+    """The shapes and dtypes of the scores ``fn(x)`` (a tap's scores for a tap), without running it."""
+    return _run_scores.eval_shape(as_pytree(fn), x)
+
+
+def check_fn_target(fn, x, spec: TargetSpec, who: str = "explain") -> None:
+    """:func:`check_tap_target` for a model called as ``x -> scores``."""
+    check_target_against(spec, lambda: scores_shapes(fn, x), batch_size(x), who)
+
+
+def check_tap_target(tap: Tap, x, spec: TargetSpec, who: str = "explain") -> None:
+    """Check a target against the tap's scores (see :func:`check_target_against`; no compute)."""
+    check_target_against(spec, lambda: tap_shapes(tap, x)[0], batch_size(x), who)
 
 
 def activations_and_grads(tap, x, target: Target = None) -> Grads:
@@ -116,7 +133,8 @@ def zero_gradients(out: Grads, drop_tokens: int = 0) -> jax.Array:
     """Where ``dA`` is exactly zero at every position and channel: ``(B,)``, or ``(B, K)`` for K targets.
 
     ``drop_tokens`` leading tokens of a token activation ``(B, N, C)`` are left out (a class
-    token's gradient is not part of the map).
+    token's gradient is not part of the map). An example whose explained score is NaN is not
+    counted: its map is NaN (see :func:`~gradcam_jax._maps.finish_maps`), not all zeros.
     """
     g = out.grads
     if out.selected.ndim == 1:
@@ -124,4 +142,5 @@ def zero_gradients(out: Grads, drop_tokens: int = 0) -> jax.Array:
     if drop_tokens and out.activation.ndim == 3:
         g = g[:, :, drop_tokens:]
     dead = jnp.all(g.reshape(g.shape[0], g.shape[1], -1) == 0, axis=-1)  # (K, B)
-    return dead[0] if out.selected.ndim == 1 else dead.T
+    dead = dead[0] if out.selected.ndim == 1 else dead.T
+    return dead & ~jnp.isnan(out.selected)

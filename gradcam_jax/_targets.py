@@ -24,7 +24,11 @@ __all__ = [
     "target_spec",
     "check_target_range",
     "check_target_against",
+    "int32_indices",
+    "check_callable_output",
     "select_scores",
+    "take_classes",
+    "nan_where",
     "pull_back",
     "batch_size",
     "parse_top_k",
@@ -33,6 +37,8 @@ __all__ = [
 Target = None | int | Sequence[int] | np.ndarray | jax.Array | Callable[[Any], jax.Array]
 
 KINDS = ("top", "index", "multi", "fn")
+
+_INT32 = np.iinfo(np.int32)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -57,7 +63,10 @@ class TargetSpec:
         if self.kind == "fn":
             arrays, static = partition_callable(self.value)
             return (arrays,), ("fn", static)
-        return (self.value,), (self.kind, None)
+        value = self.value
+        if isinstance(value, np.ndarray) and value.dtype != np.int32:
+            value = int32_indices(value)  # host indices stay exact until they enter a program
+        return (value,), (self.kind, None)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -67,6 +76,20 @@ class TargetSpec:
 
     def __repr__(self):
         return f"TargetSpec({self.kind!r}, {self.value!r})"
+
+
+def int32_indices(values) -> np.ndarray:
+    """Host class indices as int32, refused (never wrapped) when they do not fit.
+
+    Targets keep their exact values (int64, or Python ints of any size) until they enter a
+    compiled program; by then :func:`check_target_range` has compared them with the model's
+    class count. This is the last guard, for a model whose class count could not be read.
+    """
+    values = np.asarray(values)
+    if values.size and (values.min() < _INT32.min or values.max() > _INT32.max):
+        bad = values.max() if values.max() > _INT32.max else values.min()
+        raise ValueError(f"target {int(bad)} is out of range: a class index must be a small int >= 0.")
+    return values.astype(np.int32)
 
 
 def batch_size(x) -> int:
@@ -85,13 +108,24 @@ def _list_target(target, batch: int) -> TargetSpec:
             f"A list target must hold ints (K classes explained for every example); got {target!r}. "
             f"For one class per example pass an int array of shape (B,)."
         )
-    # Host targets stay NumPy until jit converts them: their range can be checked without a
-    # device round trip, even under an outer jit.
-    return TargetSpec("multi", np.broadcast_to(np.asarray(target, np.int32), (batch, len(target))))
+    # Host targets stay NumPy, with their exact values (no cast: 2**32 + 3 must not become 3),
+    # until they enter a program: their range is checked without a device round trip, even
+    # under an outer jit.
+    return TargetSpec("multi", np.broadcast_to(_exact(target), (batch, len(target))))
+
+
+def _exact(values) -> np.ndarray:
+    """Integers as a NumPy array without loss: int64, or (dtype object) Python ints beyond it."""
+    return np.asarray(values)
+
+
+def _is_int_array(arr) -> bool:
+    if arr.dtype == object:  # Python ints too large for int64
+        return arr.size > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in arr.reshape(-1))
+    return bool(jnp.issubdtype(arr.dtype, jnp.integer))
 
 
 def _array_target(arr, batch: int) -> TargetSpec:
-    arr = arr.astype(np.int32)
     xp = np if isinstance(arr, np.ndarray) else jnp
     if arr.ndim == 0:
         return TargetSpec("index", xp.broadcast_to(arr, (batch,)))
@@ -132,8 +166,8 @@ def target_spec(target: Target, batch: int) -> TargetSpec:
         )
     if isinstance(target, (list, tuple)):
         return _list_target(target, batch)
-    arr = target if isinstance(target, (jax.Array, np.ndarray)) else np.asarray(target)
-    if not jnp.issubdtype(arr.dtype, jnp.integer):
+    arr = target if isinstance(target, (jax.Array, np.ndarray)) else _exact(target)
+    if not _is_int_array(arr):
         raise TypeError(
             f"target must hold integer class indices; got dtype {arr.dtype}. Use a callable target "
             f"(scores -> (B,)) to explain anything other than a class score."
@@ -146,7 +180,7 @@ def is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-def check_target_range(spec: TargetSpec, num_classes: int) -> None:
+def check_target_range(spec: TargetSpec, num_classes: int, who: str | None = None) -> None:
     """Raise if a concrete index target is out of ``[0, num_classes)``.
 
     NumPy and Python targets are checked for free; a ``jax.Array`` target is copied to the host
@@ -160,41 +194,90 @@ def check_target_range(spec: TargetSpec, num_classes: int) -> None:
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= num_classes:
         bad = hi if hi >= num_classes else lo
+        prefix = f"{who}: " if who else ""
         raise ValueError(
-            f"target {bad} is out of range: the model has {num_classes} classes, so class indices "
-            f"run from 0 to {num_classes - 1}."
+            f"{prefix}target {bad} is out of range: the model has {num_classes} classes, so class "
+            f"indices run from 0 to {num_classes - 1}."
         )
 
 
-def check_target_against(spec: TargetSpec, abstract_scores: Callable[[], Any]) -> None:
-    """:func:`check_target_range` with the class count read from the model's scores.
+# A callable target traced on the scores' shapes through one jitted function: the spec is a
+# pytree (arrays bound with functools.partial are arguments), so JAX's trace cache is hit.
+_run_target = jax.jit(lambda spec, scores: spec.value(scores))
 
-    ``abstract_scores()`` returns the scores' shape (e.g. a ``jax.eval_shape``); it is called
-    only for concrete index targets, so None, callable and traced targets trace nothing. Models
-    whose scores are not ``(B, classes)`` are not checked (a callable target is needed there).
+
+def check_target_against(
+    spec: TargetSpec, abstract_scores: Callable[[], Any], batch: int | None = None, who: str = "explain"
+) -> None:
+    """Check a target against the model's scores, before anything is compiled.
+
+    ``abstract_scores()`` returns the scores' shapes (e.g. a ``jax.eval_shape``). A concrete
+    index target is range-checked against the class count (:func:`check_target_range`); with
+    ``batch`` (the input's batch size) also a class target (None, an int, an array) is checked
+    to have scores ``(batch, classes)`` to select from, and a callable target is traced once on
+    the scores' shapes: it must return floating scores ``(batch,)`` or ``(batch, K)``. Shapes
+    only: this works on traced inputs and targets alike (under an outer ``jit``), computes
+    nothing, and without ``batch`` it is called for concrete index targets only.
     """
-    if spec.kind not in ("index", "multi") or not is_concrete(spec.value):
+    if batch is None and (spec.kind not in ("index", "multi") or not is_concrete(spec.value)):
         return
     scores = abstract_scores()
-    if hasattr(scores, "shape") and len(scores.shape) == 2:
-        check_target_range(spec, scores.shape[-1])
-
-
-def _callable_scores(spec: TargetSpec, scores) -> jax.Array:
-    y = spec.value(scores)
-    if not hasattr(y, "shape") or y.ndim not in (1, 2):
-        shape = getattr(y, "shape", type(y).__name__)
+    if spec.kind == "fn":
+        check_callable_output(_run_target.eval_shape(spec, scores), batch, who)
+        return
+    shape = getattr(scores, "shape", None)
+    if shape is None or len(shape) != 2 or (batch is not None and shape[0] != batch):
+        if batch is None:
+            return  # not checked here; select_scores says what is wrong inside the kernel
         raise ValueError(
-            f"A callable target must map the model's output to a (B,) or (B, K) array of scores "
-            f"to explain; it returned {shape}."
+            f"{who}: target selects a class of the model's scores, which must then be (B, classes) = "
+            f"({batch}, classes); the model returned {shape or type(scores).__name__}. Check that x has "
+            f"the shape the model takes; for another output pass a callable target, scores -> (B,), "
+            f"saying what to explain (e.g. a segmentation class summed over a mask, a detection score)."
         )
-    return y
+    check_target_range(spec, shape[-1], who)
+
+
+def check_callable_output(y, batch: int | None, who: str = "explain") -> None:
+    """A callable target's result (its shape and dtype) must be floating scores ``(B,)`` or ``(B, K)``."""
+    shape = getattr(y, "shape", None)
+    if shape is None or len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] == 0):
+        raise ValueError(
+            f"{who}: a callable target must map the model's output to a (B,) or (B, K) array of scores "
+            f"to explain; it returned {type(y).__name__ if shape is None else tuple(shape)}."
+        )
+    if batch is not None and shape[0] != batch:
+        raise ValueError(
+            f"{who}: a callable target must keep the batch axis: x has {batch} examples but the target "
+            f"returned shape {tuple(shape)}; return one score per example, (B,), or (B, K)."
+        )
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise TypeError(
+            f"{who}: a callable target must return floating scores to explain (differentiable); it returned "
+            f"dtype {y.dtype}. Class indices (an argmax) are not scores: return the scores themselves, e.g. "
+            f"lambda s: jnp.max(s, axis=-1), or pass the indices as target= directly."
+        )
+
+
+def take_classes(scores, idx):
+    """``scores[b, idx[b, ...]]`` along the last axis; NaN where an index is out of range.
+
+    Concrete targets are range-checked before this; under an outer ``jit`` a traced target is
+    not, and an out-of-range one must neither wrap (-1 is not the last class) nor read a fill
+    value: it gets a NaN score, and so a NaN map.
+    """
+    n = scores.shape[-1]
+    ok = (idx >= 0) & (idx < n)
+    picked = jnp.take_along_axis(scores, jnp.where(ok, idx, 0), axis=-1)
+    return jnp.where(ok, picked, jnp.nan)  # a weak-typed NaN: float16 scores stay float16
 
 
 def select_scores(spec: TargetSpec, scores) -> jax.Array:
     """The scores being explained: ``(B,)`` for one target per example, ``(B, K)`` for K."""
     if spec.kind == "fn":
-        return _callable_scores(spec, scores)
+        y = spec.value(scores)
+        check_callable_output(y, None)
+        return y
     if not hasattr(scores, "ndim") or scores.ndim != 2:
         shape = getattr(scores, "shape", type(scores).__name__)
         raise ValueError(
@@ -206,8 +289,15 @@ def select_scores(spec: TargetSpec, scores) -> jax.Array:
         idx = jnp.argmax(jax.lax.stop_gradient(scores), axis=-1)
         return jnp.take_along_axis(scores, idx[:, None], axis=-1)[:, 0]
     if spec.kind == "index":
-        return jnp.take_along_axis(scores, spec.value[:, None], axis=-1)[:, 0]
-    return jnp.take_along_axis(scores, spec.value, axis=-1)
+        return take_classes(scores, spec.value[:, None])[:, 0]
+    return take_classes(scores, spec.value)
+
+
+def nan_where(bad, values):
+    """``values`` (``(B, ...)`` or ``(B, K, ...)``) set to NaN for the examples (or example-targets)
+    where ``bad`` (``(B,)`` or ``(B, K)``) holds."""
+    bad = bad.reshape(bad.shape + (1,) * (values.ndim - bad.ndim))
+    return jnp.where(bad, jnp.nan, values)
 
 
 def fixed_top(spec: TargetSpec, clean_scores) -> TargetSpec:
