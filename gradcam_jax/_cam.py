@@ -24,7 +24,7 @@ import numpy as np
 from . import methods, perturbation
 from ._callables import StableFunction
 from ._grads import check_tap_target, grads_for_spec, zero_gradients
-from ._maps import MapOptions, kernel, map_geometry, maps_from_grads
+from ._maps import MapOptions, check_cam_input, kernel, map_geometry, maps_from_grads
 from ._tap import Tap, as_tap
 from ._targets import Target, TargetSpec, batch_size, is_concrete, target_spec
 
@@ -230,11 +230,23 @@ def cam(
       ``float32`` maps ``(B, *spatial)`` (``(B, H, W)`` for images), or ``(B, K, *spatial)``
       for K targets per example.
 
+      NaN is never laundered: the map of an example (or example-target) whose explained score
+      is NaN, or whose raw map holds a NaN, is all NaN — normalised or not, in every method.
+      Under an outer ``jax.jit`` a traced ``target`` cannot be range-checked: an out-of-range
+      class (``99`` for 10 classes, or ``-5``) gets a NaN score and so a NaN map (never
+      another class's map, never zeros). Concrete targets are checked before anything runs.
+
     Raises:
       ValueError: the gradient at the tapped layer is exactly zero for an example (the score
         does not depend on the layer there: the map would be silently empty); the message
         names the likely cause. Under an outer ``jax.jit`` this cannot be checked: the
-        all-zero maps are returned.
+        all-zero maps are returned. Also: an empty batch (``B = 0``: every explainer and
+        metric refuses it), a target out of range (checked on its exact value, before any
+        cast: ``2**32 + 3`` is not 3), a callable target whose result is not ``(B,)`` or
+        ``(B, K)``.
+      TypeError: ``x`` (its image) is not floating — ``uint8`` pixels are refused with the
+        fix, ``x.astype(jnp.float32)`` or the model's preprocess; a callable target returns
+        integers (class indices are not scores).
 
     Examples:
       >>> import jax, jax.numpy as jnp, gradcam_jax as gcj
@@ -271,12 +283,13 @@ def cam(
             f"({', '.join(method_names(PERTURBATION))}) take; method={method!r} does not."
         )
     tap = as_tap(tap)
-    map_geometry(x, maps, "cam")  # a clear error now, e.g. for upsampling a non-image input
+    who = method if isinstance(method, str) else "cam"
+    check_cam_input(x, maps, who)  # the input gate: a clear error now, before any tracing
     spec = target_spec(target, batch_size(x))
-    check_tap_target(tap, x, spec)
+    check_tap_target(tap, x, spec, who)
     out, dead = gradient_cam_kernel(tap, x, spec, options=GradientCamOptions(entry.fn, maps))
     if entry.uses_grads:
-        check_dead(dead, method if isinstance(method, str) else "cam")
+        check_dead(dead, who)
     return out
 
 

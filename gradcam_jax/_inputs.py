@@ -25,6 +25,9 @@ from ._layout import Layout, from_channels_last, image_layout, to_channels_last
 __all__ = [
     "InputView",
     "input_view",
+    "input_gate",
+    "check_image_array",
+    "check_batch",
     "image_leaf",
     "image_of",
     "with_image",
@@ -90,6 +93,74 @@ def input_view(x, layout: str | Layout | None = None, input: Any = None, who: st
     if not hasattr(image, "shape"):
         raise TypeError(f"{who}: the image must be an array; got {type(image).__name__}.")
     return InputView(leaf, image_layout(tuple(image.shape), layout, who))
+
+
+#: How the gate describes an input by its spatial rank.
+KINDS = {
+    0: "features without spatial axes",
+    1: "a signal batch",
+    2: "an image batch",
+    3: "a volume (video) batch",
+}
+
+SPATIAL = (
+    "it must have spatial axes: images (B, H, W, C), signals (B, T, C) or volumes (B, D, H, W, C) "
+    "(channels-first with layout=)"
+)
+
+
+def check_batch(x, who: str, arg: str = "x") -> None:
+    """Refuse an empty batch (every explainer and metric does, with this message)."""
+    leaves = jax.tree_util.tree_leaves(x)
+    shape = tuple(getattr(leaves[0], "shape", ())) if leaves else ()
+    if shape and shape[0] == 0:
+        raise ValueError(
+            f"{who}: {arg} is an empty batch (shape {shape}): there is nothing to explain. Explainers and "
+            f"metrics refuse a batch of 0 examples rather than return empty results; skip empty batches."
+        )
+
+
+def check_image_array(image, who: str, arg: str = "x") -> None:
+    """The gate's checks on the model's input: a non-empty batch of floating values.
+
+    One message for every explainer and metric: integer images (``uint8`` pixels) are not the
+    model's input, and explaining them would differentiate through a cast, or not at all.
+    """
+    check_batch(image, who, arg)
+    dtype = getattr(image, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{who}: {arg} has dtype {dtype}; explainers and metrics take the model's input, which is "
+            f"floating. Convert it with {arg}.astype(jnp.float32) (or the model's preprocess)."
+        )
+
+
+def input_gate(
+    x,
+    layout: str | Layout | None = None,
+    input: Any = None,
+    who: str = "explain",
+    *,
+    arg: str = "x",
+    ranks: tuple[int, ...] | None = (1, 2, 3),
+    why: str | None = None,
+) -> InputView:
+    """The one input check of the explainers and metrics: returns the image's :class:`InputView`.
+
+    In order: the image leaf of a pytree (``input=``) and its layout (``layout=``; a batch that
+    looks channels-first is refused without it), its spatial rank (one of ``ranks``; ``why``
+    says why another is refused), a non-empty batch and a floating dtype. Shapes and dtypes
+    only: under ``jit`` it costs nothing. ``arg`` names the argument in messages.
+    """
+    view = input_view(x, layout, input, who)
+    image = image_leaf(x, view)
+    if ranks is not None and view.spatial_rank not in ranks:
+        raise ValueError(
+            f"{who}: {arg} is {KINDS.get(view.spatial_rank, 'an array')} of shape {tuple(image.shape)}, but "
+            f"{why or SPATIAL}."
+        )
+    check_image_array(image, who, arg)
+    return view
 
 
 def image_leaf(x, view: InputView):

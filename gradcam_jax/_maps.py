@@ -17,8 +17,17 @@ import jax
 import jax.numpy as jnp
 
 from ._grads import Grads
-from ._inputs import InputView, input_view, spatial_size
+from ._inputs import (
+    InputView,
+    check_batch,
+    check_image_array,
+    image_leaf,
+    input_gate,
+    input_view,
+    spatial_size,
+)
 from ._layout import parse_layout
+from ._targets import nan_where
 from .postprocess import check_interpolation, normalize_maps, upsample_to
 
 __all__ = [
@@ -28,6 +37,7 @@ __all__ = [
     "finish_maps",
     "maps_from_grads",
     "check_images",
+    "check_cam_input",
     "map_geometry",
 ]
 
@@ -148,14 +158,26 @@ def to_grid(a, drop_tokens: int = 0, grid: tuple[int, ...] | None = None, rank: 
     )
 
 
-def finish_maps(raw, options: MapOptions, size: tuple[int, ...] | None, rank: int = 2):
+def finish_maps(raw, options: MapOptions, size: tuple[int, ...] | None, rank: int = 2, scores=None):
     """ReLU, upsample to ``size``, normalise — in that order (the paper's convention).
 
     After a ReLU, the overshoot of bicubic/Lanczos kernels is clipped so that zero evidence
     stays zero. ``size`` is the image's spatial size (unused when ``options.upsample`` is off);
     ``rank`` its number of spatial axes (the maps' last ``rank`` axes).
+
+    NaN is never turned into evidence or its absence: a raw map holding a NaN comes back all
+    NaN, normalised or not, and so does the map of every example (or example-target) whose
+    explained score in ``scores`` (``(B,)`` or ``(B, K)``) is NaN.
     """
     raw = raw.astype(jnp.float32)
+    bad = jnp.any(jnp.isnan(raw), axis=tuple(range(-rank, 0)))
+    if scores is not None:
+        bad = bad | jnp.isnan(scores)
+    maps = _finish(raw, options, size, rank)
+    return nan_where(bad, maps)
+
+
+def _finish(raw, options: MapOptions, size, rank: int):
     if options.relu:
         raw = jax.nn.relu(raw)
     if options.upsample:
@@ -189,25 +211,32 @@ def maps_from_grads(out: Grads, method_fn: Callable, options: MapOptions, size, 
         return method_fn(a, to_grid(gk, options.drop_tokens, options.grid, rank))
 
     if out.selected.ndim == 1:
-        return finish_maps(raw_map(g), options, size, rank)
-    return finish_maps(jnp.moveaxis(jax.vmap(raw_map)(g), 0, 1), options, size, rank)  # (B, K, ...)
+        return finish_maps(raw_map(g), options, size, rank, out.selected)
+    raw = jnp.moveaxis(jax.vmap(raw_map)(g), 0, 1)  # (B, K, ...)
+    return finish_maps(raw, options, size, rank, out.selected)
 
 
 def check_images(x, options: MapOptions, who: str) -> InputView:
-    """The input's image view; the image must be floating (the model's input)."""
-    view = input_view(x, options.layout, options.input, who)
-    image = jax.tree_util.tree_leaves(x)[view.leaf]
-    if view.spatial_rank == 0:
-        raise ValueError(
-            f"{who}: the image must have spatial axes, (B, H, W, C) or (B, T, C), (B, D, H, W, C) "
-            f"(channels-first with layout=); got shape {tuple(image.shape)}."
-        )
-    if not jnp.issubdtype(image.dtype, jnp.floating):
-        raise TypeError(
-            f"{who}: images must be floating (the model's input); got dtype {image.dtype}. "
-            f"Convert them with x.astype(jnp.float32) (or the model's preprocess)."
-        )
-    return view
+    """The input gate (:func:`~gradcam_jax._inputs.input_gate`) for an image input: its view."""
+    return input_gate(x, options.layout, options.input, who)
+
+
+def check_cam_input(x, options: MapOptions, who: str) -> tuple[tuple[int, ...] | None, int | None]:
+    """The input gate for a CAM method, whose input need not be an image: ``map_geometry``.
+
+    An input with spatial axes (an image, a signal, a volume) must be a non-empty floating
+    batch, as everywhere; with ``upsample=False`` an input without (token ids ``(B, N)``,
+    features) goes to the model as it is, once its batch is not empty.
+    """
+    geometry = map_geometry(x, options, who)
+    check_batch(x, who)
+    try:
+        view = input_view(x, options.layout, options.input, who)
+    except ValueError:
+        return geometry  # map_geometry accepted it: tokens, at the layer's resolution
+    if view.spatial_rank:
+        check_image_array(image_leaf(x, view), who)
+    return geometry
 
 
 def map_geometry(x, options: MapOptions, who: str = "explain") -> tuple[tuple[int, ...] | None, int | None]:
@@ -230,8 +259,8 @@ def map_geometry(x, options: MapOptions, who: str = "explain") -> tuple[tuple[in
     if view.spatial_rank == 0:
         shape = tuple(jax.tree_util.tree_leaves(x)[view.leaf].shape)
         raise ValueError(
-            f"upsample=True resizes maps to the input image, which must have spatial axes ((B, H, W, C), "
-            f"(B, T, C) or (B, D, H, W, C); channels-first with layout=); the input is {shape}. Pass "
-            f"upsample=False for maps at the layer's resolution."
+            f"{who}: upsample=True resizes maps to the image in x, which must have spatial axes "
+            f"((B, H, W, C), (B, T, C) or (B, D, H, W, C); channels-first with layout=); x is {shape}. "
+            f"Pass upsample=False for maps at the layer's resolution."
         )
     return spatial_size(x, view), view.spatial_rank

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from . import methods
 from ._callables import PytreeCallable, as_pytree
-from ._grads import Grads, check_tap_target, tap_shapes
-from ._inputs import image_leaf, leaf_index, spatial_size, with_leaf
+from ._grads import Grads, check_fn_target, check_tap_target, tap_shapes
+from ._inputs import check_image_array, image_leaf, leaf_index, spatial_size, with_leaf
 from ._maps import MapOptions, check_images, kernel, maps_from_grads
 from ._rules import (
     DECONV,
@@ -44,7 +44,7 @@ from ._targets import (
     Target,
     TargetSpec,
     batch_size,
-    check_target_against,
+    nan_where,
     pull_back,
     select_scores,
     target_spec,
@@ -117,17 +117,13 @@ def input_grads_kernel(fn: PytreeCallable, x, target: TargetSpec, *, options: In
 
     selected, pullback = jax.vjp(explained, jax.tree_util.tree_leaves(x)[options.leaf])
     (grads,) = pull_back(pullback, selected)
-    return _targets_second(grads, selected)
+    return nan_where(jnp.isnan(selected), _targets_second(grads, selected))  # a NaN score: NaN
 
 
 def _image_leaf(x, input, who: str) -> int:
+    """The input gate of the pixel-space explainers: the leaf differentiated, any layout."""
     leaf = leaf_index(x, input, who)
-    image = jax.tree_util.tree_leaves(x)[leaf]
-    if not jnp.issubdtype(image.dtype, jnp.floating):
-        raise TypeError(
-            f"{who}: the input must be floating to be differentiated; got dtype {image.dtype}. Convert "
-            f"it with x.astype(jnp.float32) (or the model's preprocess)."
-        )
+    check_image_array(jax.tree_util.tree_leaves(x)[leaf], who)
     return leaf
 
 
@@ -138,7 +134,7 @@ def _input_grads(fn, x, target, rule, input, who):
         )
     leaf = _image_leaf(x, input, who)
     spec = target_spec(target, batch_size(x))
-    check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
+    check_fn_target(fn, x, spec, who)
     return input_grads_kernel(as_pytree(fn), x, spec, options=InputGradOptions(rule, leaf))
 
 
@@ -231,10 +227,10 @@ def smooth_grad(
     if method not in _PIXEL_EXPLAINERS:
         raise ValueError(f"smooth_grad: method={method!r} is not one of {', '.join(_PIXEL_EXPLAINERS)}.")
     explain = _PIXEL_EXPLAINERS[method]
+    leaf = _image_leaf(x, input, "smooth_grad")
     if target is None:
         # Each noisy copy explains the clean input's top class, not its own.
         target = jnp.argmax(jax.lax.stop_gradient(scores_fn(fn)(x)), axis=-1)
-    leaf = _image_leaf(x, input, "smooth_grad")
     image = jax.tree_util.tree_leaves(x)[leaf]
     axes = tuple(range(1, image.ndim))
     sigma = noise_level * (
@@ -277,7 +273,9 @@ def guided_grad_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GuidedGr
 
     image = image_leaf(x, view)
     selected, pullback, a = jax.vjp(transform(guided_objective, GUIDED), image, delta0, has_aux=True)
-    gb = _targets_second(pull_back(lambda c: pullback(c)[0], selected), selected)
+    gb = nan_where(
+        jnp.isnan(selected), _targets_second(pull_back(lambda c: pullback(c)[0], selected), selected)
+    )
 
     # Grad-CAM needs dA under the model's own ReLUs: pull back through the part above the
     # layer only (under jit the layers below are dead code in tap.head).
@@ -290,9 +288,10 @@ def guided_grad_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GuidedGr
     # The map broadcasts over the image's channel axis, wherever its layout puts it.
     channel = cam.ndim if not view.layout.channels_first else cam.ndim - rank
     out = gb.astype(jnp.float32) * jnp.expand_dims(cam, channel)
-    if options.normalize:
+    if options.normalize:  # a NaN (or infinite) scale: a NaN map, not a zero one
         scale = jnp.max(jnp.abs(out), axis=tuple(range(-rank - 1, 0)), keepdims=True)
         out = jnp.where(scale > 0, out / jnp.where(scale > 0, scale, 1.0), 0.0)
+        out = jnp.where(jnp.isfinite(scale), out, jnp.nan)
     return out
 
 
@@ -335,7 +334,7 @@ def guided_grad_cam(
     tap = as_tap(tap)
     # The Grad-CAM factor: upsampled, ReLU'd, not normalised (the product is).
     maps = MapOptions(True, False, True, interpolation, False, drop_tokens, grid, layout, input)
-    check_images(x, maps, "guided_grad_cam")
+    check_images(x, maps, "guided_grad_cam")  # the input gate
     spec = target_spec(target, batch_size(x))
-    check_tap_target(tap, x, spec)
+    check_tap_target(tap, x, spec, "guided_grad_cam")
     return guided_grad_cam_kernel(tap, x, spec, options=GuidedGradCamOptions(maps, bool(normalize)))

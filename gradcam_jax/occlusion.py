@@ -16,6 +16,7 @@ import numpy as np
 
 from ._callables import PytreeCallable, as_pytree
 from ._chunking import chunked_vmap, perturbations_per_step
+from ._grads import check_fn_target
 from ._inputs import image_leaf, image_of, spatial_size, with_image
 from ._layout import to_channels_last
 from ._maps import MapOptions, check_images, kernel
@@ -24,8 +25,8 @@ from ._targets import (
     Target,
     TargetSpec,
     batch_size,
-    check_target_against,
     fixed_top,
+    nan_where,
     select_scores,
     target_spec,
 )
@@ -109,7 +110,7 @@ def occlusion_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, opt
     drops = y[None] - chunked_vmap(occluded_score, positions, options.per_step)  # (P, B[, K])
     total = _sum_over_windows(drops.reshape(tuple(counts) + drops.shape[1:]), masks)
     count = jnp.asarray(functools.reduce(np.multiply.outer, [m.sum(0) for m in masks]), jnp.float32)
-    return safe_divide(total, count)  # count: windows covering each position
+    return nan_where(jnp.isnan(y), safe_divide(total, count))  # count: windows covering each position
 
 
 def _per_axis(v, name: str, rank: int) -> tuple[int, ...]:
@@ -198,16 +199,16 @@ def occlusion(
     """
     if not callable(fn):
         raise TypeError(f"occlusion: fn must be a callable x -> scores (or a tap); got {type(fn).__name__}.")
-    batch = batch_size(x)
     maps = MapOptions(layout=layout, input=input)
-    view = check_images(x, maps, "occlusion")
+    view = check_images(x, maps, "occlusion")  # the input gate
+    batch = batch_size(x)
     sizes = spatial_size(x, view)
     win = _per_axis(window, "window", len(sizes))
     step = _per_axis(stride, "stride", len(sizes))
     if any(w > n for w, n in zip(win, sizes, strict=True)):
-        raise ValueError(f"occlusion: window {win} does not fit in the {'x'.join(map(str, sizes))} input.")
+        raise ValueError(f"occlusion: window {win} does not fit in x, whose spatial size is {sizes}.")
     spec = target_spec(target, batch)
-    check_target_against(spec, lambda: jax.eval_shape(scores_fn(fn), x))
+    check_fn_target(fn, x, spec, "occlusion")
     options = OcclusionOptions(win, step, perturbations_per_step(chunk_size, batch), maps)
     baseline = _check_baseline(baseline, image_leaf(x, view))
     return occlusion_kernel(as_pytree(fn), x, spec, baseline, options=options)

@@ -33,7 +33,7 @@ import numpy as np
 from ._chunking import chunked_vmap, perturbations_per_step
 from ._grads import check_tap_target
 from ._inputs import image_of, spatial_size, with_image
-from ._maps import MapOptions, check_images, finish_maps, kernel, map_geometry, to_grid
+from ._maps import MapOptions, check_cam_input, check_images, finish_maps, kernel, map_geometry, to_grid
 from ._tap import Tap, as_tap
 from ._targets import (
     Target,
@@ -105,12 +105,12 @@ def _weighted(weights, a):
 def _prepare(tap, x, target, who: str, maps: MapOptions, *, images: bool):
     """The checks every perturbation CAM makes in Python, before anything is compiled."""
     tap = as_tap(tap)
-    batch = batch_size(x)
     if images:
-        check_images(x, maps, who)
-    map_geometry(x, maps, who)
+        check_images(x, maps, who)  # the input gate; Score-CAM masks the image
+    check_cam_input(x, maps, who)
+    batch = batch_size(x)
     spec = target_spec(target, batch)
-    check_tap_target(tap, x, spec)
+    check_tap_target(tap, x, spec, who)
     return tap, batch, spec
 
 
@@ -157,7 +157,8 @@ def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOp
     # softmax_k(y(x*m_k) - y(baseline)) == softmax_k(y(x*m_k)): the baseline is constant in k.
     alpha = jax.nn.softmax(masked, axis=0)
     size, _ = map_geometry(x, maps, "score_cam")
-    return finish_maps(_weighted(alpha, a), maps, size, rank)
+    clean = select_scores(spec, clean_scores)  # NaN here: a NaN map, not a quiet one
+    return finish_maps(_weighted(alpha, a), maps, size, rank, clean)
 
 
 def score_cam(
@@ -271,7 +272,8 @@ def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: Perturbatio
     weights = safe_divide(y[None] - ablated, jnp.broadcast_to(y[None], ablated.shape))
     size, rank = map_geometry(x, options.maps, "ablation_cam")
     a = to_grid(act, options.maps.drop_tokens, options.maps.grid, rank).astype(jnp.float32)
-    return finish_maps(_weighted(weights, a), options.maps, size, 2 if rank is None else rank)
+    rank = 2 if rank is None else rank
+    return finish_maps(_weighted(weights, a), options.maps, size, rank, y)  # NaN y: a NaN map
 
 
 def ablation_cam(

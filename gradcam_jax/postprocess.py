@@ -45,7 +45,8 @@ def upsample_to(maps, size, interpolation: str = "bilinear"):
 def normalize_maps(maps, rank: int = 2):
     """Min-max normalise each map (its last ``rank`` axes) to [0, 1].
 
-    A constant map (an all-zero one included) becomes all zeros, never NaN.
+    A constant map (an all-zero one included) becomes all zeros. A map holding a NaN or an
+    infinity has no scale: it becomes all NaN — never zeros, which would read as "no evidence".
 
     Examples:
       >>> import jax.numpy as jnp
@@ -58,4 +59,5 @@ def normalize_maps(maps, rank: int = 2):
     hi = jnp.max(maps, axis=axes, keepdims=True)
     span = hi - lo
     ok = span > 0
-    return jnp.where(ok, (maps - lo) / jnp.where(ok, span, 1.0), 0.0)
+    out = jnp.where(ok, (maps - lo) / jnp.where(ok, span, 1.0), 0.0)
+    return jnp.where(jnp.isfinite(span), out, jnp.nan)
