@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._chunking import map_in_chunks
-from .._inputs import InputView, image_leaf, input_view
+from .._inputs import InputView, check_batch, image_leaf, input_gate
 from .._layout import Layout, parse_layout, to_channels_last
 from .._tap import scores_fn
-from .._targets import check_target_against, target_spec
+from .._targets import check_target_against, int32_indices, take_classes, target_spec
 
 __all__ = [
     "RemovalOptions",
@@ -29,6 +29,8 @@ __all__ = [
     "check_fn",
     "check_inputs",
     "check_maps",
+    "check_map_batch",
+    "nan_examples",
     "check_positive_int",
     "broadcast_fill",
     "examples",
@@ -40,13 +42,6 @@ __all__ = [
 
 #: The names of the spatial axes of each spatial rank, as the messages write them.
 SPATIAL_AXES = {1: "T", 2: "H, W", 3: "D, H, W"}
-
-_KINDS = {
-    0: "features without spatial axes",
-    1: "a signal batch",
-    2: "an image batch",
-    3: "a volume (video) batch",
-}
 
 #: The input the metrics assume when none is described: one channels-last image batch.
 DEFAULT_VIEW = InputView(0, parse_layout("NHWC"))
@@ -82,22 +77,22 @@ def check_fn(fn, who: str):
 def check_inputs(
     x, layout: str | Layout | None, input: Any, who: str, ranks=(1, 2, 3), why: str | None = None
 ) -> InputView:
-    """The image of the model's input ``x`` (see the module docstring): floating, with a spatial
-    rank in ``ranks``; ``why`` says why a rank is refused (default: it has no spatial axes)."""
-    view = input_view(x, layout, input, who)
-    image = image_leaf(x, view)
-    if view.spatial_rank not in ranks:
-        why = why or (
-            "the input must have spatial axes: images (B, H, W, C), signals (B, T, C) or volumes "
-            "(B, D, H, W, C) (channels-first with layout=)"
-        )
-        raise ValueError(f"{who}: {why}; got {_KINDS[view.spatial_rank]} of shape {tuple(image.shape)}.")
-    if not jnp.issubdtype(image.dtype, jnp.floating):
-        raise TypeError(
-            f"{who}: images must be floating (the model's input); got dtype {image.dtype}. "
-            f"Convert them with x.astype(jnp.float32) (or the model's preprocess)."
-        )
-    return view
+    """The image of the model's input ``x`` (see the module docstring), through the explainers'
+    input gate (:func:`~gradcam_jax._inputs.input_gate`): a non-empty floating batch with a
+    spatial rank in ``ranks``; ``why`` says why a rank is refused (default: it has no spatial axes)."""
+    return input_gate(x, layout, input, who, arg="images", ranks=tuple(ranks), why=why)
+
+
+def check_map_batch(maps, who: str, arg: str = "maps"):
+    """``maps`` as an array, refused when its batch is empty (as every metric does)."""
+    maps = jnp.asarray(maps)
+    check_batch(maps, who, arg)
+    return maps
+
+
+def nan_examples(maps):
+    """``(B,)`` bool: the examples whose map holds a NaN (their metrics are NaN, not a number)."""
+    return jnp.any(jnp.isnan(maps.reshape(maps.shape[0], -1)), axis=-1)
 
 
 def map_shape(x, view: InputView) -> tuple[int, ...]:
@@ -176,8 +171,9 @@ def prepare_target(fn, x, batch: int, target, who: str):
         )
     scores = scores_fn(fn)
     one = jax.tree_util.tree_map(_one_example, x)
-    check_target_against(spec, lambda: jax.eval_shape(scores, one))
-    return jnp.asarray(spec.value, jnp.int32)
+    check_target_against(spec, lambda: jax.eval_shape(scores, one), who=who)
+    value = spec.value
+    return jnp.asarray(int32_indices(value) if isinstance(value, np.ndarray) else value, jnp.int32)
 
 
 def class_scores(scores, target, softmax: bool):
@@ -189,7 +185,7 @@ def class_scores(scores, target, softmax: bool):
         )
     if softmax:
         scores = jax.nn.softmax(scores, axis=-1)
-    return jnp.take_along_axis(scores, target[:, None], axis=-1)[:, 0]
+    return take_classes(scores, target[:, None])[:, 0]  # NaN for a traced out-of-range target
 
 
 def resolve_target(fn, x, target, chunk: int, batch: int):

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._common import check_map_batch
+
 __all__ = [
     "EMPTY_BOX",
     "connected_components",
@@ -164,8 +166,9 @@ def localization_box(maps, threshold: float = 0.15, *, connectivity: int = 8):
     (``connectivity`` 8: edge and corner neighbours; 4: edge neighbours only — see
     :func:`connected_components`; ties go to the segment whose first pixel comes first in
     row-major order), and return its bounding box. A map whose maximum is not positive (an
-    all-zero Grad-CAM) has no segment and gets the empty box ``(0, 0, -1, -1)``, whose IoU with
-    anything is 0.
+    all-zero Grad-CAM), or that holds a NaN, has no segment and gets the empty box
+    ``(0, 0, -1, -1)``, whose IoU with anything is 0 (:func:`evaluate` reports a NaN map's IoU
+    and localisation error as NaN).
 
     Args:
       maps: ``(B, H, W)``, or ``(B, K, H, W)`` for K classes per image. 2-D only: a signal's
@@ -183,7 +186,7 @@ def localization_box(maps, threshold: float = 0.15, *, connectivity: int = 8):
       Selvaraju et al., "Grad-CAM", ICCV 2017, §4.1, https://arxiv.org/abs/1610.02391 (after
       Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016, §3).
     """
-    maps = jnp.asarray(maps)
+    maps = check_map_batch(maps, "localization_box")
     if maps.ndim not in (3, 4):
         raise ValueError(
             f"localization_box: boxes are 2-D: maps must be (B, H, W) or (B, K, H, W); got shape "

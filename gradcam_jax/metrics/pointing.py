@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._common import check_map_batch, nan_examples
 from .localization import boxes_to_masks
 
 __all__ = ["pointing_game"]
@@ -20,7 +21,7 @@ def _pointing_jit(maps, masks, tolerance):
         pos = jnp.arange(size).reshape((1,) + tuple(size if d == axis else 1 for d in range(len(spatial))))
         d2 = d2 + (pos - at.reshape((b,) + (1,) * len(spatial))) ** 2
     near = jnp.asarray(d2).astype(jnp.float32) <= tolerance * tolerance
-    return jnp.any(masks & near, axis=tuple(range(1, maps.ndim)))
+    return jnp.any(masks & near, axis=tuple(range(1, maps.ndim))) & ~nan_examples(maps)  # NaN: a miss
 
 
 def pointing_game(maps, masks, tolerance: float = 0):
@@ -45,13 +46,14 @@ def pointing_game(maps, masks, tolerance: float = 0):
       tolerance: in positions (pixels; default 0; the customary value for images is 15).
 
     Returns:
-      ``(B,)`` bool hits.
+      ``(B,)`` bool hits. A map holding a NaN points nowhere: a miss, never a hit
+      (:func:`evaluate` reports it as NaN). A batch of 0 maps is refused.
 
     References:
       Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016, §5.1,
       https://arxiv.org/abs/1608.00507.
     """
-    maps = jnp.asarray(maps)
+    maps = check_map_batch(maps, "pointing_game")
     if not 2 <= maps.ndim <= 4:
         raise ValueError(
             f"pointing_game: maps must be (B, *spatial): (B, H, W), (B, T) or (B, D, H, W); got shape "

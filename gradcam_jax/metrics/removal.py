@@ -18,7 +18,10 @@ Common arguments:
   an index or a callable; by default the only floating leaf of rank >= 3). The other leaves
   of a pytree go with each example unchanged. As in :func:`gradcam_jax.cam`.
 - ``maps``: ``(B, *spatial)`` — ``(B, H, W)``, ``(B, T)``, ``(B, D, H, W)`` — at the image's
-  resolution (collapse per-channel attributions with :func:`pixel_saliency`).
+  resolution (collapse per-channel attributions with :func:`pixel_saliency`). An example whose
+  map holds a NaN, or whose explained score is NaN, gets NaN results (never a number that
+  reads as evidence); :class:`~gradcam_jax.metrics.Report` counts them.
+- Batches: a batch of 0 examples is refused with a ``ValueError``, as by the explainers.
 - ``target``: ``None`` (each example's top class on the unperturbed input), an int, or an
   int array ``(B,)``.
 - ``softmax``: read the class probability (``softmax`` of the scores; what every paper here
@@ -54,6 +57,7 @@ from ._common import (
     class_scores,
     examples,
     map_shape,
+    nan_examples,
     prepare_target,
     resolve_target,
 )
@@ -97,6 +101,8 @@ def curve_kernel(model: PytreeCallable, x, start, fill, maps, target, *, options
         return class_scores(fn(with_image(examples(x, img), view, image)), target[img], softmax)
 
     scores = map_in_chunks(batch, (n_steps + 1) * b, chunk).reshape(n_steps + 1, b).T
+    # A NaN map has no order to remove positions in: its curve is NaN, not some curve.
+    scores = jnp.where(nan_examples(maps)[:, None], jnp.nan, scores)
     fractions = cuts.astype(jnp.float32) / n
     return Curve(trapezoid(scores, fractions), scores, fractions)
 
@@ -217,8 +223,10 @@ def insertion(
 class ConfidenceChange(NamedTuple):
     """Per-image results of :func:`confidence_change`.
 
-    ``drop (B,)``: ``max(0, Y - O) / Y * 100`` (its mean is the Average Drop %);
-    ``increase (B,)`` bool: ``O > Y`` (its mean x 100 is the Increase in Confidence %);
+    ``drop (B,)``: ``max(0, Y - O) / Y * 100`` (its mean is the Average Drop %), NaN when
+    ``Y`` or ``O`` is NaN (a NaN score, or a NaN map: ``O`` is then NaN too);
+    ``increase (B,)`` bool: ``O > Y`` (its mean x 100 is the Increase in Confidence %), false
+    for those NaN examples (:func:`~gradcam_jax.metrics.evaluate` reports them as NaN);
     ``clean (B,)``: ``Y``, the class probability on the image; ``masked (B,)``: ``O``, on the
     explanation-masked image.
     """
@@ -246,8 +254,10 @@ def confidence_kernel(model: PytreeCallable, x, maps, baseline, target, *, optio
         return class_scores(fn(with_image(examples(x, img), view, xi)), target[img], softmax)
 
     s = map_in_chunks(batch, 2 * b, chunk)
-    y, o = s[:b], s[b:]
+    y, o = s[:b], jnp.where(nan_examples(maps), jnp.nan, s[b:])
     drop = jnp.where(y > 0, jnp.maximum(y - o, 0.0) / jnp.where(y > 0, y, 1.0), 0.0) * 100.0
+    # A NaN score or map is no evidence either way: NaN, never a 0% drop.
+    drop = jnp.where(jnp.isnan(y) | jnp.isnan(o), jnp.nan, drop)
     return ConfidenceChange(drop, o > y, y, o)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._layout import Layout
 from .._tap import scores_fn
-from ._common import check_inputs
+from ._common import check_inputs, nan_examples
 from .localization import box_iou, localization_box
 from .pointing import pointing_game
 from .removal import confidence_change, deletion, insertion
@@ -85,6 +85,10 @@ class Report:
     batch). Means are over images, shown multiplied by the metric's scale (percentages for
     rates); ``better(a, b)`` compares means in each metric's direction (:data:`METRICS`;
     unknown metrics count higher as better).
+
+    NaN values (an example whose map or score was NaN: :func:`evaluate` gives NaN for every
+    metric of it) are left out of the means and counted (:meth:`nan_count`); the table's
+    footnote lists them, so a run with broken examples never reads as a clean one.
     """
 
     def __init__(self, title: str | None = None):
@@ -117,17 +121,28 @@ class Report:
     def values(self, method: str, metric: str) -> np.ndarray:
         return np.concatenate(self._values[method][metric])
 
+    def nan_count(self, method: str, metric: str | None = None) -> int:
+        """How many values of ``method`` (for one ``metric``, or the most over its metrics) are NaN."""
+        row = self._values.get(method, {})
+        names = list(row) if metric is None else [metric] if metric in row else []
+        return max((int(np.isnan(self.values(method, k)).sum()) for k in names), default=0)
+
+    def _finite(self, method: str, metric: str) -> np.ndarray:
+        v = self.values(method, metric)
+        return v[~np.isnan(v)]
+
     def mean(self, method: str, metric: str) -> float:
+        """The mean over images (NaN values left out, see :meth:`nan_count`), scaled."""
         if metric not in self._values.get(method, {}):
             return float("nan")
-        v = self.values(method, metric)
+        v = self._finite(method, metric)
         return float(np.mean(v) * _info(metric).scale) if v.size else float("nan")
 
     def sem(self, method: str, metric: str) -> float:
         """Standard error of the mean (scaled like the mean)."""
         if metric not in self._values.get(method, {}):
             return float("nan")
-        v = self.values(method, metric)
+        v = self._finite(method, metric)
         if v.size < 2:
             return float("nan")
         return float(np.std(v, ddof=1) / math.sqrt(v.size) * _info(metric).scale)
@@ -194,6 +209,12 @@ class Report:
             "means over images (n = " + ", ".join(f"{m}: {c}" for m, c in n.items()) + "); "
             "↑ higher is better, ↓ lower is better"
         )
+        nans = {m: self.nan_count(m) for m in self.methods}
+        if any(nans.values()):
+            lines.append(
+                "NaN (a NaN map or score; left out of the means): "
+                + ", ".join(f"{m}: {c}" for m, c in nans.items() if c)
+            )
         return "\n".join(lines)
 
     def __str__(self):
@@ -238,7 +259,9 @@ def evaluate(
     ``occlusion_maps``: ``faithfulness``.
 
     ``maps`` are ``(B, *spatial)`` in [0, 1] (:func:`confidence_change` uses them as a mask). The
-    result feeds :meth:`Report.add` directly: ``report.add("grad_cam", **evaluate(...))``.
+    result feeds :meth:`Report.add` directly: ``report.add("grad_cam", **evaluate(...))``. Every
+    value is a ``float32`` array ``(B,)`` (rates as 0/1), NaN for an example whose map holds a
+    NaN or whose explained score is NaN.
 
     Signals ``(B, T, C)`` and volumes ``(B, D, H, W, C)`` (maps ``(B, T)``, ``(B, D, H, W)``;
     ``layout=`` and ``input=`` as for the explainers) get deletion, insertion, the confidence
@@ -284,4 +307,7 @@ def evaluate(
         out["pointing_15"] = pointing_game(maps, masks, tolerance)
     if occlusion_maps is not None:
         out["faithfulness"] = faithfulness(maps, occlusion_maps)
-    return out
+    # An example whose map or explained score is NaN has no metric: NaN in every one (bools
+    # become 0/1 floats), which Report leaves out of its means and counts.
+    bad = nan_examples(jnp.asarray(maps)) | jnp.isnan(cc.clean)
+    return {k: jnp.where(bad, jnp.nan, v.astype(jnp.float32)) for k, v in out.items()}

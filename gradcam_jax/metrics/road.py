@@ -29,6 +29,7 @@ from ._common import (
     class_scores,
     examples,
     map_shape,
+    nan_examples,
     prepare_target,
     resolve_target,
 )
@@ -207,7 +208,8 @@ class ROAD(NamedTuple):
     most relevant pixels; lower is better. ``lerf (B, P)``: after removing the least relevant
     ones; higher is better. ``morf_correct``/``lerf_correct`` (``(B, P)`` bool): whether the
     prediction is still the explained class (ROAD's accuracy curves are their means).
-    ``fractions (P,)``.
+    ``fractions (P,)``. An example whose map or score is NaN gets NaN curves and false
+    ``*_correct``.
 
     ``gap`` (B,): ``mean_j (lerf - morf)``, the per-image area between the curves (higher is
     better: removing the relevant pixels should hurt more than removing the irrelevant ones).
@@ -265,7 +267,9 @@ def road_kernel(
 
     prob, ok = map_in_chunks(batch, 2 * p * b, chunk)
     prob = prob.reshape(2, p, b).transpose(0, 2, 1)
-    ok = ok.reshape(2, p, b).transpose(0, 2, 1)
+    # A NaN map (or score) is no evidence: NaN curves, and never "still correct".
+    prob = jnp.where(nan_examples(maps)[None, :, None], jnp.nan, prob)
+    ok = ok.reshape(2, p, b).transpose(0, 2, 1) & ~jnp.isnan(prob)
     return prob, ok
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ._blur import filter_axis, gaussian_kernel
+from ._common import check_map_batch, nan_examples
 
 __all__ = ["rankdata", "spearman", "pearson", "ssim", "faithfulness"]
 
@@ -40,19 +41,21 @@ def rankdata(x):
     Equals ``scipy.stats.rankdata(row, method="average")`` for each flattened row (ranks from
     1). ``-0.0`` and ``0.0`` tie. Values must not be NaN.
     """
-    x = jnp.asarray(x, jnp.float32)
+    x = check_map_batch(jnp.asarray(x, jnp.float32), "rankdata", "x")
     flat = x.reshape(x.shape[0], -1) + 0.0
     return jax.vmap(_rank_1d)(flat).reshape(x.shape)
 
 
 def _pearson_rows(a, b):
+    bad = nan_examples(a) | nan_examples(b)  # a NaN map: NaN, not "no agreement"
     a = a - jnp.mean(a, axis=-1, keepdims=True)
     b = b - jnp.mean(b, axis=-1, keepdims=True)
     saa = jnp.sum(a * a, axis=-1)
     sbb = jnp.sum(b * b, axis=-1)
     sab = jnp.sum(a * b, axis=-1)
     den = jnp.sqrt(saa * sbb)
-    return jnp.where(den > 0, jnp.clip(sab / jnp.where(den > 0, den, 1.0), -1.0, 1.0), 0.0)
+    r = jnp.where(den > 0, jnp.clip(sab / jnp.where(den > 0, den, 1.0), -1.0, 1.0), 0.0)
+    return jnp.where(bad, jnp.nan, r)
 
 
 @jax.jit
@@ -60,9 +63,9 @@ def pearson(a, b):
     """Pearson correlation of each pair of maps ``(B, ...)`` over their trailing axes ``(B,)``.
 
     Maps of any spatial rank (``(B, T)``, ``(B, H, W)``, ``(B, D, H, W)``). 0 (not NaN) when
-    either map is constant.
+    either map is constant; NaN when either holds a NaN.
     """
-    a = jnp.asarray(a, jnp.float32)
+    a = check_map_batch(jnp.asarray(a, jnp.float32), "pearson", "a")
     b = jnp.asarray(b, jnp.float32)
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(
@@ -75,6 +78,7 @@ def pearson(a, b):
 def _spearman_jit(a, b, absolute):
     a = a.reshape(a.shape[0], -1)
     b = b.reshape(b.shape[0], -1)
+    bad = nan_examples(a) | nan_examples(b)  # a NaN map: NaN, not "no agreement"
     if absolute:
         a, b = jnp.abs(a), jnp.abs(b)
     n = a.shape[1]
@@ -86,7 +90,8 @@ def _spearman_jit(a, b, absolute):
     sbb = jnp.sum(rb * rb, axis=-1)
     sab = jnp.sum(ra * rb, axis=-1)
     den = jnp.sqrt(saa * sbb)
-    return jnp.where(den > 0, jnp.clip(sab / jnp.where(den > 0, den, 1.0), -1.0, 1.0), 0.0)
+    r = jnp.where(den > 0, jnp.clip(sab / jnp.where(den > 0, den, 1.0), -1.0, 1.0), 0.0)
+    return jnp.where(bad, jnp.nan, r)
 
 
 def spearman(a, b, *, absolute: bool = False):
@@ -95,9 +100,10 @@ def spearman(a, b, *, absolute: bool = False):
     The Pearson correlation of the average ranks (ties share their mean rank), as
     ``scipy.stats.spearmanr(a_i.ravel(), b_i.ravel())``. ``absolute=True`` ranks ``|a|`` and
     ``|b|`` (Adebayo et al. report both). When a map is constant the correlation is undefined
-    (SciPy returns NaN); here it is 0, so an empty map counts as "no agreement".
+    (SciPy returns NaN); here it is 0, so an empty map counts as "no agreement". A map holding
+    a NaN gives NaN (as in SciPy): it is no evidence of agreement or of its absence.
     """
-    a = jnp.asarray(a, jnp.float32)
+    a = check_map_batch(jnp.asarray(a, jnp.float32), "spearman", "a")
     b = jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
         raise ValueError(f"spearman: the two batches of maps differ in shape: {a.shape} vs {b.shape}.")
@@ -146,9 +152,9 @@ def ssim(
     averaged over the positions where the window fits inside the map (no padding). This is
     ``skimage.metrics.structural_similarity(a, b, data_range=L, gaussian_weights=True,
     sigma=1.5, use_sample_covariance=False)``, which also averages over the same interior.
-    For maps normalised to [0, 1] keep ``data_range=1``.
+    For maps normalised to [0, 1] keep ``data_range=1``. A NaN in a map gives NaN.
     """
-    a = jnp.asarray(a, jnp.float32)
+    a = check_map_batch(jnp.asarray(a, jnp.float32), "ssim", "a")
     b = jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
         raise ValueError(
@@ -194,7 +200,7 @@ def faithfulness(maps, occlusion_maps):
       Selvaraju et al., "Grad-CAM", ICCV 2017, §5.3 (PASCAL VOC 2007 val: Grad-CAM 0.254,
       Guided Grad-CAM 0.261, Guided Backprop 0.168), https://arxiv.org/abs/1610.02391.
     """
-    maps = jnp.asarray(maps, jnp.float32)
+    maps = check_map_batch(jnp.asarray(maps, jnp.float32), "faithfulness")
     occlusion_maps = jnp.asarray(occlusion_maps, jnp.float32)
     if maps.shape != occlusion_maps.shape:
         raise ValueError(
