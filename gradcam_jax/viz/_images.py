@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 
@@ -139,6 +140,32 @@ def _colormap(cmap):
     return cmap
 
 
+def _finite_heat(hm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``hm`` clipped to [0, 1] with NaN set to 0, and where it was NaN; warns about both."""
+    nan = np.isnan(hm)
+    inf = np.isinf(hm)
+    if nan.any():
+        warnings.warn(
+            f"overlay: the heatmap holds {int(nan.sum())} NaN value(s) — a NaN map: the explained score or "
+            f"the map was NaN, so there is no evidence to show there. Drawn as grey hatching.",
+            stacklevel=3,
+        )
+    if inf.any():
+        warnings.warn(
+            f"overlay: the heatmap holds {int(inf.sum())} infinite value(s); clipped to [0, 1] (+inf drawn "
+            f"as 1, -inf as 0). Maps are expected in [0, 1] (normalize=True).",
+            stacklevel=3,
+        )
+    return np.clip(np.where(nan, 0.0, hm), 0.0, 1.0).astype(np.float32), nan
+
+
+def _hatch(size) -> np.ndarray:
+    """Diagonal grey stripes ``(H, W, 3)``: where a heatmap is NaN (no colour of any colormap)."""
+    yy, xx = np.indices((int(size[0]), int(size[1])))
+    grey = np.where(((yy + xx) // 4) % 2 == 0, 0.45, 0.65).astype(np.float32)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def overlay(image, heatmap, alpha: float = 0.5, cmap="jet") -> np.ndarray:
     """Blend a colour-mapped heatmap over an image.
 
@@ -157,11 +184,14 @@ def overlay(image, heatmap, alpha: float = 0.5, cmap="jet") -> np.ndarray:
 
     Images only: a 1-D map or a signal gets an error pointing to :func:`signal_figure`, a 5-D input
     or a volume whose heatmap has fewer slices one pointing to :func:`volume_figure`.
+
+    NaN in the heatmap (a NaN map: its score or map was NaN) is drawn as grey hatching, never
+    as a colour of the colormap, with a warning; infinite values are clipped, with a warning.
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}.")
     img = as_uint8_image(image)
-    hm = np.nan_to_num(np.asarray(heatmap, np.float32))
+    hm = np.asarray(heatmap, np.float32)
     if img.ndim not in (3, 4) or hm.ndim < 2:
         bad_image = img.ndim not in (3, 4)
         what = f"image of shape {np.shape(image)}" if bad_image else f"heatmap of shape {hm.shape}"
@@ -179,8 +209,12 @@ def overlay(image, heatmap, alpha: float = 0.5, cmap="jet") -> np.ndarray:
             "or video (D, H, W[, C]) with a (d, h, w) heatmap, use viz.volume_figure (it resizes the depth "
             "too)."
         )
-    hm = resize_map(np.clip(hm, 0.0, 1.0), img.shape[-3:-1])
+    hm, nan = _finite_heat(hm)
+    hm = resize_map(hm, img.shape[-3:-1])
     colours = _colormap(cmap)(hm)[..., :3].astype(np.float32)  # (…, H, W, 3) in [0, 1]
+    if nan.any():
+        nan = resize_map(nan.astype(np.float32), img.shape[-3:-1]) >= 0.5
+        colours = np.where(nan[..., None], _hatch(img.shape[-3:-1]), colours)
     extra = hm.ndim - 2 - len(lead_img)
     base = img.astype(np.float32) / 255.0
     base = base.reshape(lead_img + (1,) * extra + img.shape[-3:])
