@@ -154,6 +154,118 @@ def test_load_image_converts_and_resizes(image_dir, tmp_path):
         load_image(tmp_path / "missing.png", 16)
 
 
+def _png16(rgb: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of ``rgb`` (uint16 ``(H, W, 3)``), written by hand (Pillow cannot)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _grey3(v: np.ndarray) -> np.ndarray:
+    return np.repeat(v.astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    c, a = rgb.astype(np.float64), alpha.astype(np.float64)[..., None]
+    return np.round((c * a + 255.0 * (255.0 - a)) / 255.0).astype(np.uint8)
+
+
+def test_sixteen_bit_and_wide_images_are_scaled_by_their_range(tmp_path):
+    """Issue 19, finding 1: 16-bit grey became a white image (I;16 -> RGB clips at 255)."""
+    r = np.random.default_rng(8)
+    v = r.integers(0, 65536, (12, 20)).astype(np.uint16)
+    v[0, :3] = [0, 255, 65535]
+    for mode, order, ext in (("I;16", "<u2", "png"), ("I;16B", ">u2", "tif"), ("I;16", "<u2", "tif")):
+        path = tmp_path / f"{mode.replace(';', '')}.{ext}"
+        Image.frombytes(mode, (20, 12), v.astype(order).tobytes()).save(path)
+        np.testing.assert_array_equal(load_image(path, None), _grey3(v >> 8), err_msg=f"{mode} {ext}")
+    rgb = r.integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+    (tmp_path / "rgb16.png").write_bytes(_png16(rgb))
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb16.png", None), (rgb >> 8).astype(np.uint8))
+    Image.fromarray(v.astype(np.int32)).save(tmp_path / "i32.tif")  # mode I, 16-bit values
+    np.testing.assert_array_equal(load_image(tmp_path / "i32.tif", None), _grey3(v >> 8))
+    wide = v.astype(np.int32) * 3 - 70000  # beyond 16 bits: stretched from its min to its max
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    stretched = np.round((wide - wide.min()) * 255.0 / (wide.max() - wide.min()))
+    np.testing.assert_array_equal(load_image(tmp_path / "wide.tif", None), _grey3(stretched))
+    # Resized as an 8-bit image of the same picture is.
+    ref = np.asarray(Image.fromarray(_grey3(v >> 8)).resize((8, 8), Image.BILINEAR))
+    np.testing.assert_array_equal(load_image(tmp_path / "I16.png", 8), ref)
+
+
+def test_float_images(tmp_path):
+    f = np.random.default_rng(9).random((6, 9)).astype(np.float32)
+    Image.fromarray(f).save(tmp_path / "unit.tif")
+    np.testing.assert_array_equal(load_image(tmp_path / "unit.tif", None), _grey3(np.rint(f * 255.0)))
+    g = f * 40.0 - 7.0
+    Image.fromarray(g).save(tmp_path / "any.tif")
+    expected = np.rint((g.astype(np.float64) - g.min()) * (255.0 / (g.max() - g.min())))
+    np.testing.assert_array_equal(load_image(tmp_path / "any.tif", None), _grey3(expected))
+    g[2, 3] = np.nan
+    Image.fromarray(g).save(tmp_path / "nan.tif")
+    with pytest.raises(RecordError, match="NaN or infinite"):
+        load_image(tmp_path / "nan.tif", None)
+
+
+def test_alpha_palette_and_cmyk(tmp_path):
+    r = np.random.default_rng(10)
+    rgba = r.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    got = load_image(tmp_path / "rgba.png", None)
+    np.testing.assert_array_equal(got, _on_white(rgba[..., :3], rgba[..., 3]))
+    assert (got[0, 0] == 255).all() and (got[0, 1] == rgba[0, 1, :3]).all()
+    la = rgba[..., [0, 3]]
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "la.png", None), _on_white(_grey3(la[..., 0]), la[..., 1])
+    )
+
+    palette = r.integers(0, 256, (4, 3), dtype=np.uint8)
+    index = r.integers(0, 4, (7, 8), dtype=np.uint8)
+    p = Image.fromarray(index, "P")
+    p.putpalette(palette.reshape(-1).tolist())
+    p.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "p.png", None), palette[index])
+    p.save(tmp_path / "p_transparent.png", transparency=2)  # index 2 is see-through: white
+    expected = np.where((index == 2)[..., None], np.uint8(255), palette[index])
+    np.testing.assert_array_equal(load_image(tmp_path / "p_transparent.png", None), expected)
+
+    cmyk = r.integers(0, 256, (4, 6, 4), dtype=np.uint8)
+    Image.frombytes("CMYK", (6, 4), cmyk.tobytes()).save(tmp_path / "cmyk.tif")
+    k = cmyk[..., 3:].astype(np.float64)
+    expected = np.round((255.0 - cmyk[..., :3]) * (255.0 - k) / 255.0).astype(np.uint8)
+    np.testing.assert_array_equal(load_image(tmp_path / "cmyk.tif", None), expected)
+
+
+def test_exif_orientation_and_minimum_size(tmp_path):
+    arr = np.random.default_rng(11).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # the camera was turned: show the stored rows rotated 90 degrees clockwise
+    im.save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(load_image(tmp_path / "turned.png", None), np.rot90(arr, k=-1))
+    for h, w in ((1, 1), (1, 40), (40, 1)):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / f"{h}x{w}.png")
+        with pytest.raises(RecordError, match=f"image is only {w} x {h} pixels; at least 2 x 2 are needed"):
+            load_image(tmp_path / f"{h}x{w}.png", 16)
+    Image.fromarray(arr[:2, :2]).save(tmp_path / "2x2.png")
+    assert load_image(tmp_path / "2x2.png", None).shape == (2, 2, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # In-process runs: contents against direct computations
 # --------------------------------------------------------------------------------------------

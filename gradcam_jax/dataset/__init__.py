@@ -22,17 +22,18 @@ uninterrupted run writes. See :func:`explain_dataset` for the multi-device / mul
 and :mod:`gradcam_jax.dataset.store` for the store's layout.
 
 Modules: :mod:`.run` (``explain_dataset``, which orchestrates), :mod:`.job` (the job, described
-once), :mod:`.sources` (records and the Grain loader), :mod:`.targets`, :mod:`.plan` (devices
-and processes), :mod:`.step` (the jitted step), :mod:`.loop` (the batches), :mod:`.writer`,
-:mod:`.distributed` and :mod:`.store` (the Zarr layout and commit markers).
+once), :mod:`.images` (the image decoder), :mod:`.sources` (records and the Grain loader),
+:mod:`.targets`, :mod:`.plan` (devices and processes), :mod:`.step` (the jitted step),
+:mod:`.loop` (the batches), :mod:`.writer`, :mod:`.distributed` and :mod:`.store` (the Zarr
+layout and commit markers).
 """
 
+from .images import RecordError as RecordError
+from .images import load_image as load_image
 from .run import DatasetRun as DatasetRun
 from .run import explain_dataset as explain_dataset
 from .sources import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
-from .sources import RecordError as RecordError
 from .sources import list_images as list_images
-from .sources import load_image as load_image
 from .store import Results as Results
 from .store import open_results as open_results
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .images import RecordError, load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -85,73 +86,8 @@ def list_images(root: str | os.PathLike, extensions: Sequence[str] | None = None
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding
+# Records given as arrays (image files: see .images)
 # --------------------------------------------------------------------------------------------
-
-
-class RecordError(Exception):
-    """A record that cannot be turned into a model input (recorded in the store, skipped)."""
-
-
-def _pil_to_array(im, size: int | None) -> np.ndarray:
-    from PIL import Image
-
-    if size is not None and im.format == "JPEG":
-        # Decode a large JPEG at a reduced scale that is still >= size on both sides (the DCT
-        # scaling of libjpeg): several times faster, and the antialiased resize below follows.
-        im.draft("RGB", (size, size))
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)
-    im.load()
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    if size is not None and im.size != (size, size):
-        # Pillow's bilinear filter widens with the reduction factor: antialiased, like
-        # jax.image.resize(..., antialias=True) in the zoo's preprocess. Aspect ratio not kept.
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-    arr = np.asarray(im, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise RecordError(f"decoded to an unexpected shape {arr.shape}")
-    return arr
-
-
-def load_image(
-    file: str | os.PathLike | bytes | bytearray | memoryview, size: int | None = 224
-) -> np.ndarray:
-    """Decode an image file (a path, or encoded bytes) to ``uint8`` RGB ``(size, size, 3)``.
-
-    This is the loader's decoder: JPEGs are decoded at a reduced DCT scale when they are much
-    larger than ``size``, then every image is resized with Pillow's antialiased bilinear filter
-    (aspect ratio not kept). ``size=None`` keeps the decoded size.
-
-    Raises:
-      RecordError: the file cannot be read or decoded; the message says why.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if isinstance(file, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(file))) as im:
-                return _pil_to_array(im, size)
-        path = os.fspath(file)
-        if os.path.isdir(path):
-            raise RecordError("is a folder, not an image file")
-        with Image.open(path) as im:
-            return _pil_to_array(im, size)
-    except RecordError:
-        raise
-    except FileNotFoundError:
-        raise RecordError("no such file") from None
-    except PermissionError:
-        raise RecordError("permission denied") from None
-    except UnidentifiedImageError:
-        raise RecordError("not an image Pillow can read (unknown or damaged format)") from None
-    except Image.DecompressionBombError as e:
-        raise RecordError(f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
-        raise RecordError(f"damaged or truncated image ({type(e).__name__}: {e})") from None
-    except Exception as e:  # a decoder bug must not stop a dataset run
-        raise RecordError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def _array_image(item, size: int | None) -> np.ndarray:
