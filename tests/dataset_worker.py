@@ -1,12 +1,16 @@
 """Helper for tests/test_dataset.py: one explain_dataset run in a fresh process.
 
     python tests/dataset_worker.py --src DIR --out STORE [--devices N] [--batch-size B]
-        [--device-batch D] [--slow SECONDS] [--coordinator HOST:PORT --num-processes P
-        --process-id I]
+        [--device-batch D] [--slow SECONDS] [--pause-at finalize|drop_progress]
+        [--coordinator HOST:PORT --num-processes P --process-id I]
 
 ``--devices`` fakes N CPU devices (XLA_FLAGS, set before JAX is imported); ``--slow`` makes
-every image decode take that long (so a test can kill the run mid-way); the coordinator
-options run it as one process of a ``jax.distributed`` job. Prints one JSON line at the end.
+every image decode take that long (so a test can kill the run mid-way); ``--pause-at NAME``
+prints ``PAUSED NAME`` and sleeps when the run reaches ``gradcam_jax.dataset.store.NAME``
+(``finalize``: every batch committed, the store not yet marked complete; ``drop_progress``:
+marked complete, the commit markers not yet removed), so a test can kill it there; the
+coordinator options run it as one process of a ``jax.distributed`` job. Prints one JSON line
+at the end.
 
 ``model()`` is also the ``--model tests/dataset_worker.py:model`` of the command-line tests: a
 tiny ReLU conv net (tests/nets.py) as a zoo-style ``Pretrained`` with 16 x 16 inputs.
@@ -56,6 +60,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--worker-processes", type=int, default=0)
     p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--pause-at", choices=("finalize", "drop_progress"), default=None)
     p.add_argument("--coordinator", default=None)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
@@ -87,6 +92,18 @@ def main(argv=None):
             return original(file, size)
 
         sources.load_image = slow_load
+
+    if args.pause_at:
+        from gradcam_jax.dataset import store
+
+        reached = getattr(store, args.pause_at)
+
+        def pause(*a, **k):
+            print(f"PAUSED {args.pause_at}", flush=True)
+            time.sleep(120)
+            return reached(*a, **k)
+
+        setattr(store, args.pause_at, pause)
 
     methods = args.methods.split(",")
     run = explain_dataset(

@@ -21,21 +21,30 @@ same command again: it continues where it stopped, and the final store is byte-f
 uninterrupted run writes. See :func:`explain_dataset` for the multi-device / multi-host model
 and :mod:`gradcam_jax.dataset.store` for the store's layout.
 
+One run writes a store at a time: it holds the lock file ``STORE.lock`` next to the store, and
+a second run on it is refused (:class:`StoreLocked`) before anything is touched.
+
 Modules: :mod:`.run` (``explain_dataset``, which orchestrates), :mod:`.job` (the job, described
 once), :mod:`.images` (the image decoder), :mod:`.sources` (records and the Grain loader),
 :mod:`.targets`, :mod:`.plan` (devices and processes), :mod:`.step` (the jitted step),
-:mod:`.loop` (the batches), :mod:`.writer`, :mod:`.distributed` and :mod:`.store` (the Zarr
-layout and commit markers).
+:mod:`.loop` (the batches), :mod:`.writer`, :mod:`.distributed`, :mod:`.lock` (one run per
+store; the output's errors), :mod:`.store` (the Zarr layout and commit markers) and
+:mod:`.results` (reading a store).
 """
 
 from .images import RecordError as RecordError
 from .images import load_image as load_image
+from .lock import NotAStore as NotAStore
+from .lock import OtherJob as OtherJob
+from .lock import OutputError as OutputError
+from .lock import OutputNotWritable as OutputNotWritable
+from .lock import StoreLocked as StoreLocked
+from .results import Results as Results
+from .results import open_results as open_results
 from .run import DatasetRun as DatasetRun
 from .run import explain_dataset as explain_dataset
 from .sources import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from .sources import list_images as list_images
-from .store import Results as Results
-from .store import open_results as open_results
 
 __all__ = [
     "explain_dataset",
@@ -46,4 +55,9 @@ __all__ = [
     "load_image",
     "RecordError",
     "IMAGE_EXTENSIONS",
+    "OutputError",
+    "OutputNotWritable",
+    "NotAStore",
+    "OtherJob",
+    "StoreLocked",
 ]

@@ -14,6 +14,7 @@ complete. See :mod:`.store` for the layout and why a killed run resumes to the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -26,8 +27,9 @@ from jax.sharding import Mesh
 from . import store
 from .distributed import barrier, global_min, is_main
 from .job import Arguments, Job, build_job, say
+from .lock import OtherJob
 from .loop import Work, run_steps
-from .store import Results
+from .results import Results, open_results
 
 __all__ = ["explain_dataset", "DatasetRun", "describe_job"]
 
@@ -59,7 +61,7 @@ class DatasetRun:
     already_complete: bool = False
 
     def results(self) -> Results:
-        return store.open_results(self.path)
+        return open_results(self.path)
 
 
 def explain_dataset(
@@ -107,13 +109,16 @@ def explain_dataset(
         class), an int, a list of K ints (K maps per record), ``"topK"`` (each record's K most
         probable classes), an int array ``(N,)`` or ``(N, K)`` (per record, e.g. the labels),
         or a callable ``scores -> (B,)`` / ``(B, K)``.
-      out: the store to write (a folder; created). On a shared file system for several hosts.
+      out: the store to write (a folder: created, or an existing empty folder, which is kept). On
+        a shared file system for several hosts. One run at a time: the run holds the lock file
+        ``OUT.lock`` next to it (see :mod:`gradcam_jax.dataset.lock`).
       batch_size: records per global step, over all devices and hosts. A multiple of the number
         of devices times ``device_batch``.
       mesh: a ``jax.sharding.Mesh`` with a ``data_axis`` axis; default: all devices (of all
         processes), ordered by process, on one axis ``"data"``.
       resume: continue an interrupted run of the same job in ``out`` (the default); a complete
-        store is left as it is. ``False`` deletes an existing store and starts over.
+        store is left as it is. ``False`` deletes the contents of an existing store (never of a
+        folder that is not a store, never of a store another run holds) and starts over.
       resolution: ``"layer"`` (maps at the tapped layer's resolution, e.g. 7 x 7: small stores)
         or ``"input"`` (upsampled to the model's input size).
       size: the side images are resized to (default: the zoo model's input size, else 224).
@@ -150,11 +155,25 @@ def explain_dataset(
 
     Unreadable records (corrupt or truncated files, non-images) never stop the run: they are
     computed as blank images, stored with NaN maps, class -1 and their reason in ``errors``.
+
+    Raises:
+      StoreLocked: another run holds ``out`` (nothing was touched).
+      OutputNotWritable: ``out`` (or the folder it goes in) cannot be written.
+      NotAStore: ``out`` is a file or a folder with other contents (left as it is).
+      OtherJob: ``out`` holds a store of another job (``resume=False`` starts over).
+      These are :class:`~gradcam_jax.dataset.lock.OutputError`\\ s; the last three are also a
+      ``PermissionError``, a ``FileExistsError`` and a ``ValueError``.
     """
     # long-function: the public signature (26 keywords) and its docstring are most of it; the body is short.
     args = Arguments(**locals())  # the parameters, as given: keep this the first statement
     store.require("grain", "zarr")
-    job = build_job(args)
+    # One run per store: process 0 holds its lock (refused with StoreLocked when another run
+    # does) from before the job is described until the store is final.
+    with store.claim(args.out) if is_main() else contextlib.nullcontext():
+        return _run(build_job(args))
+
+
+def _run(job: Job) -> DatasetRun:
     stored = _prepare_store(job)
     if stored.get("complete"):
         return _already_complete(job, stored)
@@ -185,18 +204,13 @@ def describe_job(source: Any, model: Any, **options: Any) -> Job:
 def _create_or_clean(job: Job) -> None:
     """(Process 0.) Create the store, or start over (``resume=False``), or tidy a killed run's."""
     path = job.path
+    store.recover(path)
     existing = store.read_config(path)
     if existing is not None and not job.resume:
         say(job.show, f"explain_dataset: resume=False: deleting the existing store {path}")
-        store.delete_store(path)
+        store.clear(path)  # the folder itself is kept
         existing = None
     if existing is None:
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(
-                f"{str(path)!r} exists and is not a gradcam_jax store; choose another out=."
-            )
-        if path.exists():
-            path.rmdir()
         store.create_store(path, job.store_config(), job.source.names, job.store_arrays())
     elif not existing.get("complete"):
         store.clean_partials(path)
@@ -217,7 +231,7 @@ def _prepare_store(job: Job) -> dict[str, Any]:
     diff = store.config_mismatch(stored, config)
     if diff:
         detail = "; ".join(f"{k}: store has {stored.get(k)!r}, this run {config.get(k)!r}" for k in diff[:6])
-        raise ValueError(
+        raise OtherJob(
             f"{str(path)!r} holds a different job ({detail}). Use another out=, or "
             f"resume=False (--no-resume) to start over."
         )

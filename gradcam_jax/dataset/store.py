@@ -27,26 +27,33 @@ TensorStore's ``zarr3`` driver. Strings use Zarr's ``string`` data type (``vlen-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .lock import NotAStore, OutputNotWritable, store_lock
+
 __all__ = [
     "FORMAT",
     "ARRAYS",
-    "Results",
-    "open_results",
     "require",
     "create_store",
-    "delete_store",
+    "folder_state",
+    "check_output",
+    "claim",
+    "clear",
+    "recover",
+    "INCOMPLETE",
     "read_config",
     "read_names",
     "config_mismatch",
@@ -88,31 +95,89 @@ def _zarr():
 # --------------------------------------------------------------------------------------------
 
 
-def _creating_prefix(path: Path) -> str:
-    return f".{path.name}.creating-"
+#: A file inside a folder whose contents are a store being created or cleared: a run killed
+#: meanwhile leaves it, and the next run removes those contents (and only then the marker).
+INCOMPLETE = ".gradcam_jax-incomplete"
 
 
-def _deleting_prefix(path: Path) -> str:
-    return f".{path.name}.deleting-"
-
-
-def remove_stale_creations(path: Path) -> None:
-    """Remove half-created or half-deleted stores left by a run killed next to ``path``."""
-    parent = path.parent
-    if not parent.is_dir():
-        return
-    for entry in parent.iterdir():
-        if entry.name.startswith((_creating_prefix(path), _deleting_prefix(path))) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def delete_store(path: Path) -> None:
-    """Delete a store: first renamed out of the way (atomic), so that a run killed while
-    deleting never leaves a half-deleted store at ``path`` that looks resumable."""
+def folder_state(path: Path) -> str:
+    """What ``path`` is: ``"missing"``, ``"empty"`` (a folder), ``"store"`` (one of ours),
+    ``"partial"`` (a store a killed run was creating or clearing), ``"file"`` or ``"foreign"``
+    (a folder with other contents)."""
     path = Path(path)
-    trash = path.parent / f"{_deleting_prefix(path)}{uuid.uuid4().hex[:8]}"
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    if not os.path.lexists(path):
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    if read_config(path) is not None:
+        return "store"
+    if (path / INCOMPLETE).exists():
+        return "partial"
+    return "foreign" if any(path.iterdir()) else "empty"
+
+
+def _probe_writable(path: Path) -> None:
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tmp-probe-", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputNotWritable(f"cannot write in the output {str(path)!r}: {e.strerror or e}.") from None
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output that cannot hold a store, before anything is written to it: a file, a
+    folder with other contents (never removed, never written), or a folder that is not
+    writable (a complete store is only read)."""
+    path = Path(path)
+    state = folder_state(path)
+    if state in ("file", "foreign"):
+        what = "a file" if state == "file" else "a folder that is not a gradcam_jax store"
+        raise NotAStore(
+            f"{str(path)!r} exists and is {what}; it is left as it is. Choose another output "
+            f"(a new or empty folder, or a store of this job)."
+        )
+    if state != "missing" and not (state == "store" and (read_config(path) or {}).get("complete")):
+        _probe_writable(path)
+
+
+@contextlib.contextmanager
+def claim(path: str | os.PathLike, *, show: bool = True) -> Iterator[Path]:
+    """Hold the store's lock (:func:`~.lock.store_lock`) and check it can be written
+    (:func:`check_output`) for the ``with`` block -> the store's absolute path."""
+    path = Path(os.fspath(path)).absolute()
+    with store_lock(path, show=show):
+        check_output(path)
+        yield path
+
+
+def clear(path: Path) -> None:
+    """Remove everything inside ``path`` (a store of ours, or the leftovers of one), keeping the
+    folder: the marker first, then ``zarr.json`` (so it is no store from then on), the rest,
+    and the marker last, so that a run killed meanwhile leaves a recognisable partial store."""
+    path = Path(path)
+    marker = path / INCOMPLETE
+    marker.touch()
+    (path / "zarr.json").unlink(missing_ok=True)
+    for entry in list(os.scandir(path)):
+        if entry.name == INCOMPLETE:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    marker.unlink()
+
+
+def recover(path: Path) -> None:
+    """Tidy what a run killed while creating or clearing a store left in ``path``."""
+    path = Path(path)
+    if not (path / INCOMPLETE).exists():
+        return
+    if read_config(path) is None:
+        clear(path)
+    else:  # killed after the store was complete but before the marker went
+        (path / INCOMPLETE).unlink(missing_ok=True)
 
 
 def array_layout(
@@ -134,21 +199,24 @@ def array_layout(
 
 
 def create_store(path: Path, config: dict[str, Any], names: list[str], layout: dict[str, Any]) -> None:
-    """Create the store atomically: build it in a sibling folder, then rename it to ``path``.
+    """Create the store in ``path`` (a new or empty folder, kept): the arrays first, the group's
+    ``zarr.json`` with the configuration last, so that until it exists ``path`` holds no store
+    (and the :data:`INCOMPLETE` marker says whose contents they are).
 
     ``layout`` maps each array name to ``(shape, dtype, chunks, fill_value, dimension_names)``.
     """
     zarr = _zarr()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_creations(path)
-    tmp = path.parent / f"{_creating_prefix(path)}{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    if folder_state(path) != "empty":
+        check_output(path)  # a file or a folder with other contents: refused, untouched
+        raise FileExistsError(f"{str(path)!r} is not empty; choose another output.")
+    (path / INCOMPLETE).touch()
     try:
-        group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        group.attrs[ATTR] = dict(config, complete=False)
         n = len(names)
-        files = group.create_array(
-            "files",
+        files = zarr.create_array(
+            store=str(path / "files"),
             shape=(n,),
             dtype=str,
             chunks=(max(1, min(n, 65536)),),
@@ -158,14 +226,21 @@ def create_store(path: Path, config: dict[str, Any], names: list[str], layout: d
         if n:
             files[:] = np.array(names, dtype=object)
         for name, (shape, dtype, chunks, fill, dims) in layout.items():
-            group.create_array(
-                name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill, dimension_names=dims
+            zarr.create_array(
+                store=str(path / name),
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks,
+                fill_value=fill,
+                dimension_names=dims,
             )
-        (tmp / PROGRESS).mkdir()
-        os.replace(tmp, path)
+        (path / PROGRESS).mkdir()
+        zarr.open_group(str(path), mode="a", zarr_format=3, attributes={ATTR: dict(config, complete=False)})
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            clear(path)
         raise
+    (path / INCOMPLETE).unlink()
 
 
 def digest_arrays(arrays: Iterable[Any]) -> str:
@@ -302,101 +377,3 @@ def open_arrays(path: Path) -> dict[str, Any]:
 def strings(a: Any) -> np.ndarray:
     """A Zarr string array's values as a NumPy object array of ``str`` (any NumPy string dtype)."""
     return np.asarray(a).astype(object)
-
-
-class Results(Mapping):
-    """A results store, read back: a mapping of NumPy-compatible arrays.
-
-    Keys: ``maps``, ``classes``, ``probs``, ``targets``, ``files``, ``errors``. Values are
-    ``zarr.Array`` objects: slicing one reads only what is needed and returns a NumPy array
-    (``res["maps"][10:20]``), and ``np.asarray(res["probs"])`` reads it whole.
-
-    Attributes:
-      path: the store.
-      config: the run's configuration (methods, target, layer, sizes...).
-      methods: the methods, in the order of the ``maps`` method axis (when there is one).
-      complete: whether every record has been processed.
-      summary: ``{"images", "explained", "unreadable"}`` once complete.
-      class_names: the model's class names, when it had them.
-    """
-
-    def __init__(self, path):
-        zarr = _zarr()
-        self.path = Path(path)
-        if read_config(self.path) is None:
-            raise FileNotFoundError(
-                f"{str(self.path)!r} is not a gradcam_jax results store (no "
-                f"zarr.json with gradcam_jax attributes)."
-            )
-        self.group = zarr.open_group(str(self.path), mode="r")
-        self.config: dict[str, Any] = dict(self.group.attrs[ATTR])
-        self._keys = tuple(
-            k for k in ("maps", "classes", "probs", "targets", "files", "errors") if k in self.group
-        )
-
-    def __getitem__(self, key):
-        if key not in self._keys:
-            raise KeyError(f"{key!r}; the store holds {', '.join(self._keys)}.")
-        return self.group[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    @property
-    def methods(self) -> list[str]:
-        return list(self.config.get("methods", []))
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.config.get("complete"))
-
-    @property
-    def summary(self) -> dict[str, Any] | None:
-        return self.config.get("summary")
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.config.get("class_names")
-
-    @property
-    def num_records(self) -> int:
-        return int(self.config.get("num_records", 0))
-
-    def ok(self) -> np.ndarray:
-        """Boolean ``(N,)``: the records that were explained (no error)."""
-        return strings(self["errors"][:]) == ""
-
-    def failures(self) -> list[tuple[str, str]]:
-        """``[(file, reason), ...]`` for every record that was skipped."""
-        errors = strings(self["errors"][:])
-        bad = np.flatnonzero(errors != "")
-        if not bad.size:
-            return []
-        files = strings(self["files"][:])
-        return [(str(files[i]), str(errors[i])) for i in bad]
-
-    def __repr__(self):
-        state = "complete" if self.complete else "incomplete"
-        return f"Results({str(self.path)!r}, {self.num_records} records, {state}, keys={list(self._keys)})"
-
-
-def open_results(path: str | os.PathLike) -> Results:
-    """Read a store written by :func:`gradcam_jax.explain_dataset` (or ``gradcam-jax explain-dir``).
-
-    Returns a :class:`Results`: a mapping of NumPy-compatible arrays ``maps``, ``classes``,
-    ``probs``, ``targets``, ``files`` and ``errors`` (``""`` for records explained, the reason
-    for records skipped), all aligned on the first axis.
-
-    Examples:
-      >>> import jax, numpy as np, gradcam_jax as gcj
-      >>> tap = gcj.split_tap(lambda x: jax.nn.relu(x), lambda a: a.mean(axis=(1, 2)))
-      >>> images = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
-      >>> _ = gcj.explain_dataset(images, tap, out="arrays.zarr", progress=False)
-      >>> res = gcj.open_results("arrays.zarr")
-      >>> res["maps"].shape, res.failures()
-      ((2, 8, 8), [])
-    """
-    return Results(path)
