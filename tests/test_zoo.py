@@ -3,6 +3,7 @@ PyTorch, preprocessing, taps, the weight cache, and class discrimination on the 
 
 import collections
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -444,6 +445,8 @@ def test_probs(model):
 def test_cache_written_reused_and_recovered(model, cache, monkeypatch):
     files = sorted(cache.glob("efficientnet_lite0-*.npz"))
     assert len(files) == 1
+    manifest = json.loads(files[0].with_name(files[0].stem + ".manifest.json").read_text())
+    assert manifest["arrays"]["params/fc/bias"]["shape"] == [1000]  # names, shapes, dtypes, SHA-256
     monkeypatch.setenv("GRADCAM_JAX_CACHE", str(cache))
     again = zoo.efficientnet_lite0()  # from the cache
     for a, b in zip(

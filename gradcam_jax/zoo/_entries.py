@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from ._assets import load_class_names
-from ._cache import cache_dir, file_digest, load_variables, save_variables
+from ._cache import cache_dir, file_digest, read_variables, save_variables
 from ._pretrained import Pretrained
 from ._pth import load_pth
 
@@ -48,7 +49,9 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
         :func:`gradcam_jax.models.efficientnet_lite.random_variables`; no download or package
         needed).
       cache: keep the converted weights in :func:`cache_dir` (keyed by the checkpoint's
-        SHA-256) and reuse them; set ``GRADCAM_JAX_CACHE`` to move the cache.
+        SHA-256, with a manifest of every array's SHA-256) and reuse them when they match the
+        manifest; otherwise they are rebuilt from the checkpoint, with a one-line notice on
+        stderr. Set ``GRADCAM_JAX_CACHE`` to move the cache.
 
     Returns:
       A :class:`Pretrained` with ``module``, ``variables``, ``preprocess`` (resize to 224,
@@ -81,7 +84,12 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
     cached = None
     if cache:
         cached = cache_dir() / f"efficientnet_lite0-{file_digest(path)}-v{_CONVERSION_VERSION}.npz"
-        variables = load_variables(cached)
+        variables, problem = read_variables(cached)
+        if problem:
+            print(
+                f"gradcam_jax: the weight cache {cached} {problem}; rebuilding it from {path}.",
+                file=sys.stderr,
+            )
     if variables is None:
         variables = torch_state_dict_to_flax(load_pth(path))
         if cached is not None:
