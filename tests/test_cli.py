@@ -391,3 +391,96 @@ def test_explain_dir_with_a_factory_model(env, tmp_path):
     np.testing.assert_allclose(np.asarray(res["maps"][:], np.float32), expected, atol=2e-3)
     assert res.class_names == list(cli_model.FRUITS)  # the factory's class names reach the store
     assert res.config["layer"] == "block1"
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 19: exit codes, one decoder, bounded figures
+# --------------------------------------------------------------------------------------------
+
+
+def test_help_documents_the_exit_codes(capsys):
+    for command in (["explain", "--help"], ["explain-dir", "--help"], ["--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(command)
+        text = capsys.readouterr().out
+        assert "exit status:" in text and "  3    the output cannot be used" in text, command
+        assert "  130  interrupted" in text
+
+
+def test_negative_class_is_out_of_range(env, tmp_path, capsys):
+    paths = _images(tmp_path / "images", [(16, 16)])
+    args = ["--model", "cli_model:tiny_model", "--classes", "-1", "-q"]
+    assert cli.main(["explain", *paths, *args, "--out", str(tmp_path / "out")]) == 2
+    assert "class index -1 is out of range; tiny_fruit_net has 5 classes (0-4)" in capsys.readouterr().err
+    assert cli.main(["explain-dir", str(tmp_path / "images"), *args, "--out", str(tmp_path / "s")]) == 2
+    assert "--classes: class -1 is out of range; the model has 5 classes." in capsys.readouterr().err
+
+
+def test_a_1x1_image_is_refused_alike_by_both_commands(env, tmp_path):
+    folder = tmp_path / "images"
+    _images(folder, [(16, 16)])
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(folder / "dot.png")
+    model = ["--model", "cli_model:tiny_model", "--methods", "grad_cam", "-q"]
+    out = tmp_path / "out"
+    assert (
+        cli.main(["explain", str(folder / "img0.png"), str(folder / "dot.png"), *model, "--out", str(out)])
+        == 1
+    )
+    errors = json.loads((out / "results.json").read_text())["errors"]
+    store = tmp_path / "s.zarr"
+    assert cli.main(["explain-dir", str(folder), *model, "--out", str(store)]) == 1
+    message = "image is only 1 x 1 pixels; at least 2 x 2 are needed"
+    assert errors == [{"path": str(folder / "dot.png"), "error": message}]
+    assert open_results(store).failures() == [("dot.png", message)]
+
+
+def test_figures_hold_at_most_figure_rows_classes(env, tmp_path, monkeypatch, capsys):
+    """``--classes top1000`` drew a 307,593 px tall figure: figures (and --save-maps) now hold
+    FIGURE_ROWS classes (here 2, the tiny model having 5), results.json all of them, with a note."""
+    from gradcam_jax.cli import explain
+
+    monkeypatch.setattr(explain, "FIGURE_ROWS", 2)
+    paths = _images(tmp_path / "images", [(16, 16)])
+    common = ["--model", "cli_model:tiny_model", "--methods", "grad_cam", "--dpi", "40", "--save-maps"]
+    assert cli.main(["explain", *paths, *common, "--classes", "top5", "--out", str(tmp_path / "a")]) == 0
+    note = (
+        "--classes top5: figures (and --save-maps) hold each image's first 2 of its 5 classes; "
+        "results.json lists all 5."
+    )
+    assert f"gradcam-jax: note: {note}" in capsys.readouterr().err
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    explained = [c["index"] for c in res["images"][0]["explained"]]
+    assert res["note"] == note and res["figure_rows"] == 2 and len(explained) == 5
+    saved = np.load(tmp_path / "a" / "img0.npz")
+    assert saved["classes"].tolist() == explained[:2] and saved["grad_cam"].shape == (2, 16, 16)
+    assert (
+        cli.main(["explain", *paths, *common, "--classes", "top2", "--out", str(tmp_path / "b"), "-q"]) == 0
+    )
+    assert "note" not in json.loads((tmp_path / "b" / "results.json").read_text())
+    with Image.open(tmp_path / "a" / "img0.png") as a, Image.open(tmp_path / "b" / "img0.png") as b:
+        assert a.size == b.size
+
+
+def test_large_photos_are_drawn_at_a_bounded_size(env, tmp_path, monkeypatch):
+    from gradcam_jax import viz
+    from gradcam_jax.cli.explain import FIGURE_MAX_SIDE, figure_image
+
+    assert FIGURE_MAX_SIDE == 2048
+    assert figure_image(np.zeros((3000, 5000, 3), np.uint8)).shape == (1229, 2048, 3)
+    small = np.zeros((30, 50, 3), np.uint8)
+    assert figure_image(small) is small
+    drawn = []
+    original = viz.figure_grid
+
+    def spy(image, *args, **kwargs):
+        drawn.append(np.shape(image))
+        return original(image, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "figure_grid", spy)
+    big = np.random.default_rng(3).integers(0, 256, (2100, 3300, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=70)
+    model = ["--model", "cli_model:tiny_model", "--methods", "grad_cam", "--dpi", "40", "-q"]
+    assert cli.main(["explain", str(tmp_path / "big.jpg"), *model, "--out", str(tmp_path / "out")]) == 0
+    assert drawn == [(1303, 2048, 3)]
+    rec = json.loads((tmp_path / "out" / "results.json").read_text())["images"][0]
+    assert (rec["width"], rec["height"]) == (3300, 2100)

@@ -8,7 +8,8 @@
 One module per sub-command (:mod:`.explain`, :mod:`.explain_dir`, :mod:`.layers`), each with
 ``add_parser(subparsers)``, which sets ``func=run`` on the parsed arguments, and ``run(args)``,
 which returns the exit status or raises :class:`~.common.UsageError`. What they share (the
-program name, exit codes, argument syntax, progress bar) is in :mod:`.common`.
+program name, exit codes, argument syntax, progress bar) is in :mod:`.common`; the exit codes
+are documented there, in every ``--help`` and in the README.
 """
 
 from __future__ import annotations
@@ -20,8 +21,19 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..dataset.lock import OutputError
 from . import explain, explain_dir, layers
-from .common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, UsageError, enable_compilation_cache, error
+from .common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
+    PROG,
+    UsageError,
+    enable_compilation_cache,
+    error,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -38,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Grad-CAM and related visual explanations for pretrained JAX image "
         "classifiers, from the command line.",
-        epilog=explain.EXAMPLES,
+        epilog=explain.EXAMPLES + "\n" + EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -50,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 some files failed, 2 usage)."""
+    """Run the command line; returns the exit status (0 ok, 1 some files failed, 2 usage, 3 the
+    output cannot be used, 130 interrupted: see :mod:`.common`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -64,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(args.usage())
         error(str(e))
         return EXIT_USAGE
+    except OutputError as e:
+        error(str(e))
+        return EXIT_OUTPUT
     except KeyboardInterrupt:
         error("interrupted.")
         return EXIT_INTERRUPTED

@@ -1,5 +1,19 @@
 """What the commands share: the program name, exit codes, argument types, the ``--classes`` and
-``--methods`` syntax, usage errors, the progress bar and the compilation cache."""
+``--methods`` syntax, usage errors, the progress bar and the compilation cache.
+
+Exit codes, the same for every command (:data:`EXIT_STATUS_HELP` puts them in ``--help``):
+
+====  ========================================================================================
+0     every input explained
+1     some inputs could not be read: reported (``results.json``, the store's ``errors``) and
+      skipped; the others were explained
+2     usage: bad arguments, reported before any work
+3     the output cannot be used: not writable, a store another run holds (the message names
+      the process and the lock file), a file or a folder that is not a store, or a store of
+      another job; reported before the model is loaded, nothing written
+130   interrupted (Ctrl-C); ``explain-dir`` continues where it stopped when run again
+====  ========================================================================================
+"""
 
 from __future__ import annotations
 
@@ -21,7 +35,9 @@ __all__ = [
     "EXIT_OK",
     "EXIT_FAILED_FILES",
     "EXIT_USAGE",
+    "EXIT_OUTPUT",
     "EXIT_INTERRUPTED",
+    "EXIT_STATUS_HELP",
     "UsageError",
     "positive_int",
     "nonnegative_int",
@@ -38,7 +54,19 @@ PROG = "gradcam-jax"
 EXIT_OK = 0
 EXIT_FAILED_FILES = 1  # some input files could not be read (reported and skipped)
 EXIT_USAGE = 2  # bad arguments (argparse uses 2 as well)
+EXIT_OUTPUT = 3  # the output cannot be used: not writable, locked by another run, not a store
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+#: The exit codes, as every command's ``--help`` ends.
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}    every input explained
+  {EXIT_FAILED_FILES}    some inputs could not be read (reported and skipped); the others explained
+  {EXIT_USAGE}    bad arguments (reported before any work)
+  {EXIT_OUTPUT}    the output cannot be used: not writable, a store another run holds (its lock
+       file is named), a file or a folder that is not a store, or a store of another job
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); explain-dir continues where it stopped when run again
+"""
 
 _TOP_K = re.compile(r"top[-_ ]?(\d+)", flags=re.IGNORECASE)
 
@@ -79,7 +107,8 @@ def nonnegative_int(text: str) -> int:
 
 def parse_classes(spec: str) -> int | list[int | str]:
     """``--classes``: ``"top3"`` -> ``3`` (each image's 3 most probable classes);
-    ``"285, espresso"`` -> ``[285, "espresso"]`` (class indices and names)."""
+    ``"285, espresso"`` -> ``[285, "espresso"]`` (class indices and names; a negative number
+    is an index, which the commands refuse as out of range)."""
     text = spec.strip()
     m = _TOP_K.fullmatch(text)
     if m:
@@ -90,7 +119,7 @@ def parse_classes(spec: str) -> int | list[int | str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise UsageError(f"--classes {spec!r}: give topK or a comma-separated list of classes.")
-    return [int(t) if re.fullmatch(r"\d+", t) else t for t in items]
+    return [int(t) if re.fullmatch(r"[-+]?\d+", t) else t for t in items]
 
 
 def parse_methods(spec: str, available: Collection[str]) -> list[str]:

@@ -7,6 +7,11 @@ For each readable image it writes one PNG figure (a row per explained class: the
 one panel per method) and, for the whole run, ``results.json`` (the top classes and their
 probabilities, the classes explained, the files written, the method(s) and the layer).
 Unreadable files are reported and skipped; the command then exits with status 1.
+
+Images are decoded by :func:`gradcam_jax.dataset.load_image`, as ``explain-dir`` decodes them.
+Figures are drawn from the image downscaled to at most :data:`FIGURE_MAX_SIDE` pixels on its long
+side (the maps are computed from the full image as always) and hold at most
+:data:`~.explain_job.FIGURE_ROWS` classes; ``results.json`` lists every class of ``--classes``.
 """
 
 from __future__ import annotations
@@ -23,15 +28,35 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from .. import viz, zoo
 from .._cam import cam, method_names
-from ..dataset import RecordError, load_image
-from .common import EXIT_FAILED_FILES, EXIT_OK, PROG, Progress, error, positive_int
-from .explain_job import DEFAULT_METHODS, DEMO_CLASSES, PIXEL_METHODS, Job, job_from_args
+from ..dataset import OutputNotWritable, RecordError, load_image
+from .common import EXIT_FAILED_FILES, EXIT_OK, EXIT_STATUS_HELP, PROG, Progress, error, positive_int
+from .explain_job import (
+    DEFAULT_METHODS,
+    DEMO_CLASSES,
+    FIGURE_ROWS,
+    PIXEL_METHODS,
+    Job,
+    job_from_args,
+)
 from .models import Model
 
-__all__ = ["add_parser", "run", "read_image", "explain_batch", "Output", "EXAMPLES"]
+__all__ = [
+    "add_parser",
+    "run",
+    "read_image",
+    "figure_image",
+    "explain_batch",
+    "Output",
+    "EXAMPLES",
+    "FIGURE_MAX_SIDE",
+]
+
+#: Figures are drawn from the image downscaled to at most this many pixels on its long side.
+FIGURE_MAX_SIDE = 2048
 
 METHODS_HELP = textwrap.fill(
     f"methods: any gradient method of gradcam_jax ({', '.join(method_names('gradient'))}), "
@@ -64,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Explain a pretrained classifier's predictions on IMAGE files. Writes one PNG "
         "per image (a row per class: the image, then one panel per method) and "
         "results.json into --out.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + "\n" + EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_input_arguments(ex)
@@ -102,7 +127,8 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="which classes to explain per image: topK (the K most probable, default "
         "top3) or a comma-separated list of class indices and/or exact class "
-        "names, e.g. 285,967 or 'tabby,espresso'",
+        f"names, e.g. 285,967 or 'tabby,espresso'. Figures (and --save-maps) hold the first {FIGURE_ROWS}; "
+        "results.json lists them all",
     )
     p.add_argument(
         "--methods",
@@ -154,14 +180,23 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_image(path: str) -> np.ndarray:
-    """The file as a uint8 RGB array, or raise ValueError with a readable reason."""
+    """The file as a uint8 RGB array (``explain-dir``'s decoder, at the file's size), or raise
+    ValueError with a readable reason."""
     try:
-        arr = load_image(path, size=None)
+        return load_image(path, size=None)
     except RecordError as e:
         raise ValueError(str(e)) from None
-    if arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise ValueError(f"image is only {arr.shape[1]} x {arr.shape[0]} pixels")
-    return arr
+
+
+def figure_image(image: np.ndarray) -> np.ndarray:
+    """``image`` downscaled (antialiased) to at most :data:`FIGURE_MAX_SIDE` pixels on its long
+    side, for drawing: a figure's panels are a few hundred pixels wide whatever the photo."""
+    h, w = image.shape[:2]
+    scale = FIGURE_MAX_SIDE / max(h, w)
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 @dataclass
@@ -193,7 +228,7 @@ class Output:
             targets = np.argsort(-probs, axis=-1)[:, : job.k]
         else:
             targets = np.broadcast_to(np.asarray(job.fixed, np.int64), (x.shape[0], job.k))
-        maps = explain_batch(job, x, targets)
+        maps = explain_batch(job, x, targets[:, :FIGURE_ROWS])
         for i, (path, image) in enumerate(batch):
             self._write(path, image, {m: maps[m][i] for m in job.methods}, targets[i], probs[i])
             self.progress.update(1, Path(path).name)
@@ -210,17 +245,27 @@ class Output:
         stem = _unique_stem(path, self.stems)
         title = f"{Path(path).name}  ·  {_pretty_model(job.model.name)}  ·  layer {job.layer}"
         names = job.model.class_names
+        drawn = targets[:FIGURE_ROWS]
         fig = viz.figure_grid(
-            image, maps, targets.tolist(), class_names=names, probs=probs, title=title, **job.style
+            figure_image(image),
+            maps,
+            drawn.tolist(),
+            class_names=names,
+            probs=probs,
+            title=title,
+            **job.style,
         )
         png = job.out_dir / f"{stem}.png"
-        viz.save_png(fig, png)
         files = [str(png)]
-        if job.save_maps:
-            npz = job.out_dir / f"{stem}.npz"
-            arrays: dict[str, Any] = {"classes": np.asarray(targets), "probs": probs, **maps}
-            np.savez_compressed(npz, **arrays)
-            files.append(str(npz))
+        try:
+            viz.save_png(fig, png)
+            if job.save_maps:
+                npz = job.out_dir / f"{stem}.npz"
+                arrays: dict[str, Any] = {"classes": np.asarray(drawn), "probs": probs, **maps}
+                np.savez_compressed(npz, **arrays)
+                files.append(str(npz))
+        except OSError as e:
+            raise _not_written(e) from None
         self.written.extend(files)
         self.records.append(
             {
@@ -244,6 +289,20 @@ def explain_batch(job: Job, x: np.ndarray, targets: np.ndarray) -> dict[str, np.
         else:
             out[name] = np.asarray(cam(job.tap, x, target=t, method=name))
     return out
+
+
+def _not_written(e: OSError) -> OutputNotWritable:
+    return OutputNotWritable(f"cannot write {str(e.filename or 'the output')!r}: {e.strerror or e}.")
+
+
+def figure_note(job: Job) -> str | None:
+    """Why the figures hold fewer classes than ``--classes`` asks for (``None``: they do not)."""
+    if job.k <= FIGURE_ROWS:
+        return None
+    return (
+        f"--classes {job.classes_spec}: figures (and --save-maps) hold each image's first {FIGURE_ROWS} "
+        f"of its {job.k} classes; results.json lists all {job.k}."
+    )
 
 
 def _unique_stem(path: str, taken: set[str]) -> str:
@@ -275,23 +334,33 @@ def _write_results(output: Output, seconds: float) -> Path:
         "method": ",".join(job.methods),
         "classes": job.classes_spec,
         "input_size": job.model.input_size,
+        "figure_rows": min(job.k, FIGURE_ROWS),
+        **({"note": note} if (note := figure_note(job)) else {}),
         "images": output.records,
         "errors": output.errors,
         "files": output.written,
         "seconds": seconds,
     }
     results = job.out_dir / "results.json"
-    results.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        results.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise _not_written(e) from None
     return results
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``explain`` for parsed ``args``: 0, or 1 when some files could not be read.
 
-    Raises :class:`UsageError` for bad arguments (before anything is written but the folder).
+    Raises :class:`UsageError` for bad arguments (before anything is written but the folder), and
+    :class:`~gradcam_jax.dataset.OutputNotWritable` when ``--out`` cannot be written (checked
+    before the model is loaded).
     """
     started = time.perf_counter()
     job = job_from_args(args)
+    note = figure_note(job)
+    if note and not args.quiet:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     output = Output(job, Progress(len(job.paths), enabled=not args.quiet))
     pending: list[tuple[str, np.ndarray]] = []
     for path in job.paths:

@@ -7,6 +7,7 @@ checks its arguments and hands them to :func:`gradcam_jax.dataset.explain_datase
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -16,11 +17,15 @@ import jax
 
 from .. import zoo
 from .._cam import method_names
-from ..dataset import explain_dataset
+from ..dataset import OutputError, explain_dataset
+from ..dataset.distributed import is_main
+from ..dataset.store import claim
 from .common import (
     EXIT_FAILED_FILES,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_STATUS_HELP,
     EXIT_USAGE,
     PROG,
     UsageError,
@@ -41,7 +46,13 @@ Explain every image under DIR (recursively) with a pretrained classifier and wri
 the predicted classes and probabilities, the file list and the unreadable files into a Zarr
 store. Uses every device JAX sees (and every host, with --distributed). Resumable: kill it at
 any moment and run the same command again; it continues where it stopped and the final store
-is identical to an uninterrupted run's. Running a finished job again does nothing."""
+is identical to an uninterrupted run's. Running a finished job again does nothing.
+
+One run per store: a run holds the lock file STORE.lock next to the store, and a second run on
+it (same settings or not) is refused with exit status 3, naming the process that holds it,
+before anything is touched. A lock left by a killed run on this host is taken over with a
+notice; one left by another host is refused with the command to remove it. --out must be a new
+folder, an empty one (kept), or a store; anything else is refused and left as it is."""
 
 EPILOG = f"""\
 examples:
@@ -57,9 +68,7 @@ several hosts (the same command on each; --out on a shared file system):
       jax.distributed.initialize() finds the cluster itself on Cloud TPU, Slurm and Open MPI;
       elsewhere add --coordinator-address HOST:PORT --num-processes N --process-id I
 
-exit status: {EXIT_OK} all images explained, {EXIT_FAILED_FILES} some files could not be read
-(recorded in the store's 'errors' and skipped), {EXIT_USAGE} bad arguments.
-"""
+{EXIT_STATUS_HELP}"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,7 +189,10 @@ def _add_runner_arguments(p: argparse.ArgumentParser) -> None:
         help="Grain loader processes on top of the threads (default: 0)",
     )
     p.add_argument(
-        "--no-resume", action="store_true", help="delete an existing store of this job and start over"
+        "--no-resume",
+        action="store_true",
+        help="delete the contents of an existing store and start over (never a store another run "
+        "holds, never a folder that is not a store)",
     )
 
 
@@ -247,10 +259,9 @@ def _target(spec: str, model) -> str | list[int] | None:
     out: list[int] = []
     for item in classes:
         if isinstance(item, int):
-            if names and not 0 <= item < len(names):
-                raise UsageError(
-                    f"--classes: class {item} is out of range; the model has {len(names)} classes."
-                )
+            if item < 0 or (names and item >= len(names)):
+                count = f"; the model has {len(names)} classes" if names else ""
+                raise UsageError(f"--classes: class {item} is out of range{count}.")
             out.append(item)
         elif hasattr(model, "class_index"):
             try:
@@ -290,10 +301,6 @@ def _model_arguments(model: Any, layer: str | None, size: int | None) -> dict[st
 
 def _explain_dataset_arguments(args: argparse.Namespace) -> dict:
     """Check ``args`` (a :class:`UsageError` names the first problem) into explain_dataset's keywords."""
-    if not os.path.isdir(args.dir):
-        raise UsageError(f"{args.dir!r} is not a folder.")
-    # Before anything touches a JAX backend: the distributed runtime must come first.
-    _initialize_distributed(args)
     model = load_model(args.model, taps=True)
     methods = parse_methods(args.methods, method_names("gradient"))
     target = _target(args.classes, model)
@@ -317,11 +324,27 @@ def _explain_dataset_arguments(args: argparse.Namespace) -> dict:
     )
 
 
+def _explain(args: argparse.Namespace):
+    """Check ``args``, claim the store (process 0), then load the model and run."""
+    if not os.path.isdir(args.dir):
+        raise UsageError(f"{args.dir!r} is not a folder.")
+    # Before anything touches a JAX backend: the distributed runtime must come first.
+    _initialize_distributed(args)
+    # The store's lock and an output check before the model is loaded: a locked, unwritable or
+    # foreign --out is refused at once (explain_dataset takes the same lock again, nested).
+    with claim(args.out) if is_main() else contextlib.nullcontext():
+        return explain_dataset(**_explain_dataset_arguments(args))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``explain-dir`` for parsed ``args``: 0, 1 (unreadable files, recorded), 2 (bad arguments)."""
+    """Run ``explain-dir`` for parsed ``args``: 0, 1 (unreadable files, recorded), 2 (bad
+    arguments), 3 (the output cannot be used: see :mod:`.common`), 130 (interrupted)."""
     try:
-        done = explain_dataset(**_explain_dataset_arguments(args))
-    except (UsageError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        done = _explain(args)
+    except OutputError as e:  # before ValueError: a store of another job is one
+        error(str(e), prog=EXPLAIN_DIR_PROG)
+        return EXIT_OUTPUT
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         error(str(e), prog=EXPLAIN_DIR_PROG)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -8,6 +8,8 @@ write) or raises :class:`~.common.UsageError` naming the first problem; :mod:`.e
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,21 @@ import matplotlib
 
 from .. import zoo
 from .._cam import method_names
+from ..dataset.lock import OutputNotWritable
 from ..guided import guided_backprop, guided_grad_cam
 from .common import UsageError, parse_classes, parse_methods
 from .models import Model, class_count, layer_tap, load_model
 
-__all__ = ["Job", "job_from_args", "DEMO_CLASSES", "PIXEL_METHODS", "DEFAULT_METHODS", "METHODS"]
+__all__ = [
+    "Job",
+    "job_from_args",
+    "output_folder",
+    "DEMO_CLASSES",
+    "PIXEL_METHODS",
+    "DEFAULT_METHODS",
+    "METHODS",
+    "FIGURE_ROWS",
+]
 
 #: The two objects in the demo picture: espresso (967, right) and Egyptian cat (285, left).
 DEMO_CLASSES = "967,285"
@@ -33,6 +45,9 @@ PIXEL_METHODS: dict[str, Callable[..., jax.Array]] = {
 DEFAULT_METHODS = "grad_cam,guided_backprop,guided_grad_cam"
 #: The CAM methods (every gradient method of gradcam_jax), then the pixel-space ones.
 METHODS = (*method_names("gradient"), *PIXEL_METHODS)
+#: The most classes a figure draws (one row each) and ``--save-maps`` keeps per image; results.json
+#: lists all of ``--classes``.
+FIGURE_ROWS = 10
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,7 @@ class Job:
     layer: str
     tap: object  # the model split at ``layer``
     fixed: list[int] | None  # the classes named in --classes; None: each image's top k
-    k: int
+    k: int  # classes per image in results.json; the first min(k, FIGURE_ROWS) are drawn
     batch_size: int
     out_dir: Path
     style: dict  # viz.figure_grid's alpha, cmap and dpi
@@ -69,19 +84,32 @@ def job_from_args(args: argparse.Namespace) -> Job:
         raise UsageError(
             f"--cmap {args.cmap!r} is not a Matplotlib colormap (try jet, turbo, inferno, viridis)."
         )
+    out_dir = output_folder(args.out)  # before the model: an unwritable folder fails fast
     model = load_model(args.model)
     fixed, k = _resolve_classes(classes, model)
     layer, tap = layer_tap(model, args.layer)
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the output folder {str(out_dir)!r}: {e.strerror or e}") from None
     style = {"alpha": args.alpha, "cmap": args.cmap, "dpi": args.dpi}
     batch_size = min(args.batch_size, len(paths))
     return Job(
         paths, classes_spec, methods, model, layer, tap, fixed, k, batch_size, out_dir, style, args.save_maps
     )
+
+
+def output_folder(out: str) -> Path:
+    """``--out``, created and checked writable; :class:`OutputNotWritable` (exit status 3) if not."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputNotWritable(
+            f"cannot write the output folder {str(path)!r}: {e.strerror or e}"
+            + (f" ({e.filename})" if e.filename and str(e.filename) != str(path) else "")
+            + "."
+        ) from None
+    return path
 
 
 def _resolve_classes(classes: int | list[int | str], model: Model) -> tuple[list[int] | None, int]:
