@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ._callables import as_pytree
+from ._inputs import check_batch
 from ._tap import Tap, as_tap, scores_fn
 from ._targets import (
     Target,
@@ -102,7 +103,11 @@ def activations_and_grads(tap, x, target: Target = None) -> Grads:
       >>> out.activation.shape, out.grads.shape, out.selected.tolist()
       ((1, 2, 2, 3), (2, 1, 2, 2, 3), [[8.0, 8.0]])
     """
-    return grads_for_spec(as_tap(tap), x, target_spec(target, batch_size(x)))
+    tap = as_tap(tap)
+    check_batch(x, "activations_and_grads")
+    spec = target_spec(target, batch_size(x))
+    check_tap_target(tap, x, spec, "activations_and_grads")
+    return grads_for_spec(tap, x, spec)
 
 
 def grads_for_spec(tap: Tap, x, spec: TargetSpec) -> Grads:

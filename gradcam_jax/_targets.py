@@ -143,6 +143,8 @@ def _array_target(arr, batch: int) -> TargetSpec:
                 f"target has shape {arr.shape} but the batch has {batch} examples: a 2-D target is "
                 f"(batch, K) class indices."
             )
+        if arr.shape[1] == 0:
+            raise ValueError(f"target has shape {arr.shape}: no class to explain (K = 0); give K >= 1.")
         return TargetSpec("multi", arr)
     raise ValueError(f"target must be an int, (B,) or (B, K) int array; got shape {arr.shape}.")
 
