@@ -447,7 +447,8 @@ def test_figures_hold_at_most_figure_rows_classes(env, tmp_path, monkeypatch, ca
         "--classes top5: figures (and --save-maps) hold each image's first 2 of its 5 classes; "
         "results.json lists all 5."
     )
-    assert f"gradcam-jax: note: {note}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"gradcam-jax: note: {note}" in err and " and 3 more -> " in err
     res = json.loads((tmp_path / "a" / "results.json").read_text())
     explained = [c["index"] for c in res["images"][0]["explained"]]
     assert res["note"] == note and res["figure_rows"] == 2 and len(explained) == 5

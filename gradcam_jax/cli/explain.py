@@ -378,7 +378,9 @@ def run(args: argparse.Namespace) -> int:
     results = _write_results(output, seconds)
     if not args.quiet:
         for rec in output.records:
-            best = ", ".join(f"{c['name']} {100 * c['prob']:.1f}%" for c in rec["explained"])
+            shown, more = rec["explained"][:FIGURE_ROWS], len(rec["explained"]) - FIGURE_ROWS
+            best = ", ".join(f"{c['name']} {100 * c['prob']:.1f}%" for c in shown)
+            best += f" and {more} more" if more > 0 else ""
             print(f"{rec['path']}: {best} -> {rec['files'][0]}", file=sys.stderr)
         failed = f"; {len(output.errors)} file(s) could not be read" if output.errors else ""
         print(
