@@ -121,6 +121,11 @@ def linen_tap(
     if not isinstance(layer, str):
         raise TypeError(f"linen_tap: layer must be a module path string like 'stage4/block2'; got {layer!r}.")
     layer = layer.strip("/")
+    if not layer:
+        raise ValueError(
+            "linen_tap: layer is empty; give the module path of a layer inside the model, like "
+            "'stage4/block2' (gcj.linen_layers(module, variables, x) lists them)."
+        )
     apply = _linen_apply(module, layer, call, layer_method, apply_kwargs)
     key = (
         "linen",
