@@ -171,13 +171,7 @@ class UserModel:
         """The index of a class by its exact name (case-insensitive)."""
         if self.class_names is None:
             raise ValueError(f"{name!r} is not a class index, and {self.name} has no class_names.")
-        low = name.strip().lower()
-        for i, n in enumerate(self.class_names):
-            if n.lower() == low:
-                return i
-        close = [n for n in self.class_names if low in n.lower()][:10]
-        hint = f" Names containing it: {', '.join(close)}." if close else ""
-        raise ValueError(f"{self.name} has no class named {name!r}.{hint}")
+        return zoo.find_class(self.class_names, name, self.name)
 
     @functools.cached_property
     def layers(self) -> tuple[str, ...] | None:

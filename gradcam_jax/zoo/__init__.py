@@ -29,12 +29,14 @@ from ._entries import MODELS as MODELS
 from ._entries import efficientnet_lite0 as efficientnet_lite0
 from ._entries import load as load
 from ._pretrained import Pretrained as Pretrained
+from ._pretrained import find_class as find_class
 from ._pth import PthError as PthError
 from ._pth import load_pth as load_pth
 
 __all__ = [
     "efficientnet_lite0",
     "Pretrained",
+    "find_class",
     "load_pth",
     "PthError",
     "cache_dir",

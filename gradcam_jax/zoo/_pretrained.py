@@ -19,6 +19,17 @@ from .._adapters import linen_layers, linen_tap
 __all__ = ["Pretrained"]
 
 
+def find_class(class_names, name: str, model_name: str) -> int:
+    """The index of ``name`` in ``class_names`` (exact, case-insensitive); the error lists close names."""
+    low = name.strip().lower()
+    for i, n in enumerate(class_names):
+        if n.lower() == low:
+            return i
+    close = [n for n in class_names if low in n.lower()][:10]
+    hint = f" Names containing it: {', '.join(close)}." if close else ""
+    raise ValueError(f"{model_name} has no class named {name!r}.{hint}")
+
+
 class Pretrained:
     """A pretrained image classifier, ready to explain.
 
@@ -125,13 +136,7 @@ class Pretrained:
 
     def class_index(self, name: str) -> int:
         """The index of a class by its exact name (case-insensitive)."""
-        low = name.strip().lower()
-        for i, n in enumerate(self.class_names):
-            if n.lower() == low:
-                return i
-        close = [n for n in self.class_names if low in n.lower()][:10]
-        hint = f" Names containing it: {', '.join(close)}." if close else ""
-        raise ValueError(f"{self.name} has no class named {name!r}.{hint}")
+        return find_class(self.class_names, name, self.name)
 
     # ---------------------------------------------------------------- explaining
 
