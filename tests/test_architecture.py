@@ -286,27 +286,13 @@ def test_no_private_name_crosses_a_module_border():
 # (c) function-local imports of our own modules
 
 
-LAZY_MARK = "lazy-import:"
-
-
-def lazy_marked(src: Source, node: ast.AST) -> bool:
-    """An import on purpose inside a function: the comment line above it says ``# lazy-import: <why>``."""
-    lines = src.text.splitlines()
-    above = lines[node.lineno - 2] if node.lineno >= 2 else ""
-    return above.strip().startswith("#") and LAZY_MARK in above
-
-
 def local_imports(src: Source, modules: frozenset[str]) -> list[str]:
     found = {}
     for function in ast.walk(src.tree):
         if not isinstance(function, FUNCTIONS):
             continue
         for node in ast.walk(function):
-            if (
-                isinstance(node, ast.Import | ast.ImportFrom)
-                and our_imports(src, node, modules)
-                and not lazy_marked(src, node)
-            ):
+            if isinstance(node, ast.Import | ast.ImportFrom) and our_imports(src, node, modules):
                 # ast.walk reaches nested functions after their parents: the innermost one wins.
                 found[node.lineno] = f"{src.path}:{node.lineno}: in {function.name}(): {ast.unparse(node)}"
     return [found[line] for line in sorted(found)]
@@ -423,21 +409,6 @@ def test_checker_finds_a_cycle_through_a_subpackage():
     assert import_graph(srcs, modules, in_functions=True)["gradcam_jax.x"] == {
         "gradcam_jax.a": "gradcam_jax/x.py:2"
     }
-
-
-def test_checker_accepts_only_marked_lazy_imports():
-    modules = frozenset({"gradcam_jax", "gradcam_jax.a", "gradcam_jax.b"})
-    src = fake(
-        "gradcam_jax.b",
-        (
-            "def f():\n"
-            "    # lazy-import: a needs flax.linen\n"
-            "    from .a import g\n"
-            "    # any other comment\n"
-            "    from .a import h\n"
-        ),
-    )
-    assert local_imports(src, modules) == ["gradcam_jax/b.py:5: in f(): from .a import h"]
 
 
 def test_checker_finds_private_names():

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..models.efficientnet_lite import EfficientNetLite, random_variables, torch_state_dict_to_flax
 from ._assets import load_class_names
 from ._cache import cache_dir, file_digest, read_variables, save_variables
 from ._pretrained import Pretrained
@@ -66,12 +67,6 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
     EfficientNet-B* package it was forked from; that is not what these weights were trained
     with.)
     """
-    # The one import of our own inside a function, on purpose: the architecture module defines
-    # Flax Linen classes, and `import gradcam_jax` (which imports this package) must not import
-    # flax.linen (tests/test_adapters.py). Flax loads when a zoo model is first built.
-    # lazy-import: flax.linen stays out of `import gradcam_jax`
-    from ..models.efficientnet_lite import EfficientNetLite, random_variables, torch_state_dict_to_flax
-
     module = EfficientNetLite()
     class_names = load_class_names()
     if weights is None:
