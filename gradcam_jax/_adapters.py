@@ -18,7 +18,7 @@ from ._callables import ByIdentity, KeyedFunction, hashable
 from ._layout import Layout
 from ._nnx import nnx_layers as nnx_layers
 from ._nnx import nnx_tap as nnx_tap
-from ._tap import Edit, Tap, adapt_tap
+from ._tap import Edit, Tap, adapt_tap, check_calls
 
 __all__ = ["linen_tap", "equinox_tap", "linen_layers", "nnx_tap", "nnx_layers", "Output"]
 
@@ -182,22 +182,11 @@ def _linen_interceptor(
 
 def _check_linen_calls(layer: str, call: int | None, paths: list, hits: list, taken: list) -> None:
     """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
-    if not hits:
-        raise ValueError(
-            f"linen_tap: layer {layer!r} was not called. Layers called, in order: "
-            f"{_list_layers([p for p in paths if p])}."
-        )
-    if call is None and len(hits) > 1:
-        raise ValueError(
-            f"linen_tap: layer {layer!r} was called {len(hits)} times in one forward pass (a "
-            f"shared or recurrent layer). Pick one call with linen_tap(..., call=i), "
-            f"0 <= i < {len(hits)}."
-        )
-    if call is not None and not taken:
-        raise ValueError(
-            f"linen_tap: call={call} asked for, but layer {layer!r} was called only "
-            f"{len(hits)} time(s); use 0 <= call < {len(hits)}."
-        )
+    not_called = (
+        f"linen_tap: layer {layer!r} was not called. Layers called, in order: "
+        f"{_list_layers([p for p in paths if p])}."
+    )
+    check_calls("linen_tap", f"layer {layer!r}", len(hits), call, bool(taken), not_called)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax
 
 from ._callables import KeyedFunction, hashable
 from ._layout import Layout
-from ._tap import Tap, adapt_tap
+from ._tap import Tap, adapt_tap, check_calls
 
 __all__ = ["haiku_tap", "haiku_layers"]
 
@@ -243,17 +243,7 @@ def _interceptor(layer: str, call: int | None, edit, names: list, hits: list, ta
 
 def _check_calls(layer: str, call: int | None, names: list, hits: list, taken: list) -> None:
     """After a forward pass: the module was called, once, or ``call`` picks one of its calls."""
-    if not hits:
-        raise ValueError(
-            f"haiku_tap: module {layer!r} was not called. Modules called, in order: {_list_layers(names)}."
-        )
-    if call is None and len(hits) > 1:
-        raise ValueError(
-            f"haiku_tap: module {layer!r} was called {len(hits)} times in one forward pass (a shared or "
-            f"recurrent module). Pick one call with haiku_tap(..., call=i), 0 <= i < {len(hits)}."
-        )
-    if call is not None and not taken:
-        raise ValueError(
-            f"haiku_tap: call={call} asked for, but module {layer!r} was called only {len(hits)} "
-            f"time(s); use 0 <= call < {len(hits)}."
-        )
+    not_called = (
+        f"haiku_tap: module {layer!r} was not called. Modules called, in order: {_list_layers(names)}."
+    )
+    check_calls("haiku_tap", f"module {layer!r}", len(hits), call, bool(taken), not_called)

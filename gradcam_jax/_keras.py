@@ -29,7 +29,7 @@ from typing import Any
 
 from ._callables import ByIdentity, KeyedFunction
 from ._layout import Layout
-from ._tap import Tap, adapt_tap
+from ._tap import Tap, adapt_tap, check_calls
 
 __all__ = ["keras_tap", "keras_layers"]
 
@@ -162,21 +162,11 @@ def _recorder(label: str, call: int | None, edit, hits: list, taken: list) -> Ca
 
 def _check_calls(model, label: str, call: int | None, hits: list, taken: list) -> None:
     """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
-    if not hits:
-        raise ValueError(
-            f"keras_tap: the layer {label!r} was not called by the model's forward pass. Layers of the "
-            f"model, in order: {', '.join(keras_layers(model)) or '(none)'}."
-        )
-    if call is None and len(hits) > 1:
-        raise ValueError(
-            f"keras_tap: the layer {label!r} was called {len(hits)} times in one forward pass (a shared "
-            f"layer). Pick one call with keras_tap(..., call=i), 0 <= i < {len(hits)}."
-        )
-    if call is not None and not taken:
-        raise ValueError(
-            f"keras_tap: call={call} asked for, but the layer {label!r} was called only {len(hits)} "
-            f"time(s); use 0 <= call < {len(hits)}."
-        )
+    not_called = (
+        f"keras_tap: the layer {label!r} was not called by the model's forward pass. Layers of the "
+        f"model, in order: {', '.join(keras_layers(model)) or '(none)'}."
+    )
+    check_calls("keras_tap", f"the layer {label!r}", len(hits), call, bool(taken), not_called)
 
 
 def _takes_training(model) -> bool:

@@ -19,7 +19,7 @@ import jax
 
 from ._callables import ByIdentity, KeyedFunction, hashable
 from ._layout import Layout
-from ._tap import Tap, adapt_tap
+from ._tap import Tap, adapt_tap, check_calls
 
 __all__ = ["nnx_tap", "nnx_layers"]
 
@@ -240,17 +240,5 @@ def nnx_tap(
 
 def _check_nnx_calls(label: str, run: _NnxRun) -> None:
     """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
-    if not run.hits:
-        raise ValueError(
-            f"nnx_tap: layer {label!r} was not called. Layers called, in order: {_shown(run.called)}."
-        )
-    if run.call is None and run.hits > 1:
-        raise ValueError(
-            f"nnx_tap: layer {label!r} was called {run.hits} times in one forward pass (a shared or "
-            f"recurrent layer). Pick one call with nnx_tap(..., call=i), 0 <= i < {run.hits}."
-        )
-    if run.call is not None and not run.taken:
-        raise ValueError(
-            f"nnx_tap: call={run.call} asked for, but layer {label!r} was called only {run.hits} "
-            f"time(s); use 0 <= call < {run.hits}."
-        )
+    not_called = f"nnx_tap: layer {label!r} was not called. Layers called, in order: {_shown(run.called)}."
+    check_calls("nnx_tap", f"layer {label!r}", run.hits, run.call, bool(run.taken), not_called)

@@ -66,7 +66,7 @@ ApplyFn = Callable[[Any, jax.Array, "Edit | None"], "tuple[Any, jax.Array]"]
 #: What a plain-callable tap receives as ``delta`` for "no change".
 NO_DELTA = 0.0
 
-__all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn", "pick_output", "adapt_tap"]
+__all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn", "pick_output", "adapt_tap", "check_calls"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -300,3 +300,22 @@ def _with_output_check(tap: Tap) -> Tap:
         return pick_output(scores), a
 
     return Tap(KeyedFunction(apply, ("output", hashable(inner))), tap.params, tap.name)
+
+
+def check_calls(adapter: str, what: str, hits: int, call: int | None, taken: bool, not_called: str) -> None:
+    """After a forward pass through an adapter's model: the tapped layer was called, once, or
+    ``call`` picks one of its calls. ``what`` names it (``"layer 'stage4'"``); ``not_called`` is
+    the adapter's message for a layer never called (it lists what was)."""
+    if not hits:
+        raise ValueError(not_called)
+    if call is None and hits > 1:
+        kind = what.split()[-2]  # "layer" / "module"
+        raise ValueError(
+            f"{adapter}: {what} was called {hits} times in one forward pass (a shared or recurrent "
+            f"{kind}). Pick one call with {adapter}(..., call=i), 0 <= i < {hits}."
+        )
+    if call is not None and not taken:
+        raise ValueError(
+            f"{adapter}: call={call} asked for, but {what} was called only {hits} time(s); "
+            f"use 0 <= call < {hits}."
+        )
