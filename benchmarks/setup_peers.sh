@@ -24,7 +24,7 @@ BENCH_VENV="${BENCH_VENV:-$(dirname "$REPO")/bench-venv}"
 PYTHON="${PYTHON:-python3}"
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
-PEERS=(grad-cam captum efficientnet-lite-pytorch)
+PEERS=(grad-cam captum efficientnet-lite-pytorch zennit saliency torchcam)
 
 case "$BENCH_VENV" in
   "$REPO"|"$REPO"/*)
