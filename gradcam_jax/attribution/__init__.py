@@ -1,0 +1,18 @@
+"""Attributions beyond CAM: path methods, a noise tunnel, relevance rules, sampling methods, XRAI.
+
+Every explainer here takes a model called as ``x -> scores`` (any JAX callable, a tap) and
+returns attributions in the input's pixels; targets, pytree inputs and layouts as for
+:func:`gradcam_jax.grad_cam`.
+"""
+
+from .noise import noise_tunnel as noise_tunnel
+from .path import expected_gradients as expected_gradients
+from .path import input_x_gradient as input_x_gradient
+from .path import integrated_gradients as integrated_gradients
+
+__all__ = [
+    "integrated_gradients",
+    "expected_gradients",
+    "input_x_gradient",
+    "noise_tunnel",
+]

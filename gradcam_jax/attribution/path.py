@@ -1,0 +1,335 @@
+"""Path attributions: Integrated Gradients, Expected Gradients (GradientSHAP), Input x Gradient.
+
+Integrated Gradients integrates the input gradient along the straight line from a baseline
+``x'`` to the input ``x``; the integral is a fixed quadrature, so its steps are a static list
+of ``(alpha, weight)`` pairs that run as ``vmap``-ed chunks of ``per_step`` steps inside one
+``lax.scan`` under ``jit`` — peak memory is set by the chunk, the model appears once in the
+compiled program, and the weighted sum is accumulated as the chunks go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._callables import PytreeCallable, as_pytree
+from .._inputs import input_view, spatial_size, with_leaf
+from .._layout import from_channels_last, to_channels_last
+from .._maps import kernel
+from .._tap import scores_fn
+from .._targets import Target, TargetSpec, fixed_top, nan_where, select_scores
+from ._blur import apply_blur, blur_matrices
+from ._common import (
+    check_baseline_shape,
+    check_key,
+    check_positive_int,
+    explained_grads,
+    gate,
+    per_target,
+    weighted_sum,
+)
+
+__all__ = [
+    "QUADRATURES",
+    "quadrature",
+    "PathOptions",
+    "path_kernel",
+    "integrated_gradients",
+    "expected_gradients",
+    "gradient_shap_draws",
+    "input_x_gradient",
+    "SampledPathOptions",
+    "expected_gradients_kernel",
+]
+
+QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(alphas, weights)`` of a quadrature of ``int_0^1 g(alpha) d alpha`` (Captum's conventions).
+
+    Examples:
+      >>> from gradcam_jax.attribution.path import quadrature
+      >>> a, w = quadrature("riemann_trapezoid", 3)
+      >>> a.tolist(), w.tolist()
+      ([0.0, 0.5, 1.0], [0.16666666666666666, 0.3333333333333333, 0.16666666666666666])
+    """
+    n = int(steps)
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return 0.5 * (1 + nodes), 0.5 * weights
+    if n < 2:
+        raise ValueError(f"integrated_gradients: method={method!r} needs steps >= 2; got {n}.")
+    weights = np.full(n, 1.0 / n)
+    if method == "riemann_left":
+        return np.linspace(0, 1 - 1 / n, n), weights
+    if method == "riemann_right":
+        return np.linspace(1 / n, 1, n), weights
+    if method == "riemann_middle":
+        return np.linspace(1 / (2 * n), 1 - 1 / (2 * n), n), weights
+    if method == "riemann_trapezoid":
+        weights[0] /= 2
+        weights[-1] /= 2
+        return np.linspace(0, 1, n), weights
+    raise ValueError(f"integrated_gradients: method={method!r} is not one of {', '.join(QUADRATURES)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathOptions:
+    """The static options of :func:`path_kernel`: the quadrature, the chunk, the image leaf."""
+
+    alphas: tuple[float, ...]
+    weights: tuple[float, ...]
+    per_step: int
+    leaf: int = 0
+    delta: bool = False
+
+
+@kernel
+def path_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: PathOptions):
+    """``(x - x') * sum_i w_i grad(x' + alpha_i (x - x'))`` under ``jit``; with ``options.delta``
+    also the completeness error ``sum(attributions) - (f(x) - f(x'))`` per example (and target)."""
+    call = scores_fn(fn.fn)
+    leaf = options.leaf
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    clean = call(x)
+    spec = fixed_top(target, clean)
+    y = select_scores(spec, clean)
+    diff = image - baseline
+
+    def grads_at(alpha):
+        return explained_grads(call, x, leaf, spec, baseline + alpha.astype(diff.dtype) * diff)[1]
+
+    total = weighted_sum(grads_at, np.asarray(options.alphas), options.weights, options.per_step)
+    attributions = nan_where(jnp.isnan(y), per_target(diff, y) * total)
+    if not options.delta:
+        return attributions
+    from_base = y - select_scores(spec, call(with_leaf(x, leaf, baseline)))
+    axes = tuple(range(y.ndim, attributions.ndim))
+    return attributions, jnp.sum(attributions, axis=axes) - from_base
+
+
+def _per_step(chunk_size, steps: int, batch: int, who: str) -> int:
+    if chunk_size is None:
+        return steps
+    check_positive_int(chunk_size, "chunk_size", who)
+    return max(1, min(steps, int(chunk_size) // max(batch, 1)))
+
+
+def _baseline(baseline, image, x, key, layout, input, who: str, blur_sigma: float):
+    """The baseline image in the image's own layout: zeros, an array, ``"blur"`` or ``"uniform"``."""
+    if baseline is None:
+        return jnp.zeros_like(image)
+    if isinstance(baseline, str):
+        if baseline == "blur":
+            view = input_view(x, layout, input, who)
+            mats = [m[0] for m in blur_matrices(spatial_size(x, view), [blur_sigma])]
+            return from_channels_last(apply_blur(to_channels_last(image, view.layout), mats), view.layout)
+        if baseline == "uniform":
+            check_key(key, who)
+            axes = tuple(range(1, image.ndim))
+            lo = jnp.min(image, axis=axes, keepdims=True)
+            hi = jnp.max(image, axis=axes, keepdims=True)
+            return lo + (hi - lo) * jax.random.uniform(key, image.shape, image.dtype)
+        raise ValueError(
+            f"{who}: baseline={baseline!r} is not a known baseline; give None (zeros), an array, "
+            f'"blur" or "uniform" (with key=).'
+        )
+    return check_baseline_shape(baseline, image, who)
+
+
+def integrated_gradients(
+    fn: Callable,
+    x,
+    target: Target = None,
+    *,
+    baseline: Any = None,
+    steps: int = 50,
+    method: str = "gausslegendre",
+    chunk_size: int | None = None,
+    return_delta: bool = False,
+    key=None,
+    blur_sigma: float = 10.0,
+    layout: str | None = None,
+    input: Any = None,
+):
+    """Integrated Gradients: the input gradient integrated along the line from a baseline to ``x``.
+
+    ``IG_i(x) = (x_i - x'_i) * int_0^1 d y^c(x' + a (x - x')) / d x_i  da``, the integral taken
+    with ``steps`` nodes of ``method`` (Captum's quadratures: Gauss-Legendre, or a left / right /
+    middle / trapezoid Riemann sum). Completeness: ``sum_i IG_i = y^c(x) - y^c(x')`` up to the
+    quadrature's error, which ``return_delta`` reports per example.
+
+    Args:
+      fn: any JAX callable ``x -> scores`` (a tap's scores for a tap).
+      x: the input batch (any layout), or a pytree whose image ``input`` picks.
+      target: as in :func:`gradcam_jax.grad_cam`; ``None`` is each example's top class on ``x``.
+      baseline: ``None`` (zeros), an array broadcastable to the image, ``"blur"`` (a Gaussian
+        blur of ``x`` with ``blur_sigma``, zero padding) or ``"uniform"`` (uniform noise in each
+        example's value range; needs ``key``).
+      steps: quadrature nodes.
+      method: ``"gausslegendre"`` (default, as Captum), ``"riemann_left"``, ``"riemann_right"``,
+        ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+      chunk_size: images (steps x batch) differentiated at once, bounding peak memory; default
+        all steps at once.
+      return_delta: also return the completeness error ``sum(IG) - (y(x) - y(x'))``, ``(B,)``
+        (``(B, K)`` for K targets), as Captum's ``return_convergence_delta``.
+      key, blur_sigma, layout, input: for the ``"uniform"`` / ``"blur"`` baselines and pytree inputs.
+
+    Returns:
+      Attributions shaped like the image, ``(B, ...)`` or ``(B, K, ...)``; with
+      ``return_delta``, ``(attributions, delta)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, gradcam_jax as gcj
+      >>> f = lambda x: jnp.stack([jnp.sum(x**2, axis=1), jnp.sum(x, axis=1)], -1)
+      >>> a, d = gcj.integrated_gradients(f, jnp.array([[1.0, 2.0]]), 0, steps=4, return_delta=True)
+      >>> a.round(4).tolist(), abs(float(d[0])) < 1e-5
+      ([[1.0, 4.0]], True)
+
+    References:
+      Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017,
+      https://arxiv.org/abs/1703.01365.
+    """
+    who = "integrated_gradients"
+    leaf, spec = gate(fn, x, target, input, who)
+    steps = check_positive_int(steps, "steps", who)
+    alphas, weights = quadrature(method, steps)
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    start = _baseline(baseline, image, x, key, layout, input, who, blur_sigma)
+    per = _per_step(chunk_size, steps, image.shape[0], who)
+    options = PathOptions(tuple(alphas.tolist()), tuple(weights.tolist()), per, leaf, bool(return_delta))
+    return path_kernel(as_pytree(fn), x, spec, start, options=options)
+
+
+def input_x_gradient(fn: Callable, x, target: Target = None, *, input: Any = None) -> jax.Array:
+    """Input x Gradient: ``x_i * d y^c / d x_i`` (one forward and one backward pass).
+
+    Args:
+      fn, x, target, input: as in :func:`integrated_gradients`.
+
+    Returns:
+      Attributions shaped like the image, ``(B, ...)`` or ``(B, K, ...)``.
+
+    References:
+      Shrikumar et al., "Not Just a Black Box: Learning Important Features Through Propagating
+      Activation Differences", 2016, https://arxiv.org/abs/1605.01713.
+    """
+    leaf, spec = gate(fn, x, target, input, "input_x_gradient")
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    options = PathOptions((1.0,), (1.0,), 1, leaf, False)
+    return path_kernel(as_pytree(fn), x, spec, jnp.zeros_like(image), options=options)
+
+
+def gradient_shap_draws(key, batch: int, n_samples: int, n_baselines: int, shape, stdev: float, dtype):
+    """The random draws of :func:`expected_gradients`, ``n_samples`` per example.
+
+    ``(baseline index (B, S), alpha ~ U(0, 1) (B, S), noise ~ N(0, stdev^2) (B, S, *shape))``
+    from three subkeys of ``key``.
+    """
+    k_idx, k_alpha, k_noise = jax.random.split(key, 3)
+    idx = jax.random.randint(k_idx, (batch, n_samples), 0, n_baselines)
+    alpha = jax.random.uniform(k_alpha, (batch, n_samples), dtype)
+    noise = stdev * jax.random.normal(k_noise, (batch, n_samples, *shape), dtype)
+    return idx, alpha, noise
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledPathOptions:
+    """The static options of :func:`expected_gradients_kernel`."""
+
+    n_samples: int
+    per_step: int
+    leaf: int = 0
+
+
+@kernel
+def expected_gradients_kernel(
+    fn: PytreeCallable, x, target: TargetSpec, baselines, draws, *, options: SampledPathOptions
+):
+    """``mean_s (x + n_s - r_s) * grad(r_s + a_s (x + n_s - r_s))`` under ``jit``."""
+    call = scores_fn(fn.fn)
+    leaf = options.leaf
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    clean = call(x)
+    spec = fixed_top(target, clean)
+    y = select_scores(spec, clean)
+    idx, alpha, noise = draws
+
+    def one(sample):
+        i, a, n = sample
+        noisy = image + n
+        ref = baselines[i]
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        point = ref + a.reshape(shape) * (noisy - ref)
+        _, g = explained_grads(call, x, leaf, spec, point)
+        return per_target(noisy - ref, y) * g
+
+    samples = (idx.T, alpha.T, jnp.moveaxis(noise, 1, 0))
+    n = options.n_samples
+    return nan_where(jnp.isnan(y), weighted_sum(one, samples, np.full(n, 1.0 / n), options.per_step))
+
+
+def expected_gradients(
+    fn: Callable,
+    x,
+    target: Target = None,
+    *,
+    baselines,
+    key,
+    n_samples: int = 5,
+    stdev: float = 0.0,
+    chunk_size: int | None = None,
+    input: Any = None,
+):
+    """Expected Gradients (GradientSHAP): IG's integrand at random points between random baselines and ``x``.
+
+    For each example, ``n_samples`` draws of a baseline ``r`` (uniformly from ``baselines``), a
+    point ``a ~ U(0, 1)`` on the path and Gaussian noise ``n ~ N(0, stdev^2)`` on the input::
+
+        EG(x) = mean_s (x + n_s - r_s) * grad y^c(r_s + a_s (x + n_s - r_s))
+
+    — Captum's ``GradientShap`` (the expectation of IG over a baseline distribution). The
+    draws are :func:`gradient_shap_draws` of ``key``.
+
+    Args:
+      fn, x, target, input: as in :func:`integrated_gradients`.
+      baselines: ``(R, ...)``: R reference images shaped like one example (a background set).
+      key: a ``jax.random`` key.
+      n_samples: draws per example.
+      stdev: the noise's standard deviation (0: none).
+      chunk_size: images differentiated at once (draws x batch); default all.
+
+    Returns:
+      Attributions shaped like the image, ``(B, ...)`` or ``(B, K, ...)``.
+
+    References:
+      Lundberg & Lee, "A Unified Approach to Interpreting Model Predictions", NeurIPS 2017,
+      https://arxiv.org/abs/1705.07874; Erion et al., "Improving performance of deep learning
+      models with axiomatic attribution priors and expected gradients", 2020,
+      https://arxiv.org/abs/1906.10670.
+    """
+    who = "expected_gradients"
+    leaf, spec = gate(fn, x, target, input, who)
+    check_key(key, who)
+    n_samples = check_positive_int(n_samples, "n_samples", who)
+    image = jax.tree_util.tree_leaves(x)[leaf]
+    baselines = jnp.asarray(baselines)
+    if baselines.shape[1:] != image.shape[1:] or baselines.ndim != image.ndim or not len(baselines):
+        raise ValueError(
+            f"{who}: baselines must be (R, {', '.join(map(str, image.shape[1:]))}): R >= 1 reference inputs "
+            f"shaped like one example; got {tuple(baselines.shape)}."
+        )
+    draws = gradient_shap_draws(
+        key, image.shape[0], n_samples, baselines.shape[0], image.shape[1:], float(stdev), image.dtype
+    )
+    per = _per_step(chunk_size, n_samples, image.shape[0], who)
+    options = SampledPathOptions(n_samples, per, leaf)
+    return expected_gradients_kernel(
+        as_pytree(fn), x, spec, baselines.astype(image.dtype), draws, options=options
+    )
