@@ -48,6 +48,11 @@ from .postprocess import upsample_to
 __all__ = ["input_gradient_penalty", "cam_alignment", "outside_fraction"]
 
 
+def _at_least_f32(a):
+    """Half-precision values computed in float32; float64 kept (finite-difference checks)."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
 def _labels(y, b: int, who: str):
     y = jnp.asarray(y)
     if y.shape != (b,) or not jnp.issubdtype(y.dtype, jnp.integer):
@@ -107,7 +112,7 @@ def input_gradient_penalty(fn: Callable, params, x, y, mask, *, all_classes: boo
         logits = fn(params, xx)
         if getattr(logits, "ndim", 0) != 2 or logits.shape[0] != b:
             raise ValueError(f"{who}: fn(params, x) must return logits (B, classes); got {logits.shape}.")
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
         if all_classes:
             return jnp.sum(logp)
         return jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=-1))
@@ -126,8 +131,8 @@ def outside_fraction(maps, mask, eps: float = 1e-8) -> jax.Array:
     >>> outside_fraction(jnp.array([[[1.0, 3.0]]]), jnp.array([[1.0, 0.0]])).tolist()
     [0.75]
     """
-    maps = jnp.asarray(maps, jnp.float32)
-    mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), maps.shape)
+    maps = _at_least_f32(jnp.asarray(maps))
+    mask = jnp.broadcast_to(jnp.asarray(mask, maps.dtype), maps.shape)
     return jnp.sum((1.0 - mask) * maps, axis=(-2, -1)) / (jnp.sum(maps, axis=(-2, -1)) + eps)
 
 
@@ -157,11 +162,11 @@ def cam_alignment(tap, x, y, mask) -> jax.Array:
     tap = as_tap(tap)
     b = batch_size(x)
     y = _labels(y, b, who)
-    mask = jnp.asarray(mask, jnp.float32)
+    mask = _at_least_f32(jnp.asarray(mask))
     if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[0] != b):
         raise ValueError(f"{who}: mask must be (H, W) or (B, H, W) with B = {b}; got {tuple(mask.shape)}.")
     out = grads_for_spec(tap, x, TargetSpec("index", y.astype(jnp.int32)))
-    a, g = out.activation.astype(jnp.float32), out.grads.astype(jnp.float32)
+    a, g = _at_least_f32(out.activation), _at_least_f32(out.grads)
     if a.ndim != 4:
         raise ValueError(f"{who}: the tapped layer must be a feature map (B, h, w, C); got {a.shape}.")
     raw = jax.nn.relu(methods.grad_cam(a, g))  # (B, h, w)
