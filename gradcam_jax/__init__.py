@@ -7,6 +7,7 @@ activation and its gradient, whatever the number of classes explained.
 This module only re-exports; ``ARCHITECTURE.md`` in the repository maps the modules.
 """
 
+from . import attribution as attribution
 from . import methods as methods
 from . import metrics as metrics
 from . import perturbation as perturbation
@@ -39,6 +40,10 @@ from ._tap import split_tap as split_tap
 from ._targets import TargetSpec as TargetSpec
 from ._targets import target_spec as target_spec
 from ._version import __version__ as __version__
+from .attribution import expected_gradients as expected_gradients
+from .attribution import input_x_gradient as input_x_gradient
+from .attribution import integrated_gradients as integrated_gradients
+from .attribution import noise_tunnel as noise_tunnel
 from .dataset import DatasetRun as DatasetRun
 from .dataset import Results as Results
 from .dataset import explain_dataset as explain_dataset
@@ -110,4 +115,9 @@ __all__ = [
     "gradients",
     "smooth_grad",
     "guided_grad_cam",
+    "attribution",
+    "integrated_gradients",
+    "expected_gradients",
+    "input_x_gradient",
+    "noise_tunnel",
 ]

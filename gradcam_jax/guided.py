@@ -49,6 +49,7 @@ from ._targets import (
     select_scores,
     target_spec,
 )
+from .attribution.noise import noise_tunnel
 
 __all__ = [
     "guided_relu",
@@ -209,7 +210,8 @@ def smooth_grad(
     """SmoothGrad: the mean of input gradients over Gaussian-noised copies of ``x``.
 
     ``sigma = noise_level * (max(x_b) - min(x_b))`` per example; samples are ``vmap``-ed (in
-    chunks of ``chunk_size`` samples when given, to bound memory).
+    chunks of ``chunk_size`` samples when given, to bound memory). The case
+    ``kind="smoothgrad"`` of :func:`gradcam_jax.noise_tunnel` over a pixel explainer.
 
     Args:
       fn, x, target: as in :func:`gradients`.
@@ -226,23 +228,10 @@ def smooth_grad(
     """
     if method not in _PIXEL_EXPLAINERS:
         raise ValueError(f"smooth_grad: method={method!r} is not one of {', '.join(_PIXEL_EXPLAINERS)}.")
-    explain = _PIXEL_EXPLAINERS[method]
-    leaf = _image_leaf(x, input, "smooth_grad")
-    if target is None:
-        # Each noisy copy explains the clean input's top class, not its own.
-        target = jnp.argmax(jax.lax.stop_gradient(scores_fn(fn)(x)), axis=-1)
-    image = jax.tree_util.tree_leaves(x)[leaf]
-    axes = tuple(range(1, image.ndim))
-    sigma = noise_level * (
-        jnp.max(image, axis=axes, keepdims=True) - jnp.min(image, axis=axes, keepdims=True)
-    )
-    noise = jax.random.normal(key, (n_samples,) + image.shape, jnp.float32).astype(image.dtype) * sigma
-
-    def one(n):
-        return explain(fn, with_leaf(x, leaf, image + n), target, input=input)
-
-    grads = jax.lax.map(one, noise, batch_size=chunk_size) if chunk_size else jax.vmap(one)(noise)
-    return jnp.mean(grads, axis=0)
+    return noise_tunnel(
+        _PIXEL_EXPLAINERS[method], fn, x, target, key=key, n_samples=n_samples, stdev=noise_level,
+        kind="smoothgrad", chunk_size=chunk_size, input=input,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
