@@ -30,6 +30,8 @@ from ._hf import hf_layers as hf_layers
 from ._hf import hf_tap as hf_tap
 from ._keras import keras_layers as keras_layers
 from ._keras import keras_tap as keras_tap
+from ._layerset import marked_layers as marked_layers
+from ._layerset import marked_tap as marked_tap
 from ._maps import MapOptions as MapOptions
 from ._nnx import nnx_layers as nnx_layers
 from ._nnx import nnx_tap as nnx_tap
@@ -69,6 +71,8 @@ __all__ = [
     "Edit",
     "as_tap",
     "split_tap",
+    "marked_tap",
+    "marked_layers",
     "haiku_tap",
     "haiku_layers",
     "keras_tap",

@@ -8,17 +8,18 @@ layout, e.g. ``"NCHW"``) and ends with :func:`~gradcam_jax._tap.adapt_tap`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ._callables import ByIdentity, KeyedFunction, hashable
+from ._layerset import LayerSet, Recorder, layer_set
 from ._layout import Layout
 from ._nnx import nnx_layers as nnx_layers
 from ._nnx import nnx_tap as nnx_tap
-from ._tap import Edit, Tap, adapt_tap, check_calls
+from ._tap import Edit, Tap, adapt_tap
 
 __all__ = ["linen_tap", "equinox_tap", "linen_layers", "nnx_tap", "nnx_layers", "Output"]
 
@@ -78,8 +79,9 @@ def linen_layers(module, variables, x, **apply_kwargs) -> list[str]:
 def linen_tap(
     module,
     variables,
-    layer: str,
+    layer: str | None = None,
     *,
+    layers: str | Sequence[str] | None = None,
     call: int | None = None,
     layer_method: str = "__call__",
     output: Output = None,
@@ -96,8 +98,14 @@ def linen_tap(
       module: the ``flax.linen.Module``.
       variables: its variables, as passed to ``module.apply``.
       layer: the module path of the layer to tap.
+      layers: instead of ``layer``, several layers from one forward pass: module paths and glob
+        patterns over them (``"encoder/layer_*/attention"``: ``*`` stays within a path segment,
+        ``**`` crosses them). The tap then returns ``(scores, {path: A})`` in call order, and
+        :func:`gradcam_jax.activations_and_grads` dicts of activations and gradients;
+        ``tap.select(path)`` is a single-layer tap on one of them.
       call: which call of the layer to tap when the layer is called more than once (0 is the
-        first). By default a layer called twice is an error.
+        first; with ``layers``, the same call of every layer). By default a layer called twice
+        is an error.
       layer_method: the layer's method whose output is tapped (``"__call__"``).
       output: where the scores are in the model's output: ``None`` (an array as is, else its
         ``.logits`` / ``["logits"]``), a field or key name, an index, or a callable
@@ -116,8 +124,30 @@ def linen_tap(
 
     Raises (when the tap is first run or traced):
       ValueError: the layer was not called (the message lists the layers that were, in order),
-        or it was called several times and ``call`` was not given.
+        or it was called several times and ``call`` was not given; with ``layers``, a name was
+        not called or a pattern matched no layer called.
     """
+    chosen = _linen_layer_choice(layer, layers)
+    apply = _linen_apply(module, chosen, call, layer_method, apply_kwargs)
+    key = (
+        "linen",
+        ByIdentity(module),
+        chosen,
+        call,
+        layer_method,
+        tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())),
+    )
+    entries = chosen.entries if isinstance(chosen, LayerSet) else None
+    tap = Tap(KeyedFunction(apply, key), variables, ", ".join(entries) if entries else chosen, entries)
+    return adapt_tap(tap, output=output, activation_layout=activation_layout)
+
+
+def _linen_layer_choice(layer, layers) -> Any:
+    """``layer`` (a checked path) or ``layers`` (a :class:`LayerSet`): exactly one of them."""
+    if layers is not None:
+        if layer is not None:
+            raise TypeError("linen_tap: give layer='path' (one layer) or layers=[...] (several), not both.")
+        return layer_set(layers, "linen_tap", "/", strip="/")
     if not isinstance(layer, str):
         raise TypeError(f"linen_tap: layer must be a module path string like 'stage4/block2'; got {layer!r}.")
     layer = layer.strip("/")
@@ -126,67 +156,34 @@ def linen_tap(
             "linen_tap: layer is empty; give the module path of a layer inside the model, like "
             "'stage4/block2' (gcj.linen_layers(module, variables, x) lists them)."
         )
-    apply = _linen_apply(module, layer, call, layer_method, apply_kwargs)
-    key = (
-        "linen",
-        ByIdentity(module),
-        layer,
-        call,
-        layer_method,
-        tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())),
-    )
-    tap = Tap(KeyedFunction(apply, key), variables, layer)
-    return adapt_tap(tap, output=output, activation_layout=activation_layout)
+    return layer
 
 
-def _linen_apply(module, layer: str, call: int | None, layer_method: str, apply_kwargs: dict):
+def _linen_apply(module, layer: str | LayerSet, call: int | None, layer_method: str, apply_kwargs: dict):
     """The tap's ``apply(variables, x, edit) -> (scores, activation)`` for :func:`linen_tap`."""
     import flax.linen as nn
 
+    def check(name, out):
+        _check_array_output(out, repr(name))
+
     def apply(variables, x, edit):
-        paths, hits, taken = [], [], []
-        interceptor = _linen_interceptor(layer, call, layer_method, edit, paths, hits, taken)
+        rec = Recorder("linen_tap", "layer", layer, call, edit, check)
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name != layer_method:
+                return next_fun(*args, **kwargs)
+            path = "/".join(context.module.path)
+            # Recorded in the order layers are entered, as linen_layers lists them.
+            tapped = rec.enter(path)
+            out = next_fun(*args, **kwargs)
+            return rec.output(path, out) if tapped else out
+
         with nn.intercept_methods(interceptor):
             scores = _linen_scores(module.apply(variables, x, **apply_kwargs), apply_kwargs)
-        _check_linen_calls(layer, call, paths, hits, taken)
-        return scores, taken[0]
+        listing = f"Layers called, in order: {_list_layers([p for p in rec.called if p])}."
+        return scores, rec.activations(listing)
 
     return apply
-
-
-def _linen_interceptor(
-    layer: str, call: int | None, layer_method: str, edit, paths: list, hits: list, taken: list
-):
-    """An interceptor recording every layer entered (``paths``), each call of ``layer`` (``hits``)
-    and the tapped output (``taken``), which it edits with ``edit``."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != layer_method:
-            return next_fun(*args, **kwargs)
-        path = "/".join(context.module.path)
-        paths.append(path)  # in the order layers are entered, as linen_layers lists them
-        out = next_fun(*args, **kwargs)
-        if path != layer:
-            return out
-        index = len(hits)
-        hits.append(index)
-        if call is None or call == index:
-            _check_array_output(out, repr(layer))
-            taken.append(out)
-            if edit is not None:
-                out = edit(out)
-        return out
-
-    return interceptor
-
-
-def _check_linen_calls(layer: str, call: int | None, paths: list, hits: list, taken: list) -> None:
-    """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
-    not_called = (
-        f"linen_tap: layer {layer!r} was not called. Layers called, in order: "
-        f"{_list_layers([p for p in paths if p])}."
-    )
-    check_calls("linen_tap", f"layer {layer!r}", len(hits), call, bool(taken), not_called)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,26 @@ zero ``delta`` at the layer returns the scores, the activation ``A`` and a pullb
 pullback of the target's cotangent is ``dA``. For K targets per example the pullback is
 ``vmap``-ed over K cotangents — still one forward pass. The CAM explainers, Guided Grad-CAM
 and the dataset runner all get ``(A, dA)`` here.
+
+Multi-layer taps (internal API; see :mod:`gradcam_jax._tap` for the tap side)
+-----------------------------------------------------------------------------
+For a tap with ``tap.multi`` (built with ``layers=[...]``), :func:`grads_for_spec` and
+:func:`activations_and_grads` take the one ``jax.vjp`` with respect to a dict of zero deltas,
+one per layer, so one forward pass and one (vmapped) pullback give every layer's gradient.
+They return a :class:`Grads` whose ``activation`` is ``{layer: A}`` and ``grads`` is
+``{layer: dA}`` (each ``(B, ...)``, or ``(K, B, ...)`` for K targets), keyed by the layers'
+full names in call order; ``scores`` and ``selected`` are as for one layer.
+:meth:`Grads.layer` gives one layer's :class:`Grads` (what ``maps_from_grads`` takes) and
+:meth:`Grads.per_layer` all of them, in order. :func:`tap_shapes` returns ``(scores, {layer:
+ShapeDtypeStruct})``. :func:`check_tap_target` refuses a multi-layer tap unless
+``several=True`` (single-layer explainers get a message pointing at ``tap.select``); a
+multi-layer explainer passes ``several=True`` and then calls :func:`grads_for_spec`.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -43,15 +59,35 @@ class Grads(NamedTuple):
     """What one forward pass and one (vmapped) pullback give.
 
     scores: the model's output.
-    activation: ``A``, ``(B, ...)``.
-    grads: ``dA``; ``(B, ...)`` for one target per example, ``(K, B, ...)`` for K targets.
+    activation: ``A``, ``(B, ...)``; for a multi-layer tap a dict ``{layer: A}`` in call order.
+    grads: ``dA``; ``(B, ...)`` for one target per example, ``(K, B, ...)`` for K targets; for a
+      multi-layer tap a dict ``{layer: dA}`` with the same keys.
     selected: the explained scores, ``(B,)`` or ``(B, K)``.
     """
 
     scores: Any
-    activation: jax.Array
-    grads: jax.Array
+    activation: Any
+    grads: Any
     selected: jax.Array
+
+    @property
+    def multi(self) -> bool:
+        """Whether these are several layers' (dicts keyed by layer)."""
+        return isinstance(self.activation, Mapping)
+
+    def layer(self, name: str) -> Grads:
+        """One layer's :class:`Grads` from a multi-layer tap's (scores and selection shared)."""
+        if not self.multi:
+            raise ValueError("Grads.layer: these gradients are of one layer already (not a dict).")
+        if name not in self.activation:
+            raise ValueError(f"Grads.layer: no layer {name!r}; the layers: {', '.join(self.activation)}.")
+        return Grads(self.scores, self.activation[name], self.grads[name], self.selected)
+
+    def per_layer(self) -> dict[str, Grads]:
+        """``{layer: Grads}`` in call order (one entry, keyed by ``None``, for a single layer)."""
+        if not self.multi:
+            return {None: self}  # type: ignore[dict-item]
+        return {name: self.layer(name) for name in self.activation}
 
 
 # One jitted function for shape inference, so eval_shape hits JAX's trace cache.
@@ -77,8 +113,19 @@ def check_fn_target(fn, x, spec: TargetSpec, who: str = "explain") -> None:
     check_target_against(spec, lambda: scores_shapes(fn, x), batch_size(x), who)
 
 
-def check_tap_target(tap: Tap, x, spec: TargetSpec, who: str = "explain") -> None:
-    """Check a target against the tap's scores (see :func:`check_target_against`; no compute)."""
+def check_tap_target(tap: Tap, x, spec: TargetSpec, who: str = "explain", *, several: bool = False) -> None:
+    """Check a target against the tap's scores (see :func:`check_target_against`; no compute).
+
+    A multi-layer tap is refused unless ``several`` (the explainer handles dicts of layers):
+    the message lists the layers and says how to pick one.
+    """
+    if getattr(tap, "multi", False) and not several:
+        names = list(tap_shapes(tap, x)[1])
+        raise ValueError(
+            f"{who} explains one layer, but this tap records {len(names)} layers ({', '.join(names)}). "
+            f"Pick one with tap.select(name) (e.g. tap.select({names[-1]!r})), or use a method that fuses "
+            f"several layers (gcj.cam(..., fuse='mean' | 'max' | 'layer_cam'))."
+        )
     check_target_against(spec, lambda: tap_shapes(tap, x)[0], batch_size(x), who)
 
 
@@ -86,7 +133,9 @@ def activations_and_grads(tap, x, target: Target = None) -> Grads:
     """The activation at the tap and the gradient of the target score with respect to it.
 
     One forward pass: ``jax.vjp`` of ``delta -> target(tap(x, delta))`` at ``delta = 0``. K
-    targets per example ``vmap`` the pullback over K cotangents.
+    targets per example ``vmap`` the pullback over K cotangents. For a multi-layer tap
+    (``layers=[...]``) the deltas are a dict, one per layer: still one forward pass and one
+    pullback, and ``activation`` and ``grads`` are dicts ``{layer: array}`` in call order.
 
     Args:
       tap: a :class:`~gradcam_jax.Tap` or a callable ``tap(x, delta) -> (scores, A)``.
@@ -94,7 +143,7 @@ def activations_and_grads(tap, x, target: Target = None) -> Grads:
       target: see :func:`gradcam_jax.grad_cam`.
 
     Returns:
-      :class:`Grads`.
+      :class:`Grads` (dicts of layers for a multi-layer tap; :meth:`Grads.layer` picks one).
 
     Examples:
       >>> import jax.numpy as jnp, gradcam_jax as gcj
@@ -106,7 +155,7 @@ def activations_and_grads(tap, x, target: Target = None) -> Grads:
     tap = as_tap(tap)
     check_batch(x, "activations_and_grads")
     spec = target_spec(target, batch_size(x))
-    check_tap_target(tap, x, spec, "activations_and_grads")
+    check_tap_target(tap, x, spec, "activations_and_grads", several=True)
     return grads_for_spec(tap, x, spec)
 
 
@@ -114,21 +163,25 @@ def grads_for_spec(tap: Tap, x, spec: TargetSpec) -> Grads:
     """:func:`activations_and_grads` for a target already in normal form."""
     scores_spec, act_spec = tap_shapes(tap, x)
     check_target_against(spec, lambda: scores_spec)
-    if not jnp.issubdtype(act_spec.dtype, jnp.floating):
-        raise TypeError(
-            f"The tapped layer's output has dtype {act_spec.dtype}; a float activation is needed."
-        )
-    delta0 = jnp.zeros(act_spec.shape, act_spec.dtype)
+    specs = act_spec.items() if isinstance(act_spec, Mapping) else [("", act_spec)]
+    for name, a_spec in specs:
+        if not jnp.issubdtype(a_spec.dtype, jnp.floating):
+            layer = f" {name!r}" if name else ""
+            raise TypeError(
+                f"The tapped layer{layer}'s output has dtype {a_spec.dtype}; a float activation is needed."
+            )
+    delta0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), act_spec)
+    batch = jax.tree_util.tree_leaves(act_spec)[0].shape[0]
 
     def objective(delta):
         scores, a = tap(x, delta)
         return select_scores(spec, scores), (scores, a)
 
     selected, pullback, (scores, a) = jax.vjp(objective, delta0, has_aux=True)
-    if selected.shape[0] != act_spec.shape[0]:
+    if selected.shape[0] != batch:
         raise ValueError(
             f"The explained scores have {selected.shape[0]} rows but the activation's batch is "
-            f"{act_spec.shape[0]}: a callable target must keep the batch axis."
+            f"{batch}: a callable target must keep the batch axis."
         )
     (grads,) = pull_back(pullback, selected)
     return Grads(scores, a, grads, selected)
@@ -139,8 +192,12 @@ def zero_gradients(out: Grads, drop_tokens: int = 0) -> jax.Array:
 
     ``drop_tokens`` leading tokens of a token activation ``(B, N, C)`` are left out (a class
     token's gradient is not part of the map). An example whose explained score is NaN is not
-    counted: its map is NaN (see :func:`~gradcam_jax._maps.finish_maps`), not all zeros.
+    counted: its map is NaN (see :func:`~gradcam_jax._maps.finish_maps`), not all zeros. For a
+    multi-layer tap: where every layer's ``dA`` is zero.
     """
+    if out.multi:  # dead when no tapped layer has a gradient: the score depends on none of them
+        per = [zero_gradients(g, drop_tokens) for g in out.per_layer().values()]
+        return functools.reduce(jnp.logical_and, per)
     g = out.grads
     if out.selected.ndim == 1:
         g = g[None]

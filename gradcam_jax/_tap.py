@@ -1,4 +1,4 @@
-"""Taps: a model split at one layer.
+"""Taps: a model split at one layer, or at several layers at once.
 
 A tap is the only thing the explainers need from a model. Called as ``tap(x, delta)`` it runs
 the model once and returns ``(scores, activation)``, where the chosen layer's output ``A`` was
@@ -13,6 +13,26 @@ part above the layer: under ``jit`` everything below the replaced layer is dead 
 
 A :class:`Tap` is a pytree whose leaves are the model's parameters, so explainers can be
 jitted with the tap as an argument and differentiated with respect to the parameters.
+
+Multi-layer taps (internal API, relied on by the fusion methods and the attention methods)
+------------------------------------------------------------------------------------------
+An adapter called with ``layers=[...]`` (names or glob patterns; :mod:`gradcam_jax._layerset`)
+returns a tap whose ``tap.layers`` is the tuple of entries as given (``None`` for a single-layer
+tap; test with :attr:`Tap.multi`). Everything else is the same ``Tap`` class, with dicts where a
+single-layer tap has arrays:
+
+- ``apply(params, x, edit) -> (scores, {layer: A})``: one forward pass; the dict is keyed by
+  the layers' full names (patterns expanded), in the order the layers were first entered (the
+  order the adapter's ``*_layers`` lister prints). Which names a pattern matched is only known
+  when the model is traced: read them from ``tap_shapes(tap, x)[1].keys()`` (``_grads``).
+- ``edit`` is ``None`` or one :class:`Edit` whose ``value`` is a dict ``{layer: array}``; a
+  layer missing from the dict is left unchanged. Adapters read their layer's part with
+  :meth:`Edit.at`.
+- ``tap(x, deltas)`` takes ``deltas`` as a dict ``{layer: delta}`` (``tap(x)``: no change) and
+  returns ``(scores, {layer: A})``; ``tap.head(x, {layer: A_new})`` replaces some layers.
+- ``tap.select(layer)`` (a name, or an int position in call order) is a single-layer tap on
+  one of the layers: every single-layer explainer works on it. Single-layer explainers refuse a
+  multi-layer tap with a message pointing at ``select`` (``_grads.check_tap_target``).
 """
 
 from __future__ import annotations
@@ -44,7 +64,22 @@ class Edit:
         self.kind = kind
         self.value = value
 
+    def at(self, layer: str) -> Edit | None:
+        """A multi-layer edit's part for one layer (``None``: that layer is left unchanged)."""
+        if not isinstance(self.value, Mapping):
+            raise TypeError(
+                f"A multi-layer tap needs its delta (or replacement) as a dict {{layer: array}}; got "
+                f"{type(self.value).__name__}."
+            )
+        value = self.value.get(layer)
+        return None if value is None else Edit(self.kind, value)
+
     def __call__(self, a):
+        if isinstance(self.value, Mapping):
+            raise TypeError(
+                "A dict of deltas was given to a single-layer tap; pass one array (the dict form is for "
+                "taps built with layers=[...])."
+            )
         if self.value.shape != a.shape:
             raise ValueError(
                 f"The tap's {'delta' if self.kind == 'add' else 'replacement activation'} has shape "
@@ -66,12 +101,40 @@ ApplyFn = Callable[[Any, jax.Array, "Edit | None"], "tuple[Any, jax.Array]"]
 #: What a plain-callable tap receives as ``delta`` for "no change".
 NO_DELTA = 0.0
 
-__all__ = ["Edit", "Tap", "as_tap", "split_tap", "scores_fn", "pick_output", "adapt_tap", "check_calls"]
+__all__ = [
+    "Edit",
+    "Tap",
+    "as_tap",
+    "split_tap",
+    "scores_fn",
+    "pick_output",
+    "adapt_tap",
+    "check_calls",
+    "map_layers",
+]
+
+
+def map_layers(fn: Callable, a):
+    """``fn`` applied to an activation, or to each activation of a multi-layer tap's dict."""
+    if isinstance(a, Mapping):
+        return {k: fn(v) for k, v in a.items()}
+    return fn(a)
+
+
+def _as_edit_value(tap_layers, value, what: str):
+    if tap_layers is None:
+        return jnp.asarray(value)
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"This tap records several layers ({', '.join(tap_layers)}): pass its {what} as a dict "
+            f"{{layer: array}}, or pick one layer with tap.select(layer)."
+        )
+    return {k: jnp.asarray(v) for k, v in value.items()}
 
 
 @jax.tree_util.register_pytree_node_class
 class Tap:
-    """A model split at one layer: ``tap(x, delta) -> (scores, activation)``.
+    """A model split at one layer, ``tap(x, delta) -> (scores, activation)``, or at several.
 
     Args:
       apply: ``apply(params, x, edit) -> (scores, activation)``. ``activation`` is the layer's
@@ -80,23 +143,38 @@ class Tap:
       params: a pytree of arrays passed to ``apply`` (the model's parameters). Keeping them
         here rather than in a closure lets ``jax.jit`` take them as arguments.
       name: a label for messages and figures (for example the layer path).
+      layers: for a multi-layer tap, the layer names and patterns it was built with (``apply``
+        then returns ``(scores, {layer: A})`` and takes dict edits; see the module docstring);
+        ``None`` for a single-layer tap.
 
     Build taps with :func:`split_tap`, :func:`gradcam_jax.linen_tap`,
     :func:`gradcam_jax.nnx_tap` or :func:`gradcam_jax.equinox_tap` rather than by hand.
     """
 
-    def __init__(self, apply: ApplyFn, params: Any = (), name: str | None = None):
+    def __init__(
+        self, apply: ApplyFn, params: Any = (), name: str | None = None, layers: tuple[str, ...] | None = None
+    ):
         if not callable(apply):
             raise TypeError(f"Tap needs a callable apply(params, x, edit); got {type(apply).__name__}.")
         self.apply = apply
         self.params = params
         self.name = name
+        self.layers = None if layers is None else tuple(layers)
+
+    @property
+    def multi(self) -> bool:
+        """Whether the tap records several layers (``tap(x)[1]`` is a dict ``{layer: A}``)."""
+        return self.layers is not None
 
     def __call__(self, x, delta=None):
-        """Run the model; the layer's output ``A`` is replaced by ``A + delta``."""
+        """Run the model; the layer's output ``A`` is replaced by ``A + delta``.
+
+        For a multi-layer tap ``delta`` is a dict ``{layer: delta}`` (layers left out are
+        unchanged) and the activations come back as a dict ``{layer: A}`` in call order.
+        """
         if delta is None:
             return self.apply(self.params, x, None)
-        return self.apply(self.params, x, Edit("add", jnp.asarray(delta)))
+        return self.apply(self.params, x, Edit("add", _as_edit_value(self.layers, delta, "delta")))
 
     def head(self, x, activation):
         """Scores with the layer's output replaced by ``activation`` (the part above the layer).
@@ -105,25 +183,82 @@ class Tap:
         the network reuses their outputs elsewhere (skip connections past the layer), in which
         case those are computed as the model requires.
         """
-        return self.apply(self.params, x, Edit("replace", jnp.asarray(activation)))[0]
+        value = _as_edit_value(self.layers, activation, "activation")
+        return self.apply(self.params, x, Edit("replace", value))[0]
 
     def with_params(self, params) -> Tap:
         """The same split with other parameters (for example randomised ones)."""
-        return Tap(self.apply, params, self.name)
+        return Tap(self.apply, params, self.name, self.layers)
+
+    def select(self, layer: str | int) -> Tap:
+        """One layer of a multi-layer tap, as a single-layer tap (same model, same parameters).
+
+        Args:
+          layer: the layer's full name (a key of ``tap(x)[1]``), or its position in call order
+            (``-1``: the last layer entered).
+
+        Returns:
+          A :class:`Tap` whose call returns ``(scores, A)`` for that layer only: every
+          single-layer explainer (``grad_cam``, ``cam``, ``score_cam``, ...) accepts it.
+
+        Examples:
+          >>> import jax.numpy as jnp, gradcam_jax as gcj
+          >>> def forward(x, mark):
+          ...     h = mark("stage1", jnp.tanh(x))
+          ...     return mark("stage2", 2.0 * h).mean(axis=(1, 2))
+          >>> tap = gcj.marked_tap(forward, layers="stage*")
+          >>> list(tap(jnp.ones((1, 4, 4, 3)))[1])
+          ['stage1', 'stage2']
+          >>> tap.select("stage2")(jnp.ones((1, 4, 4, 3)))[1].shape
+          (1, 4, 4, 3)
+        """
+        if not self.multi:
+            raise ValueError(
+                f"select picks one layer of a multi-layer tap (built with layers=[...]); this tap "
+                f"({self.name or 'a single layer'}) already has one layer."
+            )
+        if isinstance(layer, bool) or not isinstance(layer, (str, int)):
+            raise TypeError(f"select: layer must be a layer name or an int position; got {layer!r}.")
+        inner = self.apply
+
+        def apply(params, x, edit):
+            key = layer if isinstance(layer, str) else _layer_at(inner, params, x, layer)
+            sub = None if edit is None else Edit(edit.kind, {key: edit.value})
+            scores, acts = inner(params, x, sub)
+            if key not in acts:
+                raise ValueError(
+                    f"select: the tap recorded no layer {key!r}; its layers, in call order: "
+                    f"{', '.join(acts)}."
+                )
+            return scores, acts[key]
+
+        name = layer if isinstance(layer, str) else f"{self.name}[{layer}]"
+        return Tap(KeyedFunction(apply, ("select", hashable(inner), layer)), self.params, name)
 
     def tree_flatten(self):
-        return (self.params,), (self.apply, self.name)
+        return (self.params,), (self.apply, self.name, self.layers)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.apply, obj.name = aux
+        obj.apply, obj.name, obj.layers = aux
         (obj.params,) = children
         return obj
 
     def __repr__(self):
         label = f" {self.name!r}" if self.name else ""
         return f"Tap{label}"
+
+
+def _layer_at(apply: Callable, params, x, index: int) -> str:
+    """The name of the ``index``-th layer (call order) a multi-layer tap records (traced, not run)."""
+    names = list(jax.eval_shape(lambda p, x: apply(p, x, None)[1], params, x))
+    if not -len(names) <= index < len(names):
+        raise ValueError(
+            f"select({index}): the tap records {len(names)} layer(s) ({', '.join(names)}); use "
+            f"{-len(names)} <= layer < {len(names)} or a name."
+        )
+    return names[index]
 
 
 def split_tap(features_fn: Callable, head_fn: Callable, name: str | None = None) -> Tap:
@@ -272,23 +407,23 @@ def adapt_tap(
 
     def apply(params, x, edit):
         if edit is not None and layout is not None:
-            edit = Edit(edit.kind, from_channels_last(edit.value, layout))
+            edit = Edit(edit.kind, map_layers(lambda v: from_channels_last(v, layout), edit.value))
         scores, a = inner(params, x, edit)
         if layout is not None:
-            _check_rank(a, layout)
-            a = to_channels_last(a, layout)
+            a = map_layers(lambda v: to_channels_last(_check_rank(v, layout), layout), a)
         return pick_output(scores, output), a
 
     key = ("adapted", hashable(inner), hashable(output), None if layout is None else layout.name)
-    return Tap(KeyedFunction(apply, key), tap.params, tap.name)
+    return Tap(KeyedFunction(apply, key), tap.params, tap.name, tap.layers)
 
 
-def _check_rank(a, layout: Layout) -> None:
+def _check_rank(a, layout: Layout):
     if a.ndim != layout.ndim:
         raise ValueError(
             f"activation_layout={layout.name!r} describes {layout.ndim}-D activations, but the tapped layer "
             f"outputs shape {a.shape}."
         )
+    return a
 
 
 def _with_output_check(tap: Tap) -> Tap:
@@ -299,7 +434,7 @@ def _with_output_check(tap: Tap) -> Tap:
         scores, a = inner(params, x, edit)
         return pick_output(scores), a
 
-    return Tap(KeyedFunction(apply, ("output", hashable(inner))), tap.params, tap.name)
+    return Tap(KeyedFunction(apply, ("output", hashable(inner))), tap.params, tap.name, tap.layers)
 
 
 def check_calls(adapter: str, what: str, hits: int, call: int | None, taken: bool, not_called: str) -> None:
