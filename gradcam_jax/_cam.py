@@ -19,12 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from . import methods, perturbation
+from . import cams, methods, perturbation, score_variants
 from ._callables import StableFunction
 from ._grads import check_tap_target, grads_for_spec, zero_gradients
 from ._maps import MapOptions, check_cam_input, kernel, map_geometry, maps_from_grads
+from ._smoothing import augmented_maps, check_aug_smooth
 from ._tap import Tap, as_tap
 from ._targets import Target, TargetSpec, batch_size, is_concrete, target_spec
 
@@ -39,12 +41,18 @@ __all__ = [
     "gradient_method",
 ]
 
-GRADIENT, PERTURBATION = "gradient", "perturbation"
+GRADIENT, PERTURBATION, EXPLAINER = "gradient", "perturbation", "explainer"
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """An entry of :data:`METHODS`: ``kind`` is ``"gradient"`` or ``"perturbation"``.
+    """An entry of :data:`METHODS`: ``kind`` is ``"gradient"``, ``"perturbation"`` or ``"explainer"``.
+
+    A gradient method is a raw-map formula ``(A, dA) -> (B, h, w)`` (every one shares one
+    forward pass, in :func:`cam` and in the dataset runner); a perturbation method or an
+    explainer is a function with :func:`cam`'s keyword signature (an explainer is a gradient
+    method that needs more than ``(A, dA)``: a Hessian-vector product, other classes' scores,
+    a random key).
 
     ``uses_grads``: a gradient method whose formula reads ``dA`` (Eigen-CAM does not); for
     those an all-zero ``dA`` is refused as the silent failure it is.
@@ -68,8 +76,15 @@ METHODS: dict[str, Method] = {
     "layer_cam": Method(GRADIENT, methods.layer_cam),
     "eigen_cam": Method(GRADIENT, methods.eigen_cam, uses_grads=False),
     "eigen_grad_cam": Method(GRADIENT, methods.eigen_grad_cam),
+    "grad_cam_elementwise": Method(GRADIENT, methods.grad_cam_elementwise),
+    "kpca_cam": Method(GRADIENT, methods.kpca_cam, uses_grads=False),
     "score_cam": Method(PERTURBATION, perturbation.score_cam),
     "ablation_cam": Method(PERTURBATION, perturbation.ablation_cam),
+    "ss_cam": Method(PERTURBATION, score_variants.ss_cam),
+    "is_cam": Method(PERTURBATION, score_variants.is_cam),
+    "shapley_cam": Method(EXPLAINER, cams.shapley_cam),
+    "finer_cam": Method(EXPLAINER, cams.finer_cam),
+    "random_cam": Method(EXPLAINER, cams.random_cam),
 }
 
 
@@ -79,7 +94,8 @@ def canonical_method_name(name: str) -> str:
 
 
 def method_names(kind: str | None = None) -> tuple[str, ...]:
-    """The registered method names (of one ``kind``, ``"gradient"`` or ``"perturbation"``), sorted."""
+    """The registered method names, sorted (of one ``kind``: ``"gradient"``, ``"perturbation"``,
+    ``"explainer"``)."""
     return tuple(sorted(n for n, m in METHODS.items() if kind is None or m.kind == kind))
 
 
@@ -128,10 +144,20 @@ def gradient_method(name: str | Callable) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class GradientCamOptions:
-    """The static options of :func:`gradient_cam_kernel`: the raw-map formula and map options."""
+    """The static options of :func:`gradient_cam_kernel`: the raw-map formula, map options and
+    whether to average over test-time augmentations (``aug``)."""
 
     method: Callable
     maps: MapOptions
+    aug: bool = False
+
+
+def gradient_maps(tap: Tap, x, target: TargetSpec, options: GradientCamOptions):
+    """One forward pass, one (vmapped) pullback, one formula: ``(maps, dead)`` (see the kernel)."""
+    out = grads_for_spec(tap, x, target)
+    size, rank = map_geometry(x, options.maps, "cam")
+    maps = maps_from_grads(out, options.method, options.maps, size, rank)
+    return maps, zero_gradients(out, options.maps.drop_tokens)
 
 
 @kernel
@@ -139,12 +165,13 @@ def gradient_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GradientCam
     """A gradient method's maps under ``jit``: one forward pass, one (vmapped) pullback.
 
     Returns ``(maps, dead)``: ``dead`` is ``(B,)`` (or ``(B, K)``), true where ``dA`` is zero at
-    every position of the layer — the explained score does not depend on it there.
+    every position of the layer — the explained score does not depend on it there. With
+    ``options.aug`` the augmented copies run as one ``vmap``-ed batch (see :mod:`._smoothing`).
     """
-    out = grads_for_spec(tap, x, target)
-    size, rank = map_geometry(x, options.maps, "cam")
-    maps = maps_from_grads(out, options.method, options.maps, size, rank)
-    return maps, zero_gradients(out, options.maps.drop_tokens)
+    if not options.aug:
+        return gradient_maps(tap, x, target, options)
+    maps, dead = augmented_maps(lambda xa: gradient_maps(tap, xa, target, options), x, options.maps, "cam")
+    return maps, jnp.any(dead, axis=0)
 
 
 def check_dead(dead, method) -> None:
@@ -181,6 +208,8 @@ def cam(
     grid: tuple[int, ...] | None = None,
     layout: str | None = None,
     input: Any = None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
     **method_options,
 ) -> jax.Array:
     """Class activation maps by any registered method.
@@ -203,8 +232,10 @@ def cam(
         needs (a mask, a box) with ``functools.partial`` so new values do not recompile.
       method: a name in :data:`gradcam_jax.METHODS` (``"grad_cam"``, ``"cam"``,
         ``"grad_cam_plus_plus"``, ``"xgrad_cam"``, ``"hires_cam"``, ``"layer_cam"``,
-        ``"eigen_cam"``, ``"eigen_grad_cam"``), ``"score_cam"``, ``"ablation_cam"``, or a
-        function ``(A, dA) -> (B, h, w)``.
+        ``"grad_cam_elementwise"``, ``"eigen_cam"``, ``"eigen_grad_cam"``, ``"kpca_cam"``),
+        the perturbation methods ``"score_cam"``, ``"ablation_cam"``, ``"ss_cam"``,
+        ``"is_cam"``, the explainers ``"shapley_cam"``, ``"finer_cam"``, ``"random_cam"`` (see
+        :mod:`gradcam_jax.cams`), or a function ``(A, dA) -> (B, h, w)``.
       upsample: resize maps to the input's ``(H, W)``; otherwise they stay at the layer's.
       normalize: min-max normalise each map to [0, 1] (after upsampling). All-zero maps stay 0.
       relu: apply the final ReLU (the paper's; keeps only evidence for the class).
@@ -223,8 +254,16 @@ def cam(
         it a 1-D signal.
       input: for a pytree input, the image: a key, an index, or a callable picking it (default:
         the only floating array of rank >= 3). Other leaves pass through unchanged.
+      aug_smooth: test-time augmentation: the mean of the maps of the image, its mirror image
+        and both scaled by 0.9 and 1.1 (each map mapped back; pytorch-grad-cam's ``aug_smooth``),
+        the six copies run as one vmapped batch: six times one map's cost. Images only.
+      eigen_smooth: the first principal component of the per-channel terms ``w_k A^k`` instead
+        of their sum (pytorch-grad-cam's ``eigen_smooth``); Eigen-CAM, Eigen-Grad-CAM and
+        KPCA-CAM are projections already and are unchanged.
       **method_options: options of the perturbation methods (``chunk_size``, ``top_n``,
-        ``compute_dtype``).
+        ``compute_dtype``, ``n_noise``, ``noise_std``, ``steps``) and of the explainers
+        (``key`` for ``"random_cam"``; ``alpha``, ``comparisons``, ``base_method`` for
+        ``"finer_cam"``).
 
     Returns:
       ``float32`` maps ``(B, *spatial)`` (``(B, H, W)`` for images), or ``(B, K, *spatial)``
@@ -260,13 +299,18 @@ def cam(
     maps = MapOptions(
         upsample, normalize, relu, interpolation, counterfactual, drop_tokens, grid, layout, input
     )
-    if entry.kind == PERTURBATION:
-        if counterfactual:
-            raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
+    if entry.kind != GRADIENT:
+        if entry.kind == PERTURBATION:
+            if counterfactual:
+                raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
+        else:
+            method_options["counterfactual"] = counterfactual
         return entry.fn(
             tap,
             x,
             target,
+            aug_smooth=aug_smooth,
+            eigen_smooth=eigen_smooth,
             upsample=upsample,
             normalize=normalize,
             relu=relu,
@@ -280,14 +324,19 @@ def cam(
     if method_options:
         raise TypeError(
             f"cam got options {sorted(method_options)} that only the perturbation methods "
-            f"({', '.join(method_names(PERTURBATION))}) take; method={method!r} does not."
+            f"({', '.join(method_names(PERTURBATION))}) and explainers "
+            f"({', '.join(method_names(EXPLAINER))}) take; method={method!r} does not."
         )
     tap = as_tap(tap)
     who = method if isinstance(method, str) else "cam"
     check_cam_input(x, maps, who)  # the input gate: a clear error now, before any tracing
+    if aug_smooth:
+        check_aug_smooth(x, maps, who)
+    formula = methods.eigen_smoothed(entry.fn) if eigen_smooth else entry.fn
     spec = target_spec(target, batch_size(x))
     check_tap_target(tap, x, spec, who)
-    out, dead = gradient_cam_kernel(tap, x, spec, options=GradientCamOptions(entry.fn, maps))
+    options = GradientCamOptions(formula, maps, bool(aug_smooth))
+    out, dead = gradient_cam_kernel(tap, x, spec, options=options)
     if entry.uses_grads:
         check_dead(dead, who)
     return out
@@ -307,6 +356,8 @@ def grad_cam(
     grid: tuple[int, ...] | None = None,
     layout: str | None = None,
     input: Any = None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
 ) -> jax.Array:
     """Grad-CAM maps: ``ReLU(sum_k w_k A^k)`` with ``w_k`` the spatial mean of ``d y^c / d A^k``.
 
@@ -345,4 +396,6 @@ def grad_cam(
         grid=grid,
         layout=layout,
         input=input,
+        aug_smooth=aug_smooth,
+        eigen_smooth=eigen_smooth,
     )

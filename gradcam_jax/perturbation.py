@@ -34,6 +34,7 @@ from ._chunking import chunked_vmap, perturbations_per_step
 from ._grads import check_tap_target
 from ._inputs import image_of, spatial_size, with_image
 from ._maps import MapOptions, check_cam_input, check_images, finish_maps, kernel, map_geometry, to_grid
+from ._smoothing import augmented_maps, check_aug_smooth
 from ._tap import Tap, as_tap
 from ._targets import (
     Target,
@@ -43,7 +44,7 @@ from ._targets import (
     select_scores,
     target_spec,
 )
-from .methods import safe_divide
+from .methods import first_component, safe_divide
 from .occlusion import occlusion as occlusion
 from .occlusion import window_starts as window_starts
 from .postprocess import normalize_maps, upsample_to
@@ -66,9 +67,11 @@ class PerturbationOptions:
     per_step: int
     compute_dtype: Any = None
     top_n: int | None = None
+    aug: bool = False
+    eigen: bool = False
 
 
-def _check_dtype(compute_dtype):
+def check_dtype(compute_dtype):
     if compute_dtype is None:
         return None
     dt = jnp.dtype(compute_dtype)
@@ -77,7 +80,7 @@ def _check_dtype(compute_dtype):
     return dt
 
 
-def _cast_floating(tree, dtype):
+def cast_floating(tree, dtype):
     def cast(leaf):
         if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.asarray(leaf).astype(dtype)
@@ -86,38 +89,60 @@ def _cast_floating(tree, dtype):
     return tree if dtype is None else jax.tree_util.tree_map(cast, tree)
 
 
-def _in_dtype(tap: Tap, compute_dtype) -> Tap:
+def in_dtype(tap: Tap, compute_dtype) -> Tap:
     """The same split with the floating parameters cast to ``compute_dtype``.
 
     Weights captured in closures (``split_tap``) are not parameters and keep their dtype; the
     computation then promotes to the wider dtype.
     """
-    return tap if compute_dtype is None else tap.with_params(_cast_floating(tap.params, compute_dtype))
+    return tap if compute_dtype is None else tap.with_params(cast_floating(tap.params, compute_dtype))
 
 
-def _weighted(weights, a):
-    """``sum_k w_k A^k``: weights ``(N, B)`` or ``(N, B, K)``, ``a`` ``(B, *spatial, N)``."""
+def weighted_channels(weights, a, eigen: bool = False):
+    """``sum_k w_k A^k``: weights ``(N, B)`` or ``(N, B, K)``, ``a`` ``(B, *spatial, N)``.
+
+    ``eigen``: the first principal component of the terms ``w_k A^k`` instead of their sum
+    (``eigen_smooth``; :func:`gradcam_jax.methods.first_component`).
+    """
+    if eigen:
+        w = jnp.moveaxis(weights, 0, -1)  # (B, N) or (B, K, N)
+        if w.ndim == 2:
+            return first_component(w.reshape((w.shape[0],) + (1,) * (a.ndim - 2) + w.shape[-1:]) * a)
+        terms = w.reshape(w.shape[:2] + (1,) * (a.ndim - 2) + w.shape[-1:]) * a[:, None]
+        return jax.vmap(first_component, in_axes=1, out_axes=1)(terms)
     if weights.ndim == 2:
         return jnp.einsum("nb,b...n->b...", weights, a, precision=_HIGHEST)
     return jnp.einsum("nbk,b...n->bk...", weights, a, precision=_HIGHEST)
 
 
-def _prepare(tap, x, target, who: str, maps: MapOptions, *, images: bool):
+def prepare_perturbation(tap, x, target, who: str, maps: MapOptions, *, images: bool, aug: bool = False):
     """The checks every perturbation CAM makes in Python, before anything is compiled."""
     tap = as_tap(tap)
     if images:
         check_images(x, maps, who)  # the input gate; Score-CAM masks the image
     check_cam_input(x, maps, who)
+    if aug:
+        check_aug_smooth(x, maps, who)
     batch = batch_size(x)
     spec = target_spec(target, batch)
     check_tap_target(tap, x, spec, who)
     return tap, batch, spec
 
 
-def _options(maps: MapOptions, chunk_size, batch: int, compute_dtype, top_n=None) -> PerturbationOptions:
-    return PerturbationOptions(
-        maps, perturbations_per_step(chunk_size, batch), _check_dtype(compute_dtype), top_n
-    )
+def perturbation_options(
+    maps: MapOptions, chunk_size, batch: int, compute_dtype, top_n=None, aug=False, eigen=False
+) -> PerturbationOptions:
+    per_step = perturbations_per_step(chunk_size, batch)
+    return PerturbationOptions(maps, per_step, check_dtype(compute_dtype), top_n, bool(aug), bool(eigen))
+
+
+def smoothed(body, tap: Tap, x, target, options, who: str):
+    """``body(tap, x, target, options)`` (finished maps), averaged over augmented copies of ``x`` when
+    ``options.aug`` (``aug_smooth``; the copies run as one ``vmap``-ed batch)."""
+    if not options.aug:
+        return body(tap, x, target, options)
+    maps, _ = augmented_maps(lambda xa: (body(tap, xa, target, options), None), x, options.maps, who)
+    return maps
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +161,16 @@ def _top_spread_channels(a, top_n: int | None):
 @kernel
 def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOptions):
     """Score-CAM's maps under ``jit`` (see :func:`score_cam`)."""
+    return smoothed(score_cam_maps, tap, x, target, options, "score_cam")
+
+
+def score_cam_maps(tap: Tap, x, target: TargetSpec, options: PerturbationOptions, variant=None, key=None):
+    """Score-CAM's finished maps (traced inside the kernel).
+
+    ``variant`` (static; SS-CAM's and IS-CAM's, :mod:`gradcam_jax.score_variants`) scores
+    ``variant.n`` perturbed copies ``variant.mask(mask, sample, item, key)`` of each channel's
+    mask and averages them; ``item = channel * n + sample`` numbers the masked forwards.
+    """
     maps = options.maps
     clean_scores, act = tap(x)
     spec = fixed_top(target, clean_scores)
@@ -144,21 +179,28 @@ def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOp
     a = to_grid(act, maps.drop_tokens, maps.grid, rank).astype(jnp.float32)
     a = _top_spread_channels(a, options.top_n)
     channels = jnp.moveaxis(a, -1, 0)  # (N, B, *spatial): one layer-resolution map per channel
-    fwd = _in_dtype(tap, options.compute_dtype)
-    xin = _cast_floating(x, options.compute_dtype)
+    fwd = in_dtype(tap, options.compute_dtype)
+    xin = cast_floating(x, options.compute_dtype)
     image = image_of(xin, view)  # (B, *spatial, C)
 
-    def masked_score(channel):
+    n = 1 if variant is None else variant.n
+
+    def masked_score(item):
+        channel = channels[item // n]
         mask = normalize_maps(upsample_to(channel, image_size, maps.interpolation), rank)  # in [0, 1]
+        if variant is not None:
+            mask = variant.mask(mask, item % n, item, key)
         scores, _ = fwd(with_image(xin, view, image * mask[..., None].astype(image.dtype)))
         return select_scores(spec, scores).astype(jnp.float32)
 
-    masked = chunked_vmap(masked_score, channels, options.per_step)  # (N, B) or (N, B, K)
+    items = jnp.arange(channels.shape[0] * n, dtype=jnp.int32)
+    masked = chunked_vmap(masked_score, items, options.per_step)  # (N * n, B) or (N * n, B, K)
+    masked = jnp.mean(masked.reshape((channels.shape[0], n) + masked.shape[1:]), axis=1)
     # softmax_k(y(x*m_k) - y(baseline)) == softmax_k(y(x*m_k)): the baseline is constant in k.
     alpha = jax.nn.softmax(masked, axis=0)
     size, _ = map_geometry(x, maps, "score_cam")
     clean = select_scores(spec, clean_scores)  # NaN here: a NaN map, not a quiet one
-    return finish_maps(_weighted(alpha, a), maps, size, rank, clean)
+    return finish_maps(weighted_channels(alpha, a, options.eigen), maps, size, rank, clean)
 
 
 def score_cam(
@@ -177,6 +219,8 @@ def score_cam(
     grid: tuple[int, ...] | None = None,
     layout: str | None = None,
     input: Any = None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
 ) -> jax.Array:
     """Score-CAM: channels weighted by the score of the input masked with each channel.
 
@@ -213,8 +257,8 @@ def score_cam(
         images and the tap's floating parameters are cast; scores and weights stay ``float32``.
         Layers that fix their own computation dtype (Flax ``dtype=jnp.float32``) keep it: build
         such a model with ``dtype=jnp.bfloat16`` instead. On CPUs bfloat16 is rarely faster.
-      upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input: as in
-        :func:`gradcam_jax.cam`. ``interpolation`` also upsamples the masks.
+      upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
+        eigen_smooth: as in :func:`gradcam_jax.cam`. ``interpolation`` also upsamples the masks.
 
     Returns:
       ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
@@ -233,13 +277,14 @@ def score_cam(
       Faster Score-CAM: https://github.com/tabayashi0117/Score-CAM#faster-score-cam.
     """
     maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid, layout, input)
-    tap, batch, spec = _prepare(tap, x, target, "score_cam", maps, images=True)
+    tap, batch, spec = prepare_perturbation(tap, x, target, "score_cam", maps, images=True, aug=aug_smooth)
     if top_n is not None and (
         isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1
     ):
         raise ValueError(f"top_n must be a positive int (channels kept per example) or None; got {top_n!r}.")
     top_n = None if top_n is None else int(top_n)
-    return score_cam_kernel(tap, x, spec, options=_options(maps, chunk_size, batch, compute_dtype, top_n))
+    options = perturbation_options(maps, chunk_size, batch, compute_dtype, top_n, aug_smooth, eigen_smooth)
+    return score_cam_kernel(tap, x, spec, options=options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,11 +295,16 @@ def score_cam(
 @kernel
 def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOptions):
     """Ablation-CAM's maps under ``jit`` (see :func:`ablation_cam`)."""
+    return smoothed(ablation_cam_maps, tap, x, target, options, "ablation_cam")
+
+
+def ablation_cam_maps(tap: Tap, x, target: TargetSpec, options: PerturbationOptions):
+    """Ablation-CAM's finished maps (traced inside the kernel)."""
     dtype = options.compute_dtype
     clean_scores, act = tap(x)
     spec = fixed_top(target, clean_scores)
-    head_tap = _in_dtype(tap, dtype)
-    xin = _cast_floating(x, dtype)
+    head_tap = in_dtype(tap, dtype)
+    xin = cast_floating(x, dtype)
     act_in = act if dtype is None else act.astype(dtype)
 
     def head_score(a_new):
@@ -273,7 +323,9 @@ def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: Perturbatio
     size, rank = map_geometry(x, options.maps, "ablation_cam")
     a = to_grid(act, options.maps.drop_tokens, options.maps.grid, rank).astype(jnp.float32)
     rank = 2 if rank is None else rank
-    return finish_maps(_weighted(weights, a), options.maps, size, rank, y)  # NaN y: a NaN map
+    return finish_maps(
+        weighted_channels(weights, a, options.eigen), options.maps, size, rank, y
+    )  # NaN y: NaN
 
 
 def ablation_cam(
@@ -291,6 +343,8 @@ def ablation_cam(
     grid: tuple[int, ...] | None = None,
     layout: str | None = None,
     input: Any = None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
 ) -> jax.Array:
     """Ablation-CAM: channels weighted by the drop of the score when each one is zeroed.
 
@@ -318,8 +372,8 @@ def ablation_cam(
       chunk_size: ablated examples per step (rounded down to whole batches, at least one).
       compute_dtype: run the head passes (the reference ``y^c`` included) in this dtype (the
         activation and the tap's floating parameters are cast; see :func:`score_cam`).
-      upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input: as in
-        :func:`gradcam_jax.cam`.
+      upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
+        eigen_smooth: as in :func:`gradcam_jax.cam`.
 
     Returns:
       ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets per example.
@@ -339,5 +393,8 @@ def ablation_cam(
       (eq. 3).
     """
     maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid, layout, input)
-    tap, batch, spec = _prepare(tap, x, target, "ablation_cam", maps, images=False)
-    return ablation_cam_kernel(tap, x, spec, options=_options(maps, chunk_size, batch, compute_dtype))
+    tap, batch, spec = prepare_perturbation(
+        tap, x, target, "ablation_cam", maps, images=False, aug=aug_smooth
+    )
+    options = perturbation_options(maps, chunk_size, batch, compute_dtype, None, aug_smooth, eigen_smooth)
+    return ablation_cam_kernel(tap, x, spec, options=options)

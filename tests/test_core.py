@@ -72,7 +72,25 @@ def np_method(name, a, g):
         return np_eigen(a)
     if name == "eigen_grad_cam":
         return np_eigen(g * a)
+    if name == "grad_cam_elementwise":
+        return np.maximum(g * a, 0).sum(-1)
+    if name == "kpca_cam":
+        return np_kpca(a)
     raise KeyError(name)
+
+
+def np_kpca(a):
+    """scikit-learn's KernelPCA (sigmoid kernel, one component) of the centred positions, its sign
+    fixed like Eigen-CAM's (positive correlation with the mean activation)."""
+    from sklearn.decomposition import KernelPCA
+
+    out = []
+    for ab in a:
+        flat = ab.reshape(-1, ab.shape[-1])
+        proj = KernelPCA(n_components=1, kernel="sigmoid").fit_transform(flat - flat.mean(0))[:, 0]
+        ref = flat.mean(1) - flat.mean()
+        out.append((-proj if np.dot(proj, ref) < 0 else proj).reshape(ab.shape[:2]))
+    return np.stack(out)
 
 
 def np_finish(raw, relu=True, normalize=True):
@@ -93,6 +111,8 @@ METHODS = [
     "layer_cam",
     "eigen_cam",
     "eigen_grad_cam",
+    "grad_cam_elementwise",
+    "kpca_cam",
 ]
 
 
