@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._convs import conv_general_dilated
 from .torch_names import TorchNames
 
 __all__ = [
@@ -103,6 +104,9 @@ class ConvBN(nn.Module):
             padding=pads,
             use_bias=False,
             feature_group_count=x.shape[-1] if self.depthwise else 1,
+            # XLA:CPU runs depthwise convolutions as a slow generic loop; this runs them as a
+            # sum over the kernel's taps there (gradcam_jax/models/_convs.py), same numbers.
+            conv_general_dilated=conv_general_dilated,
             name="conv",
         )(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON, name="bn")(x)

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ._convs import conv_general_dilated
 from .torch_names import TorchNames, state_dict_arrays
 
 __all__ = [
@@ -78,6 +79,9 @@ def _conv(features: int, k: int, stride: int, dtype: Dtype, name: str) -> nn.Con
         kernel_init=_conv_init,
         dtype=dtype,
         param_dtype=jnp.float32,
+        # On CPU, a 3x3 convolution on a map smaller than its kernel (stage 4 at 32-64 px) runs as
+        # one matrix product instead of XLA's swapped-operand loop (gradcam_jax/models/_convs.py).
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
