@@ -42,9 +42,11 @@ from ._tap import split_tap as split_tap
 from ._targets import TargetSpec as TargetSpec
 from ._targets import target_spec as target_spec
 from ._version import __version__ as __version__
+from .attribution import deeplift as deeplift
 from .attribution import expected_gradients as expected_gradients
 from .attribution import input_x_gradient as input_x_gradient
 from .attribution import integrated_gradients as integrated_gradients
+from .attribution import lrp as lrp
 from .attribution import noise_tunnel as noise_tunnel
 from .dataset import DatasetRun as DatasetRun
 from .dataset import Results as Results
@@ -124,4 +126,6 @@ __all__ = [
     "expected_gradients",
     "input_x_gradient",
     "noise_tunnel",
+    "lrp",
+    "deeplift",
 ]

@@ -86,7 +86,9 @@ def test_expected_gradients_matches_gradient_shap_with_the_same_draws(monkeypatc
     baselines = np.random.default_rng(5).normal(size=(3, 8, 8, 3)).astype(np.float32)
     key = jax.random.key(7)
     got = gcj.expected_gradients(jax_net, X, T, baselines=baselines, key=key, n_samples=s, stdev=stdev)
-    idx, alpha, noise = (np.asarray(v) for v in gradient_shap_draws(key, 2, s, 3, X.shape[1:], stdev, X.dtype))
+    idx, alpha, noise = (
+        np.asarray(v) for v in gradient_shap_draws(key, 2, s, 3, X.shape[1:], stdev, X.dtype)
+    )
     # Captum draws: baseline indices (np.random.choice), path points (np.random.uniform), noise
     # (torch.normal), all in the order example-major, sample-minor.
     monkeypatch.setattr(np.random, "choice", lambda n, size: idx.reshape(-1))

@@ -5,14 +5,20 @@ returns attributions in the input's pixels; targets, pytree inputs and layouts a
 :func:`gradcam_jax.grad_cam`.
 """
 
+from . import rules as rules
 from .noise import noise_tunnel as noise_tunnel
 from .path import expected_gradients as expected_gradients
 from .path import input_x_gradient as input_x_gradient
 from .path import integrated_gradients as integrated_gradients
+from .relevance import deeplift as deeplift
+from .relevance import lrp as lrp
 
 __all__ = [
     "integrated_gradients",
     "expected_gradients",
     "input_x_gradient",
     "noise_tunnel",
+    "lrp",
+    "deeplift",
+    "rules",
 ]

@@ -1,0 +1,208 @@
+"""LRP and DeepLIFT over the jaxpr: Captum's LRP (default rules) and DeepLift with the same
+weights in float64, zennit's rules written out in NumPy for a small MLP, a batch norm folded by
+hand, and the axioms (conservation, summation-to-delta)."""
+
+import captum.attr as captum_attr  # the test extras install torch==2.13.0 and captum
+import jax
+import jax.numpy as jnp
+import nets
+import numpy as np
+import pytest
+import torch
+
+import gradcam_jax as gcj
+from gradcam_jax.attribution.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
+
+W = nets.weights(4, c2=8)
+X = np.random.default_rng(12).normal(size=(2, 8, 8, 3)).astype(np.float32)
+T = np.array([2, 0])
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def jax_net(x):
+    features, head = nets.split_functions(W)
+    return head(features(x))
+
+
+def nchw(a):
+    return torch.from_numpy(np.asarray(a, np.float64).transpose(0, 3, 1, 2).copy())
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def close(got, expected, tol=1e-4):
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert got.shape == expected.shape
+    err = np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12)
+    assert err <= tol, f"max relative difference {err:.2e} > {tol}"
+
+
+def torch_pooled_net():
+    """nets.torch_model with its global mean as an AdaptiveAvgPool2d module (Captum's LRP needs modules)."""
+    base = nets.torch_model(W, dtype=torch.float64)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.pool = base, torch.nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            b = self.base
+            x = b.relu3(b.conv3(b.relu2(b.conv2(b.relu1(b.conv1(x))))))
+            return b.fc(self.pool(x).flatten(1))
+
+    return Net().eval()
+
+
+def test_lrp_epsilon_matches_captum_lrp():
+    expected = captum_attr.LRP(torch_pooled_net()).attribute(nchw(X), target=torch.as_tensor(T))
+    close(gcj.lrp(jax_net, X, T, rules="epsilon"), nhwc(expected))
+
+
+def test_deeplift_matches_captum_and_sums_to_delta():
+    baseline = np.full_like(X, 0.2)
+    net = nets.torch_model(W, dtype=torch.float64)
+    expected = captum_attr.DeepLift(net).attribute(nchw(X), nchw(baseline), target=torch.as_tensor(T))
+    got = gcj.deeplift(jax_net, X, T, baseline=baseline)
+    close(got, nhwc(expected))
+    delta = np.asarray(jax_net(X) - jax_net(jnp.asarray(baseline)))[np.arange(2), T]
+    np.testing.assert_allclose(np.asarray(got).sum((1, 2, 3)), delta, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ zennit's rules in NumPy
+
+R = np.random.default_rng(3)
+W1, B1 = R.normal(size=(6, 5)), R.normal(size=5) * 0.3
+W2, B2 = R.normal(size=(5, 3)), R.normal(size=3) * 0.3
+XM = R.normal(size=(4, 6))
+
+
+def mlp(x):
+    h = jax.nn.relu(x @ jnp.asarray(W1, x.dtype) + jnp.asarray(B1, x.dtype))
+    return h @ jnp.asarray(W2, x.dtype) + jnp.asarray(B2, x.dtype)
+
+
+def stab(z, eps=1e-6):
+    return z + eps * np.where(z >= 0, 1.0, -1.0)
+
+
+def np_layer(rule, x, w, b, r):
+    """One layer's input relevance under a zennit rule (its BasicHook written out)."""
+    p, n = np.maximum, np.minimum
+    xp, xn, wp, wn = p(x, 0), n(x, 0), p(w, 0), n(w, 0)
+    if rule == "epsilon":
+        return x * ((r / stab(x @ w + b, 0.25)) @ w.T)
+    if rule == "zplus":
+        s = r / stab(xp @ wp + p(b, 0) + xn @ wn)
+        return xp * (s @ wp.T) + xn * (s @ wn.T)
+    if rule == "alphabeta":
+        sa = r / stab(xp @ wp + p(b, 0) + xn @ wn)
+        sb = r / stab(xp @ wn + n(b, 0) + xn @ wp)
+        return 2 * (xp * (sa @ wp.T) + xn * (sa @ wn.T)) - (xp * (sb @ wn.T) + xn * (sb @ wp.T))
+    if rule == "gamma":
+        g, y = 0.25, x @ w + b
+        up_w, dn_w = w + g * wp, w + g * wn
+        s_up = np.where(y > 0, r, 0) / stab(xp @ up_w + b + g * p(b, 0) + xn @ dn_w)
+        s_dn = np.where(y < 0, r, 0) / stab(xp @ dn_w + b + g * n(b, 0) + xn @ up_w)
+        return xp * (s_up @ up_w.T) + xn * (s_up @ dn_w.T) + xp * (s_dn @ dn_w.T) + xn * (s_dn @ up_w.T)
+    if rule == "flat":
+        ones = np.ones_like(w)
+        return (r / stab(np.ones_like(x) @ ones)) @ ones.T
+    lo, hi = -3.0 * np.ones_like(x), 3.0 * np.ones_like(x)
+    s = r / stab(x @ w + b - (lo @ wp + p(b, 0)) - (hi @ wn + n(b, 0)))
+    return x * (s @ w.T) - lo * (s @ wp.T) - hi * (s @ wn.T)
+
+
+RULES = {
+    "epsilon": Epsilon(0.25),
+    "zplus": ZPlus(),
+    "alphabeta": AlphaBeta(2, 1),
+    "gamma": Gamma(0.25),
+    "flat": Flat(),
+    "zbox": ZBox(-3.0, 3.0),
+}
+
+
+@pytest.mark.parametrize("first", list(RULES))
+def test_first_layer_rule_matches_numpy(first):
+    h = np.maximum(XM @ W1 + B1, 0)
+    y = h @ W2 + B2
+    r_top = np.zeros_like(y)
+    r_top[np.arange(4), 1] = y[np.arange(4), 1]
+    r_h = np_layer("epsilon", h, W2, B2, r_top)
+    expected = np_layer(first, XM, W1, B1, r_h)
+    rules = {"first": RULES[first], "dense": Epsilon(0.25)}
+    close(gcj.lrp(mlp, jnp.asarray(XM, jnp.float32), 1, rules=rules), expected, 2e-4)
+
+
+def test_batch_norm_folds_into_its_conv():
+    # conv -> batch norm (a negative scale included) -> relu -> mean -> dense, against the
+    # same net with the batch norm folded into the conv by hand: z+ must see the folded weights.
+    k = R.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    scale = np.array([1.5, -0.7, 0.3, 2.0], np.float32)
+    shift, mean, var = (R.normal(size=4).astype(np.float32) for _ in range(3))
+    var = np.abs(var) + 0.5
+    fc = R.normal(size=(4, 3)).astype(np.float32)
+
+    def conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def with_bn(x):
+        z = (conv(x, k) - mean) / jnp.sqrt(var + 1e-5) * scale + shift
+        return jax.nn.relu(z).mean((1, 2)) @ fc
+
+    a = scale / np.sqrt(var + 1e-5)
+
+    def folded(x):
+        return jax.nn.relu(conv(x, k * a) + (shift - mean * a)).mean((1, 2)) @ fc
+
+    for rules in ("epsilon_plus", "epsilon_alpha2_beta1"):
+        close(gcj.lrp(with_bn, X, 1, rules=rules), gcj.lrp(folded, X, 1, rules=rules), 1e-5)
+
+
+@pytest.mark.parametrize("rules", [{"conv": Epsilon(1e-9), "dense": Epsilon(1e-9)}, "zplus"])
+def test_conservation_on_a_bias_free_relu_net(rules):
+    k1 = R.normal(size=(3, 3, 3, 6)).astype(np.float32)
+    w2 = np.abs(R.normal(size=(6, 4))).astype(np.float32)
+
+    def net(x):
+        h = jax.nn.relu(
+            jax.lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        )
+        return h.mean((1, 2)) @ w2
+
+    x = np.abs(X)
+    score = np.asarray(net(x))[:, 3]
+    rel = np.asarray(gcj.lrp(net, x, 3, rules=rules)).sum((1, 2, 3))
+    np.testing.assert_allclose(rel, score, rtol=1e-4)
+
+
+R6 = R.normal(size=(6, 6))
+
+
+def test_k_targets_and_residual_sums():
+    def resnet(x):
+        h = jax.nn.relu(x @ jnp.asarray(R6, jnp.float32))
+        return (h + x) @ jnp.asarray(np.abs(W1[:6, :3]), jnp.float32)
+
+    x = jnp.asarray(np.abs(XM), jnp.float32)
+    both = gcj.lrp(resnet, x, [0, 2], rules={"dense": Epsilon(1e-9), "add": Epsilon(1e-9)})
+    assert both.shape == (4, 2, 6)
+    close(both[:, 1], gcj.lrp(resnet, x, 2, rules={"dense": Epsilon(1e-9), "add": Epsilon(1e-9)}), 1e-6)
+    np.testing.assert_allclose(np.asarray(both).sum(-1), np.asarray(resnet(x))[:, [0, 2]], rtol=1e-4)
+
+
+def test_unsupported_operations_are_listed():
+    def gated(x):
+        return (x * jax.nn.sigmoid(x)).sum(-1, keepdims=True) * jnp.ones((1, 2))
+
+    with pytest.raises(NotImplementedError, match=r"mul \(x"):
+        gcj.lrp(gated, jnp.ones((2, 3)), 0)
+    with pytest.raises(ValueError, match="box=\\(low, high\\)"):
+        gcj.lrp(jax_net, X, 0, rules="epsilon_gamma_box")
+    with pytest.raises(ValueError, match="unknown rule keys"):
+        gcj.lrp(jax_net, X, 0, rules={"last": Epsilon()})
