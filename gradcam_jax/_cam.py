@@ -26,7 +26,7 @@ from . import cams, methods, perturbation, score_variants
 from ._callables import StableFunction
 from ._grads import check_tap_target, grads_for_spec, zero_gradients
 from ._maps import MapOptions, check_cam_input, kernel, map_geometry, maps_from_grads
-from ._smoothing import augmented_maps, check_aug_smooth
+from ._smoothing import augmented_maps, check_aug_smooth, check_fuse, fuse_maps
 from ._tap import Tap, as_tap
 from ._targets import Target, TargetSpec, batch_size, is_concrete, target_spec
 
@@ -150,13 +150,23 @@ class GradientCamOptions:
     method: Callable
     maps: MapOptions
     aug: bool = False
+    fuse: str | None = None
 
 
 def gradient_maps(tap: Tap, x, target: TargetSpec, options: GradientCamOptions):
-    """One forward pass, one (vmapped) pullback, one formula: ``(maps, dead)`` (see the kernel)."""
+    """One forward pass, one (vmapped) pullback, one formula: ``(maps, dead)`` (see the kernel).
+
+    With ``options.fuse`` (a multi-layer tap) every layer's map is finished and normalised at the
+    input's size, and the maps are fused (:func:`~gradcam_jax._smoothing.fuse_maps`).
+    """
     out = grads_for_spec(tap, x, target)
     size, rank = map_geometry(x, options.maps, "cam")
-    maps = maps_from_grads(out, options.method, options.maps, size, rank)
+    if options.fuse is None:
+        maps = maps_from_grads(out, options.method, options.maps, size, rank)
+    else:
+        each = dataclasses.replace(options.maps, normalize=True)
+        layer_maps = [maps_from_grads(g, options.method, each, size, rank) for g in out.per_layer().values()]
+        maps = fuse_maps(layer_maps, options.fuse, options.maps.normalize, rank or 2)
     return maps, zero_gradients(out, options.maps.drop_tokens)
 
 
@@ -210,6 +220,7 @@ def cam(
     input: Any = None,
     aug_smooth: bool = False,
     eigen_smooth: bool = False,
+    fuse: str | None = None,
     **method_options,
 ) -> jax.Array:
     """Class activation maps by any registered method.
@@ -260,6 +271,11 @@ def cam(
       eigen_smooth: the first principal component of the per-channel terms ``w_k A^k`` instead
         of their sum (pytorch-grad-cam's ``eigen_smooth``); Eigen-CAM, Eigen-Grad-CAM and
         KPCA-CAM are projections already and are unchanged.
+      fuse: with a multi-layer tap (``layers=[...]``), how the layers' maps are combined:
+        ``"mean"`` (pytorch-grad-cam's), ``"max"`` or ``"layer_cam"`` (LayerCAM's ``tanh(2 M)``
+        scaling, then the maximum; Jiang et al. 2021, eq. 9). Each layer's map is finished and
+        normalised at the input's size first; one forward pass gives every layer's ``A`` and
+        ``dA``. Gradient methods only.
       **method_options: options of the perturbation methods (``chunk_size``, ``top_n``,
         ``compute_dtype``, ``n_noise``, ``noise_std``, ``steps``) and of the explainers
         (``key`` for ``"random_cam"``; ``alpha``, ``comparisons``, ``base_method`` for
@@ -300,6 +316,11 @@ def cam(
         upsample, normalize, relu, interpolation, counterfactual, drop_tokens, grid, layout, input
     )
     if entry.kind != GRADIENT:
+        if fuse is not None:
+            raise ValueError(
+                f"fuse={fuse!r} combines the layers of a multi-layer tap for the gradient methods "
+                f"({', '.join(method_names(GRADIENT))}); method={method!r} explains one layer."
+            )
         if entry.kind == PERTURBATION:
             if counterfactual:
                 raise ValueError(f"counterfactual=True negates gradients; method={method!r} uses none.")
@@ -332,10 +353,12 @@ def cam(
     check_cam_input(x, maps, who)  # the input gate: a clear error now, before any tracing
     if aug_smooth:
         check_aug_smooth(x, maps, who)
+    if fuse is not None:
+        check_fuse(fuse, maps, who)
     formula = methods.eigen_smoothed(entry.fn) if eigen_smooth else entry.fn
     spec = target_spec(target, batch_size(x))
-    check_tap_target(tap, x, spec, who)
-    options = GradientCamOptions(formula, maps, bool(aug_smooth))
+    check_tap_target(tap, x, spec, who, several=fuse is not None)
+    options = GradientCamOptions(formula, maps, bool(aug_smooth), fuse)
     out, dead = gradient_cam_kernel(tap, x, spec, options=options)
     if entry.uses_grads:
         check_dead(dead, who)

@@ -1,4 +1,5 @@
-"""Test-time augmentation smoothing of maps (``aug_smooth=True`` on every CAM method).
+"""Smoothing and fusing maps: test-time augmentation (``aug_smooth=True`` on every CAM method)
+and the fusion of several layers' maps (``fuse=`` with a multi-layer tap).
 
 The image is augmented with horizontal flips x intensity factors (``x``, ``0.9 x``, ``1.1 x``
 and the same flipped: pytorch-grad-cam's default ``ttach`` transforms, ``HorizontalFlip`` and
@@ -19,7 +20,15 @@ from ._inputs import image_of, input_view, with_image
 from ._maps import MapOptions
 from .postprocess import normalize_maps
 
-__all__ = ["AUG_FACTORS", "N_AUGMENTATIONS", "augmented_maps", "check_aug_smooth"]
+__all__ = [
+    "AUG_FACTORS",
+    "N_AUGMENTATIONS",
+    "augmented_maps",
+    "check_aug_smooth",
+    "FUSIONS",
+    "check_fuse",
+    "fuse_maps",
+]
 
 #: The intensity factors of the augmentations; each is used on the image and on its mirror image.
 AUG_FACTORS = (0.9, 1.0, 1.1)
@@ -57,3 +66,43 @@ def augmented_maps(explain: Callable, x, options: MapOptions, who: str):
     if options.normalize:
         mean = normalize_maps(mean, 2)
     return mean, extra
+
+
+#: How :func:`fuse_maps` combines several layers' maps.
+FUSIONS = ("mean", "max", "layer_cam")
+
+
+def check_fuse(fuse, options: MapOptions, who: str) -> str:
+    """``fuse`` if it is one of :data:`FUSIONS` and the maps are brought to the input's size."""
+    if fuse not in FUSIONS:
+        raise ValueError(f"{who}: fuse={fuse!r} is not one of {', '.join(map(repr, FUSIONS))}.")
+    if not options.upsample:
+        raise ValueError(
+            f"{who}: fuse={fuse!r} combines maps of layers of different resolutions at the input's size; "
+            f"pass upsample=True (or explain one layer, tap.select(name), with upsample=False)."
+        )
+    return fuse
+
+
+def fuse_maps(layer_maps, fuse: str, normalize: bool, rank: int = 2, gamma: float = 2.0):
+    """Combine several layers' finished maps (each ReLU-ed, upsampled, normalised to [0, 1]).
+
+    ``"mean"``: their mean (pytorch-grad-cam's multi-layer behaviour); ``"max"``: their
+    element-wise maximum; ``"layer_cam"``: each map ``M`` scaled to ``tanh(gamma M)`` (LayerCAM's
+    eq. 9, which lifts the weak responses of shallow layers), then the element-wise maximum
+    (torchcam's ``LayerCAM.fuse_cams``). The result is normalised again when ``normalize``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from gradcam_jax._smoothing import fuse_maps
+      >>> fuse_maps([jnp.array([[0.0, 1.0]]), jnp.array([[1.0, 0.0]])], "max", False).tolist()
+      [[1.0, 1.0]]
+    """
+    stack = jnp.stack(layer_maps)
+    if fuse == "mean":
+        fused = jnp.mean(stack, axis=0)
+    elif fuse == "max":
+        fused = jnp.max(stack, axis=0)
+    else:
+        fused = jnp.max(jnp.tanh(gamma * stack), axis=0)
+    return normalize_maps(fused, rank) if normalize else fused
