@@ -42,8 +42,10 @@ from ._tap import split_tap as split_tap
 from ._targets import TargetSpec as TargetSpec
 from ._targets import target_spec as target_spec
 from ._version import __version__ as __version__
+from .attribution import blur_ig as blur_ig
 from .attribution import deeplift as deeplift
 from .attribution import expected_gradients as expected_gradients
+from .attribution import guided_ig as guided_ig
 from .attribution import input_x_gradient as input_x_gradient
 from .attribution import integrated_gradients as integrated_gradients
 from .attribution import lrp as lrp
@@ -128,4 +130,6 @@ __all__ = [
     "noise_tunnel",
     "lrp",
     "deeplift",
+    "blur_ig",
+    "guided_ig",
 ]

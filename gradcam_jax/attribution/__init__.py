@@ -7,6 +7,8 @@ returns attributions in the input's pixels; targets, pytree inputs and layouts a
 
 from . import rules as rules
 from .noise import noise_tunnel as noise_tunnel
+from .pair_paths import blur_ig as blur_ig
+from .pair_paths import guided_ig as guided_ig
 from .path import expected_gradients as expected_gradients
 from .path import input_x_gradient as input_x_gradient
 from .path import integrated_gradients as integrated_gradients
@@ -21,4 +23,6 @@ __all__ = [
     "lrp",
     "deeplift",
     "rules",
+    "blur_ig",
+    "guided_ig",
 ]
