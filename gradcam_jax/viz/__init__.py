@@ -16,11 +16,15 @@ and in notebooks alike.
 * :func:`volume_figure` — a volume or a video ``(D, H, W[, C])`` as a grid of slices / frames
   along one axis, each overlaid with its slice of the ``(D, H, W)`` heatmap.
 * :func:`save_png` / :func:`png_bytes` — write a figure or an image.
+* :func:`concept_overlay` / :func:`concept_image` — Deep Feature Factorization's concepts, each
+  pixel coloured by its strongest concept, with a legend.
 
 All functions accept a single example or a batch (leading batch axis). :func:`overlay` and
 :func:`figure_grid` draw images only; given a signal or a volume they say which function to use.
 """
 
+from ._concepts import concept_image as concept_image
+from ._concepts import concept_overlay as concept_overlay
 from ._grid import figure_grid as figure_grid
 from ._images import METHOD_TITLES as METHOD_TITLES
 from ._images import gradient_image as gradient_image
@@ -41,4 +45,6 @@ __all__ = [
     "png_bytes",
     "resize_map",
     "METHOD_TITLES",
+    "concept_overlay",
+    "concept_image",
 ]
