@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cams, methods, perturbation, score_variants
+from . import cams, fullgrad, methods, perturbation, score_variants
 from ._callables import StableFunction
 from ._grads import check_tap_target, grads_for_spec, zero_gradients
 from ._maps import MapOptions, check_cam_input, kernel, map_geometry, maps_from_grads
@@ -85,6 +85,7 @@ METHODS: dict[str, Method] = {
     "shapley_cam": Method(EXPLAINER, cams.shapley_cam),
     "finer_cam": Method(EXPLAINER, cams.finer_cam),
     "random_cam": Method(EXPLAINER, cams.random_cam),
+    "fullgrad": Method(EXPLAINER, fullgrad.fullgrad),
 }
 
 
@@ -246,7 +247,8 @@ def cam(
         ``"grad_cam_elementwise"``, ``"eigen_cam"``, ``"eigen_grad_cam"``, ``"kpca_cam"``),
         the perturbation methods ``"score_cam"``, ``"ablation_cam"``, ``"ss_cam"``,
         ``"is_cam"``, the explainers ``"shapley_cam"``, ``"finer_cam"``, ``"random_cam"`` (see
-        :mod:`gradcam_jax.cams`), or a function ``(A, dA) -> (B, h, w)``.
+        :mod:`gradcam_jax.cams`), ``"fullgrad"`` (:mod:`gradcam_jax.fullgrad`), or a function
+        ``(A, dA) -> (B, h, w)``.
       upsample: resize maps to the input's ``(H, W)``; otherwise they stay at the layer's.
       normalize: min-max normalise each map to [0, 1] (after upsampling). All-zero maps stay 0.
       relu: apply the final ReLU (the paper's; keeps only evidence for the class).
@@ -279,7 +281,7 @@ def cam(
       **method_options: options of the perturbation methods (``chunk_size``, ``top_n``,
         ``compute_dtype``, ``n_noise``, ``noise_std``, ``steps``) and of the explainers
         (``key`` for ``"random_cam"``; ``alpha``, ``comparisons``, ``base_method`` for
-        ``"finer_cam"``).
+        ``"finer_cam"``; ``biases`` for ``"fullgrad"``, whose tap has several layers).
 
     Returns:
       ``float32`` maps ``(B, *spatial)`` (``(B, H, W)`` for images), or ``(B, K, *spatial)``
