@@ -1,0 +1,186 @@
+"""The CPU rewrites of ``gradcam_jax.models._convs``: same numbers, same gradients, only on CPU.
+
+Expected values come from a NumPy convolution written out below (a loop over the kernel's taps),
+from ``jax.lax.conv_general_dilated`` (what the models called before) and from PyTorch.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax import export, lax
+
+import gradcam_jax as gcj
+from gradcam_jax import zoo
+from gradcam_jax.models import efficientnet_lite, resnet
+from gradcam_jax.models._convs import NHWC, conv_general_dilated, depthwise_taps, im2col_conv
+from gradcam_jax.models.efficientnet_lite import EfficientNetLite, random_variables
+
+
+def np_conv(x, w, stride, pads, groups=1):
+    """NHWC x HWIO convolution by hand: for each tap, a strided slice times the tap's matrix."""
+    x = np.pad(x, ((0, 0), *pads, (0, 0))).astype(np.float64)
+    kh, kw, cin_g, cout = w.shape
+    oh = (x.shape[1] - kh) // stride[0] + 1
+    ow = (x.shape[2] - kw) // stride[1] + 1
+    out = np.zeros((x.shape[0], oh, ow, cout))
+    cout_g = cout // groups
+    for p in range(kh):
+        for q in range(kw):
+            tap = x[
+                :, p : p + (oh - 1) * stride[0] + 1 : stride[0], q : q + (ow - 1) * stride[1] + 1 : stride[1]
+            ]
+            for g in range(groups):
+                xs = tap[..., g * cin_g : (g + 1) * cin_g]
+                ws = w[p, q, :, g * cout_g : (g + 1) * cout_g]
+                out[..., g * cout_g : (g + 1) * cout_g] += xs @ ws
+    return out
+
+
+CASES = [  # (input H, W, kernel, stride, pads)
+    ((9, 9), 3, (1, 1), ((1, 1), (1, 1))),
+    ((9, 8), 3, (2, 2), ((0, 1), (0, 1))),
+    ((7, 7), 5, (2, 2), ((1, 2), (1, 2))),
+    ((6, 6), 5, (1, 1), ((2, 2), (2, 2))),
+]
+
+
+@pytest.mark.parametrize("hw, k, stride, pads", CASES)
+def test_depthwise_taps_is_a_depthwise_convolution(hw, k, stride, pads):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *hw, 6)).astype(np.float32)
+    w = rng.standard_normal((k, k, 1, 6)).astype(np.float32)
+    out = np.asarray(depthwise_taps(jnp.asarray(x), jnp.asarray(w), stride, pads))
+    np.testing.assert_allclose(out, np_conv(x, w, stride, pads, groups=6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw, k, stride, pads", [((2, 2), 3, (1, 1), ((1, 1), (1, 1))), *CASES])
+def test_im2col_conv_is_a_dense_convolution(hw, k, stride, pads):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *hw, 5)).astype(np.float32)
+    w = rng.standard_normal((k, k, 5, 7)).astype(np.float32)
+    out = np.asarray(im2col_conv(jnp.asarray(x), jnp.asarray(w), stride, pads))
+    np.testing.assert_allclose(out, np_conv(x, w, stride, pads), rtol=1e-5, atol=1e-5)
+
+
+# (input H/W, kernel shape, groups, stride, rewritten): depthwise, a 3x3 whose output is 2x2 (im2col;
+# stride 1 and 2), and a grouped convolution the rewrite must leave alone.
+WRAPPER_CASES = [
+    (7, (5, 5, 1, 4), 4, 2, True),
+    (2, (3, 3, 4, 6), 1, 1, True),
+    (4, (3, 3, 4, 6), 1, 2, True),
+    (5, (3, 3, 2, 6), 2, 1, False),
+]
+
+
+@pytest.mark.parametrize("size, wshape, groups, stride, rewritten", WRAPPER_CASES)
+def test_conv_general_dilated_values_and_gradients(size, wshape, groups, stride, rewritten):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 4)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal(wshape).astype(np.float32))
+    pads = [(wshape[0] // 2, wshape[0] // 2)] * 2
+    kwargs = {"dimension_numbers": NHWC, "feature_group_count": groups}
+
+    def ours(x, w):
+        return conv_general_dilated(x, w, (stride, stride), pads, **kwargs)
+
+    def xla(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), pads, **kwargs)
+
+    out = jax.jit(ours)(x, w)
+    expected = np_conv(np.asarray(x), np.asarray(w), (stride, stride), pads, groups)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    ct = jnp.asarray(rng.standard_normal(out.shape).astype(np.float32))
+    g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) * ct), argnums=(0, 1))(x, w)
+    g_xla = jax.grad(lambda x, w: jnp.sum(xla(x, w) * ct), argnums=(0, 1))(x, w)
+    for a, b in zip(g_ours, g_xla, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    # vmap over an extra leading axis, as chunked perturbation methods do.
+    stacked = jax.vmap(ours, in_axes=(0, None))(jnp.stack([x, 2 * x]), w)
+    np.testing.assert_allclose(np.asarray(stacked[1]), 2 * np.asarray(out), rtol=1e-5, atol=1e-4)
+    # On this CPU the lowered program has a convolution exactly when no rewrite applies ...
+    assert ("convolution" in jax.jit(ours).lower(x, w).as_text()) is not rewritten
+    # ... and lowered for a GPU it is always lax's convolution.
+    assert "convolution" in export.export(jax.jit(ours), platforms=["cuda"])(x, w).mlir_module()
+
+
+def test_other_arguments_go_to_lax_unchanged():
+    x = jnp.ones((1, 5, 5, 4))
+    w = jnp.ones((3, 3, 1, 4))
+    # Dilation and string padding are not rewritten: the program keeps its convolution.
+    dilated = jax.jit(
+        lambda x, w: conv_general_dilated(
+            x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC, feature_group_count=4
+        )
+    )
+    assert "convolution" in dilated.lower(x, w).as_text()
+    np.testing.assert_allclose(
+        np.asarray(dilated(x, w)),
+        np.asarray(
+            lax.conv_general_dilated(
+                x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC, feature_group_count=4
+            )
+        ),
+    )
+
+
+def _small_lite():
+    module = EfficientNetLite(
+        stages=((1, 3, 1, 1, 32, 16), (2, 5, 2, 6, 16, 24)), head_features=64, num_classes=10
+    )
+    return module, random_variables(module, seed=3, size=32)
+
+
+def test_guided_backprop_through_the_rewritten_model(monkeypatch):
+    # The jaxpr rewrite of guided backprop sees the CPU branch's ordinary primitives.
+    module, variables = _small_lite()
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    fn = lambda x: module.apply(variables, x)  # noqa: E731
+    gb = gcj.guided_backprop(fn, x, target=3)
+    monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    gb_lax = gcj.guided_backprop(lambda x: module.apply(variables, x), x, target=3)
+    assert float(jnp.abs(gb).max()) > 0
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_lax), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return zoo.efficientnet_lite0()
+
+
+def test_lite0_logits_unchanged_and_equal_to_torch(lite0, monkeypatch):
+    # 136 px: not 224, so the TensorFlow "SAME" pads are computed from the input on both sides.
+    x = lite0.preprocess(zoo.demo_image(), size=136)
+    x = jnp.concatenate([x, x[:, ::-1]])
+    new = np.asarray(jax.jit(lite0.module.apply)(lite0.variables, x))
+    monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    old = np.asarray(jax.jit(lite0.module.apply)(lite0.variables, x))
+    # Only the order of float32 additions changed: 1e-5 relative to the largest logit (about 13).
+    assert np.abs(new - old).max() <= 1e-5 * np.abs(old).max(), np.abs(new - old).max()
+    import efficientnet_lite_pytorch as lite  # the test extra's torch reference, as in test_zoo
+
+    net = lite.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(lite0.source), image_size=None
+    )
+    with torch.no_grad():
+        ref = net.eval()(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.abs(new - ref).max() < 1e-3
+    assert (new.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_resnet50_small_inputs_unchanged(monkeypatch):
+    # At 64 px stage 4 is 2x2: its 3x3 convolutions take the im2col path.
+    size = 64
+    model = resnet.resnet50(num_classes=10)
+    variables = random_variables(model, seed=size, size=size)
+    x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
+    text = jax.jit(model.apply).lower(variables, x).as_text()
+    assert text.count("convolution") < 53  # 53 convolutions in ResNet-50; the small-map ones are dots
+    new = np.asarray(jax.jit(model.apply)(variables, x))
+    monkeypatch.setattr(resnet, "conv_general_dilated", lax.conv_general_dilated)
+    old = np.asarray(jax.jit(model.apply)(variables, x))
+    assert np.abs(new - old).max() <= 1e-5 * max(1.0, np.abs(old).max()), (
+        np.abs(new - old).max(),
+        np.abs(old).max(),
+    )
