@@ -50,6 +50,7 @@ from .attribution import input_x_gradient as input_x_gradient
 from .attribution import integrated_gradients as integrated_gradients
 from .attribution import lrp as lrp
 from .attribution import noise_tunnel as noise_tunnel
+from .attribution import xrai as xrai
 from .dataset import DatasetRun as DatasetRun
 from .dataset import Results as Results
 from .dataset import explain_dataset as explain_dataset
@@ -132,4 +133,5 @@ __all__ = [
     "deeplift",
     "blur_ig",
     "guided_ig",
+    "xrai",
 ]

@@ -14,6 +14,7 @@ from .path import input_x_gradient as input_x_gradient
 from .path import integrated_gradients as integrated_gradients
 from .relevance import deeplift as deeplift
 from .relevance import lrp as lrp
+from .xrai import xrai as xrai
 
 __all__ = [
     "integrated_gradients",
@@ -25,4 +26,5 @@ __all__ = [
     "rules",
     "blur_ig",
     "guided_ig",
+    "xrai",
 ]
