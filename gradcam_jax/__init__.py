@@ -42,6 +42,11 @@ from ._tap import split_tap as split_tap
 from ._targets import TargetSpec as TargetSpec
 from ._targets import target_spec as target_spec
 from ._version import __version__ as __version__
+from .attention import AttentionSite as AttentionSite
+from .attention import attention_rollout as attention_rollout
+from .attention import attention_sites as attention_sites
+from .attention import generic_attention as generic_attention
+from .attention import legrad as legrad
 from .attribution import blur_ig as blur_ig
 from .attribution import deeplift as deeplift
 from .attribution import expected_gradients as expected_gradients
@@ -124,6 +129,11 @@ __all__ = [
     "gradients",
     "smooth_grad",
     "guided_grad_cam",
+    "AttentionSite",
+    "attention_sites",
+    "attention_rollout",
+    "generic_attention",
+    "legrad",
     "attribution",
     "integrated_gradients",
     "expected_gradients",
