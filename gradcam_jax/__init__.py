@@ -53,8 +53,10 @@ from .attribution import expected_gradients as expected_gradients
 from .attribution import guided_ig as guided_ig
 from .attribution import input_x_gradient as input_x_gradient
 from .attribution import integrated_gradients as integrated_gradients
+from .attribution import kernel_shap as kernel_shap
 from .attribution import lrp as lrp
 from .attribution import noise_tunnel as noise_tunnel
+from .attribution import rise as rise
 from .attribution import xrai as xrai
 from .dataset import DatasetRun as DatasetRun
 from .dataset import Results as Results
@@ -144,4 +146,6 @@ __all__ = [
     "blur_ig",
     "guided_ig",
     "xrai",
+    "rise",
+    "kernel_shap",
 ]

@@ -14,6 +14,8 @@ from .path import input_x_gradient as input_x_gradient
 from .path import integrated_gradients as integrated_gradients
 from .relevance import deeplift as deeplift
 from .relevance import lrp as lrp
+from .sampling import kernel_shap as kernel_shap
+from .sampling import rise as rise
 from .xrai import xrai as xrai
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "blur_ig",
     "guided_ig",
     "xrai",
+    "rise",
+    "kernel_shap",
 ]
