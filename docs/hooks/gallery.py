@@ -1,0 +1,317 @@
+"""MkDocs hook: the method gallery, drawn at build time from the package's own method lists.
+
+Every method is run on the bundled demo picture (a cat and an espresso cup, side by side) with
+the pretrained EfficientNet-Lite0 at its 224 x 224 input, for both of the picture's classes
+(``Egyptian cat`` 285 and ``espresso`` 967: one row each), and drawn with ``viz.figure_grid``.
+The figures are generated files of the build (``gallery/<method>.png``); nothing is committed.
+
+Which methods: every entry of ``gcj.METHODS`` (aliases of one function drawn once) and every
+other explainer the package exports at the top level — a function whose first parameters are
+``(fn | tap | model, x)`` and that takes ``target``. A new method therefore appears by itself;
+``ABOUT`` adds its paper, cost and use (else the docstring's first line and its ``References:``
+are shown) and ``OPTIONS`` any keyword it needs. A method that cannot be drawn on this model
+(a transformer method) is listed in ``NOT_DRAWN`` with the reason; an explainer that fails and
+is not listed there is a build error, so the gallery never drops a method silently.
+
+The page ``docs/gallery.md`` holds the text; its line ``<!-- gallery -->`` becomes the figures.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from mkdocs.structure.files import File
+
+import gradcam_jax as gcj
+from gradcam_jax import viz, zoo
+
+log = logging.getLogger("mkdocs.hooks.gallery")
+
+MARKER = "<!-- gallery -->"
+CLASSES = (285, 967)  # Egyptian cat, espresso: the demo picture's two objects
+NOT_EXPLAINERS = {"activations_and_grads", "cam", "grad_cam"}  # the table's methods come through cam
+
+# Keyword arguments the gallery passes (cheap settings, stated on the page).
+OPTIONS = {
+    "score_cam": {"top_n": 16},
+    "smooth_grad": {"n_samples": 8},
+    "occlusion": {"window": 56, "stride": 28},
+}
+
+# Methods that need another kind of model than a CNN classifier: name -> where they are shown.
+NOT_DRAWN: dict[str, str] = {}
+
+# name -> (paper, passes per image, when to use it). Links are the papers' arXiv pages.
+ABOUT = {
+    "grad_cam": (
+        "Selvaraju et al., ICCV 2017, [arXiv 1610.02391](https://arxiv.org/abs/1610.02391)",
+        "1 forward + 1 backward down to the layer, for any number of classes",
+        "The default: class-discriminative, cheap, passes the randomisation sanity check.",
+    ),
+    "cam": (
+        "Zhou et al., CVPR 2016, [arXiv 1512.04150](https://arxiv.org/abs/1512.04150)",
+        "1 forward + 1 backward down to the layer",
+        "Summed instead of averaged gradients: the original CAM for global-average-pool + dense "
+        "heads, and the same map as Grad-CAM there once normalised.",
+    ),
+    "grad_cam_plus_plus": (
+        "Chattopadhay et al., WACV 2018, [arXiv 1710.11063](https://arxiv.org/abs/1710.11063)",
+        "1 forward + 1 backward down to the layer",
+        "Several instances of the class in one image: positive gradients weighted per position.",
+    ),
+    "xgrad_cam": (
+        "Fu et al., BMVC 2020, [arXiv 2008.02312](https://arxiv.org/abs/2008.02312)",
+        "1 forward + 1 backward down to the layer",
+        "Grad-CAM with weights derived from two axioms (sensitivity, conservation).",
+    ),
+    "hires_cam": (
+        "Draelos & Carin, 2020, [arXiv 2011.08891](https://arxiv.org/abs/2011.08891)",
+        "1 forward + 1 backward down to the layer",
+        "Element-wise gradient x activation: provably reflects the positions the score uses.",
+    ),
+    "layer_cam": (
+        "Jiang et al., IEEE TIP 2021, [doi 10.1109/TIP.2021.3089943](https://doi.org/10.1109/TIP.2021.3089943)",
+        "1 forward + 1 backward down to the layer",
+        "Earlier, finer layers: positive gradients per position keep fine detail.",
+    ),
+    "eigen_cam": (
+        "Muhammad & Yeasin, IJCNN 2020, [arXiv 2008.00299](https://arxiv.org/abs/2008.00299)",
+        "1 forward (no gradient)",
+        "Class-agnostic: the principal component of the activations, the same map for every class.",
+    ),
+    "eigen_grad_cam": (
+        "after Muhammad & Yeasin 2020, on gradient x activation",
+        "1 forward + 1 backward down to the layer",
+        "Eigen-CAM made class-discriminative: a smoother map than Grad-CAM.",
+    ),
+    "score_cam": (
+        "Wang et al., CVPR-W 2020, [arXiv 1910.01279](https://arxiv.org/abs/1910.01279)",
+        "1 + C forwards (C channels; `top_n=16` here)",
+        "Gradient-free: saturated or noisy gradients; costs a forward per channel.",
+    ),
+    "ablation_cam": (
+        "Desai & Ramaswamy, WACV 2020, [doi 10.1109/WACV45572.2020.9093360]"
+        "(https://doi.org/10.1109/WACV45572.2020.9093360)",
+        "1 forward + C passes of the layers above the tap",
+        "Gradient-free; cheap when the part above the layer is small (a pooled head).",
+    ),
+    "gradients": (
+        "Simonyan et al., ICLR-W 2014, [arXiv 1312.6034](https://arxiv.org/abs/1312.6034)",
+        "1 forward + 1 full backward",
+        "The plain saliency map: pixel resolution, noisy; the baseline of sanity checks.",
+    ),
+    "guided_backprop": (
+        "Springenberg et al., ICLR-W 2015, [arXiv 1412.6806](https://arxiv.org/abs/1412.6806)",
+        "1 forward + 1 full backward",
+        "Sharp edges, but hardly class-discriminative and fails the randomisation test.",
+    ),
+    "deconvnet": (
+        "Zeiler & Fergus, ECCV 2014, [arXiv 1311.2901](https://arxiv.org/abs/1311.2901)",
+        "1 forward + 1 full backward",
+        "Historical: what the network's filters respond to, not what the class depends on.",
+    ),
+    "smooth_grad": (
+        "Smilkov et al., 2017, [arXiv 1706.03825](https://arxiv.org/abs/1706.03825)",
+        "n forwards + n backwards (`n_samples=8` here; 25 by default)",
+        "Less noisy pixel gradients, at n times the cost.",
+    ),
+    "guided_grad_cam": (
+        "Selvaraju et al., ICCV 2017, [arXiv 1610.02391](https://arxiv.org/abs/1610.02391)",
+        "2 forwards + 2 backwards (Guided Backprop and Grad-CAM)",
+        "Pixel-sharp and class-discriminative; inherits Guided Backprop's insensitivity.",
+    ),
+    "occlusion": (
+        "Zeiler & Fergus, ECCV 2014, [arXiv 1311.2901](https://arxiv.org/abs/1311.2901)",
+        "1 forward per window position (7 x 7 = 49 here: `window=56, stride=28`)",
+        "Model-agnostic ground truth for faithfulness; slow at fine strides.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One gallery figure: the method's name, other names for it, how to call it, its kind."""
+
+    name: str
+    aliases: tuple[str, ...]
+    call: object
+    kind: str
+
+
+def entries() -> list[Entry]:
+    """Every method of the package: the CAM table first, then the other explainers."""
+    by_fn: dict[int, list[str]] = {}
+    for name, method in gcj.METHODS.items():
+        by_fn.setdefault(id(method.fn), []).append(name)
+    found = [
+        Entry(
+            names[0],
+            tuple(names[1:]),
+            functools.partial(gcj.cam, method=names[0]),
+            gcj.METHODS[names[0]].kind,
+        )
+        for names in by_fn.values()
+    ]
+    table_fns = {id(m.fn) for m in gcj.METHODS.values()}
+    for name in gcj.__all__:
+        obj = getattr(gcj, name)
+        if name in NOT_EXPLAINERS or id(obj) in table_fns or not is_explainer(obj):
+            continue
+        found.append(Entry(name, (), obj, "explainer"))
+    return found
+
+
+def is_explainer(obj) -> bool:
+    """A function ``f(fn | tap | model, x, ..., target=...)``: it explains a model on an input."""
+    if not callable(obj) or isinstance(obj, type):
+        return False
+    try:
+        params = list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return False
+    return (
+        len(params) >= 2 and params[0] in ("fn", "tap", "model") and params[1] == "x" and "target" in params
+    )
+
+
+def about(entry: Entry) -> tuple[str, str, str]:
+    """(paper, cost, use) from ``ABOUT``, else from the function's docstring."""
+    if entry.name in ABOUT:
+        return ABOUT[entry.name]
+    fn = gcj.METHODS[entry.name].fn if entry.name in gcj.METHODS else entry.call
+    doc = inspect.getdoc(fn) or ""
+    refs = re.search(r"References:\n((?:[ \t]+\S.*\n?)+)", doc)
+    paper = " ".join(refs.group(1).split()) if refs else "see its docstring"
+    cost = "1 forward + 1 backward down to the layer" if entry.kind == "gradient" else "see its docstring"
+    return paper, cost, (doc.splitlines() or [""])[0]
+
+
+def compute(entry: Entry, m, x, grads) -> np.ndarray:
+    """The entry's output for the demo picture: ``(K, H, W)`` maps or ``(K, H, W, C)`` gradients.
+
+    A gradient method of the table is drawn from ``grads`` (``gcj.activations_and_grads`` run
+    once for all of them, as ``gcj.cam`` does for each: one forward pass, one pullback per
+    class), through its formula and the finishing ``gcj.cam`` applies by default (ReLU,
+    bilinear upsampling to the input, normalisation to [0, 1]); every other method is called.
+    """
+    if entry.kind == "gradient":
+        raw = jnp.stack([gcj.METHODS[entry.name].fn(grads.activation, g) for g in grads.grads], axis=1)
+        maps = gcj.postprocess.upsample_to(jax.nn.relu(raw), x.shape[1:3])
+        return np.asarray(gcj.postprocess.normalize_maps(maps))[0]
+    options = dict(OPTIONS.get(entry.name, {}))
+    params = inspect.signature(getattr(entry.call, "func", entry.call)).parameters
+    if "key" in params:
+        options.setdefault("key", jax.random.key(0))
+    model = m.tap if next(iter(params)) == "tap" else functools.partial(m.module.apply, m.variables)
+    return np.asarray(entry.call(model, x, list(CLASSES), **options))[0]
+
+
+def check_shared_pass(m, x, grads) -> None:
+    """The shared pass draws what ``gcj.cam`` returns (checked on Grad-CAM at every build)."""
+    shared = compute(Entry("grad_cam", (), gcj.cam, "gradient"), m, x, grads)
+    direct = np.asarray(gcj.grad_cam(m.tap, x, list(CLASSES)))[0]
+    if not np.allclose(shared, direct, atol=1e-5):
+        gap = np.abs(shared - direct).max()
+        log.warning(f"gallery: the shared pass differs from gcj.grad_cam by {gap:.2e}")
+
+
+def figure_png(entry: Entry, out, image, m, probs) -> bytes:
+    title = f"{viz.METHOD_TITLES.get(entry.name, entry.name)}  ·  EfficientNet-Lite0, layer {m.default_layer}"
+    fig = viz.figure_grid(
+        image,
+        {entry.name: out},
+        list(CLASSES),
+        class_names=m.class_names,
+        probs=probs,
+        title=title,
+        panel_width=2.2,
+        dpi=90,
+    )
+    return viz.png_bytes(fig)
+
+
+def section(entry: Entry, seconds: float) -> str:
+    paper, cost, use = about(entry)
+    title = viz.METHOD_TITLES.get(entry.name, entry.name)
+    if entry.kind == "explainer":
+        call = f"`gcj.{entry.name}(...)`"
+    else:
+        call = f'`gcj.cam(tap, x, target, method="{entry.name}")`'
+    if entry.aliases:
+        call += " (also " + ", ".join(f'`"{a}"`' for a in entry.aliases) + ")"
+    return "\n".join(
+        [
+            f"## {title} {{#{entry.name}}}",
+            "",
+            f"{call} — {use}",
+            "",
+            f"- **Paper:** {paper}",
+            f"- **Cost:** {cost}",
+            f"- **Here:** {seconds:.1f} s for the first call, compilation included.",
+            "",
+            f"![{title} on the demo picture, for the cat and the espresso](gallery/{entry.name}.png)",
+            "",
+        ]
+    )
+
+
+def summary(rows: list[tuple[Entry, float]]) -> str:
+    lines = ["| method | kind | passes per image | first call here (s) |", "|---|---|---|---|"]
+    for entry, seconds in rows:
+        title = viz.METHOD_TITLES.get(entry.name, entry.name)
+        lines.append(f"| [{title}](#{entry.name}) | {entry.kind} | {about(entry)[1]} | {seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# The page's generated Markdown, from on_files to on_page_markdown.
+GENERATED: dict[str, str] = {}
+
+
+def on_files(files, config, **kwargs):
+    start = time.perf_counter()
+    m = zoo.efficientnet_lite0()
+    image = zoo.demo_image()
+    x = m.preprocess(image)
+    probs = np.asarray(m.probs(x))[0]
+    grads = gcj.activations_and_grads(m.tap, x, list(CLASSES))
+    check_shared_pass(m, x, grads)
+    rows, parts = [], []
+    for entry in entries():
+        if entry.name in NOT_DRAWN:
+            parts.append(f"## {entry.name}\n\nNot drawn on this model: {NOT_DRAWN[entry.name]}\n")
+            continue
+        t0 = time.perf_counter()
+        try:
+            out = compute(entry, m, x, grads)
+        except Exception as error:  # a method the gallery cannot draw must be listed, not dropped
+            log.warning(
+                f"gallery: {entry.name} failed on the demo picture ({type(error).__name__}: {error}); "
+                f"give it keyword arguments in OPTIONS or a reason in NOT_DRAWN (docs/hooks/gallery.py)"
+            )
+            continue
+        seconds = time.perf_counter() - t0
+        png = figure_png(entry, out, image, m, probs)
+        files.append(File.generated(config, f"gallery/{entry.name}.png", content=png))
+        rows.append((entry, seconds))
+        parts.append(section(entry, seconds))
+    total = time.perf_counter() - start
+    GENERATED["text"] = (
+        summary(rows)
+        + f"\nAll {len(rows)} figures were drawn by this build in {total:.0f} s.\n\n"
+        + "\n".join(parts)
+    )
+    return files
+
+
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    if MARKER not in markdown:
+        return markdown
+    return markdown.replace(MARKER, GENERATED["text"])
