@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cam_family import FAMILY_NOTES, family_rows, is_family
 from .common import CAPTUM, PGC
 
 
@@ -86,6 +87,9 @@ NOTES = {
     "score_matched": "pytorch-grad-cam's ScoreCAM with its mask upsampler swapped for half-pixel bilinear "
     "(F.interpolate, align_corners=False): the only change, and the maps agree.",
 }
+
+
+NOTES.update(FAMILY_NOTES)
 
 
 class Rows:
@@ -188,5 +192,8 @@ def agreement_rows(method, pair, ours_out, measures, extras, ours_other):
     ex = {(peer, kind): out for peer, kind, out in extras}
     lite = pair.torch_matched is not None  # EfficientNet-Lite0: ReLU6 conventions apply
     r = Rows()
-    ROWS[method](r, ours_out, *outputs, ex, lite, ours_other)
+    if is_family(method):
+        family_rows(method, r, ours_out, outputs[0], ex)
+    else:
+        ROWS[method](r, ours_out, *outputs, ex, lite, ours_other)
     return r.rows

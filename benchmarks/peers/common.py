@@ -13,6 +13,20 @@ METHODS = {
     "guided_grad_cam": "Guided Grad-CAM",
     "score_cam": "Score-CAM",
 }
+#: The rest of pytorch-grad-cam's CAM family (issue 15; benchmarks/peers/cam_family.py).
+FAMILY = {
+    "grad_cam_elementwise": "Grad-CAM element-wise",
+    "shapley_cam": "ShapleyCAM (ReST target)",
+    "finer_cam": "Finer-CAM",
+    "kpca_cam": "KPCA-CAM",
+    "fullgrad": "FullGrad",
+    "grad_cam_aug": "Grad-CAM aug_smooth",
+    "grad_cam_eigen": "Grad-CAM eigen_smooth",
+    "grad_cam_plus_plus_aug": "Grad-CAM++ aug_smooth",
+    "grad_cam_plus_plus_eigen": "Grad-CAM++ eigen_smooth",
+    "dff": "Deep Feature Factorization (5 concepts)",
+}
+METHODS.update(FAMILY)
 MODELS = {"resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0"}
 DTYPES = ("float32", "bfloat16")
 
@@ -66,6 +80,19 @@ TARGETS = {  # from the issue; checked on a GPU at batch 256 (float32)
     ("guided_grad_cam", CAPTUM): 2.5,
 }
 CORR_TARGET = 0.999
+#: The issue-15 speed-up targets against pytorch-grad-cam: on a CPU at batch 8 (224 px).
+FAMILY_TARGETS = {
+    (m, "pytorch-grad-cam"): 3.0
+    for m in (
+        "fullgrad",
+        "shapley_cam",
+        "finer_cam",
+        "grad_cam_aug",
+        "grad_cam_eigen",
+        "grad_cam_plus_plus_aug",
+        "grad_cam_plus_plus_eigen",
+    )
+}
 
 
 def version(dist: str) -> str | None:

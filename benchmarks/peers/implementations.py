@@ -20,6 +20,7 @@ import numpy as np
 import gradcam_jax as gcj
 from gradcam_jax.perturbation import score_cam
 
+from .cam_family import is_family, ours_family, pgc_family
 from .common import CAPTUM, OURS, PGC, torch_sync
 from .measure import Impl
 from .models import Pair
@@ -66,6 +67,8 @@ def ours_impl(method, pair: Pair, x, t, chunk, precision):
         return compile_ours(
             OURS, lambda tap, x, t: score_cam(tap, x, t, chunk_size=chunk), (pair.tap, x, t), precision
         )
+    if is_family(method):
+        return ours_family(method, pair, x, t, compile_ours, precision)
     raise ValueError(method)
 
 
@@ -268,6 +271,8 @@ def pgc_impls(method, b: TorchBatch, extra):
         timed = pgc_cam(b, ScoreCAM, batch_size=b.chunk)
         extra.append((PGC, "half_pixel_masks", pgc_score_cam_half_pixel(b)))
         return [timed]
+    if is_family(method):
+        return pgc_family(method, b, extra)
     return []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..harness import live_heap_reader, table
 from .agreement import NOTES
-from .common import CAPTUM, CORR_TARGET, METHODS, OURS, PGC, TARGETS
+from .common import CAPTUM, CORR_TARGET, FAMILY_TARGETS, METHODS, OURS, PGC, TARGETS
 
 
 def fmt(v, spec, empty="-"):
@@ -50,6 +50,14 @@ MATCHED_NOTES = (
     "ggc_recipe",
     "gpp_matched",
     "score_matched",
+    "family_same",
+    "shapley",
+    "finer",
+    "aug",
+    "fullgrad",
+    "kpca_matched",
+    "eigen_matched",
+    "dff_mu",
 )
 
 
@@ -139,6 +147,22 @@ def speed_target_lines(res, applicable):
     return lines
 
 
+def family_target_lines(res, applicable):
+    """Issue 15's speed targets (CPU, batch 8): each family method against pytorch-grad-cam."""
+    by = {(r["method_key"], r["impl"]): r for r in res["rows"] if r.get("method_key")}
+    lines = []
+    for (method, peer), want in FAMILY_TARGETS.items():
+        r = by.get((method, peer))
+        if r is None:
+            continue
+        got = r["ours_faster_by"]
+        status = "n/a" if got is None else ("PASS" if got >= want else "FAIL") if applicable else "info"
+        lines.append(
+            f"{status:<5} {METHODS[method]} images/s vs {peer}: {fmt_ratio(got)} (target >= {want}x, CPU)"
+        )
+    return lines
+
+
 def target_checks(results, batch, on_gpu):
     lines = []
     applicable = on_gpu and batch >= 256
@@ -149,6 +173,7 @@ def target_checks(results, batch, on_gpu):
     for res in results:
         if res["dtype"] == "float32" and res["model"] == "resnet50":
             lines += speed_target_lines(res, applicable)
+            lines += family_target_lines(res, not on_gpu and batch >= 8)
     matched = [
         a
         for res in results

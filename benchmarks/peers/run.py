@@ -15,6 +15,7 @@ import numpy as np
 import gradcam_jax as gcj
 
 from .agreement import agreement_rows
+from .cam_family import ours_extras
 from .common import METHODS, MODELS, OURS, PGC, jax_dtype, torch_dtype, torch_sync
 from .environment import SETUP_HINT, Peers, environment, loadavg, torch_precision
 from .implementations import compile_ours, grad_cam_pp_eps, ours_impl, torch_impls
@@ -184,8 +185,8 @@ class ModelRun:
         except Exception as e:
             why = f"ours failed: {type(e).__name__}: {e}"
             return self.skip(method, why, why)
-        extras = []
         keep = min(args.agree_batch, mbatch) if self.dtype == "float32" else 0
+        extras = ours_extras(method, self.pair, mx, mt, keep) if keep else []
         impls = (
             torch_impls(
                 method, self.pair, mxt, np.asarray(mt), args.score_cam_chunk, self.peers, extras, keep
