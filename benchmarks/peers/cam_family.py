@@ -213,8 +213,8 @@ FAMILY_NOTES = {
     "eigen_matched": "Evidence: ours with the component's sign chosen per image to agree with the peer "
     "(both signs computed; the better kept).",
     "aug": "aug_smooth on both sides: the image, x0.9, x1.1 and their mirror images, each map normalised "
-    "and mirrored back, averaged (ours normalises the mean again: the correlation does not see it). Grad-CAM++ keeps "
-    "pytorch-grad-cam's 1e-6 in its denominator (see the Grad-CAM++ rows).",
+    "and mirrored back, averaged (ours normalises the mean again: the correlation does not see it). "
+    "Grad-CAM++ keeps pytorch-grad-cam's 1e-6 in its denominator (see the Grad-CAM++ rows).",
     "fullgrad": "FullGrad with every BatchNorm (inference bias beta - mean gamma / sqrt(var + eps)) on "
     "both sides: per-channel min-max at the layer's resolution, resized (bilinear, half-pixel), "
     "summed, with |grad x input|.",
