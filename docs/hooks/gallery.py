@@ -25,6 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,7 @@ from mkdocs.structure.files import File
 
 import gradcam_jax as gcj
 from gradcam_jax import viz, zoo
+from gradcam_jax.fullgrad import linen_biases
 
 log = logging.getLogger("mkdocs.hooks.gallery")
 
@@ -39,15 +41,69 @@ MARKER = "<!-- gallery -->"
 CLASSES = (285, 967)  # Egyptian cat, espresso: the demo picture's two objects
 NOT_EXPLAINERS = {"activations_and_grads", "cam", "grad_cam"}  # the table's methods come through cam
 
-# Keyword arguments the gallery passes (cheap settings, stated on the page).
+LOW_LAYER = "blocks_10"  # 14 x 14 x 112: for methods that run one pass per channel (and per draw)
+
+
+def grid_segments(x, cells: int = 7):
+    """``(B, H, W)`` integer labels of a ``cells x cells`` grid: superpixels without scikit-image."""
+    h, w = x.shape[1:3]
+    rows = np.minimum(np.arange(h) * cells // h, cells - 1)
+    cols = np.minimum(np.arange(w) * cells // w, cells - 1)
+    return np.broadcast_to(rows[:, None] * cells + cols[None, :], (x.shape[0], h, w)).astype(np.int32)
+
+
+def fullgrad_setup(m, x):
+    """FullGrad's multi-layer tap over every batch norm (each one's inference bias) and the biases."""
+    stats = flax.traverse_util.flatten_dict(m.variables["batch_stats"], sep="/")
+    layers = sorted({path.rsplit("/", 1)[0] for path in stats})
+    biases = linen_biases(m.variables, layers)
+    return gcj.linen_tap(m.module, m.variables, layers=layers), {"biases": biases}
+
+
+# Settings the gallery passes, cheaper than the defaults (each is said on the page): keyword
+# arguments, or a function (model, x) -> (what to explain, keyword arguments).
 OPTIONS = {
     "score_cam": {"top_n": 16},
+    "ss_cam": lambda m, x: (m.tap_at(LOW_LAYER), {"n_noise": 2}),
+    "is_cam": lambda m, x: (m.tap_at(LOW_LAYER), {"steps": 2}),
+    "fullgrad": fullgrad_setup,
     "smooth_grad": {"n_samples": 8},
     "occlusion": {"window": 56, "stride": 28},
+    "integrated_gradients": {"steps": 8},
+    "expected_gradients": lambda m, x: (None, {"baselines": jnp.zeros((2, *x.shape[1:])), "n_samples": 4}),
+    "blur_ig": {"steps": 8},
+    "guided_ig": {"steps": 8},
+    "xrai": lambda m, x: (None, {"steps": 8, "segments": grid_segments(x, 16)}),
+    "rise": {"n_masks": 256},
+    "kernel_shap": lambda m, x: (None, {"segments": grid_segments(x), "n_samples": 128}),
+}
+SETTINGS = {  # the same, as the page states them
+    "score_cam": "`top_n=16`",
+    "ss_cam": f"at `{LOW_LAYER}` (112 channels), `n_noise=2`",
+    "is_cam": f"at `{LOW_LAYER}` (112 channels), `steps=2`",
+    "fullgrad": "every batch norm's bias (`fullgrad.linen_biases`), one multi-layer tap",
+    "smooth_grad": "`n_samples=8`",
+    "occlusion": "`window=56, stride=28` (7 x 7 = 49 positions)",
+    "integrated_gradients": "`steps=8`",
+    "expected_gradients": "two black baselines, `n_samples=4`",
+    "blur_ig": "`steps=8`",
+    "guided_ig": "`steps=8`",
+    "xrai": "`steps=8`, a 16 x 16 grid of segments (Felzenszwalb's need scikit-image)",
+    "rise": "`n_masks=256`",
+    "kernel_shap": "a 7 x 7 grid of superpixels, `n_samples=128`",
+    "noise_tunnel": "`gcj.noise_tunnel(gcj.grad_cam, tap, ...)`, `n_samples=8`",
 }
 
-# Methods that need another kind of model than a CNN classifier: name -> where they are shown.
-NOT_DRAWN: dict[str, str] = {}
+# Explainers that take another explainer first, with how the gallery calls them.
+WRAPPERS = {
+    "noise_tunnel": lambda gcj_fn, m, x, t, key: gcj_fn(gcj.grad_cam, m.tap, x, t, key=key, n_samples=8)
+}
+
+# Methods that need another kind of model than a CNN classifier: name -> why, where to look.
+NOT_DRAWN: dict[str, str] = {
+    name: "it reads a transformer's attention; see [Vision transformers](how-to/vits.md)."
+    for name in ("attention_rollout", "attention_sites", "generic_attention", "legrad")
+}
 
 # name -> (paper, passes per image, when to use it). Links are the papers' arXiv pages.
 ABOUT = {
@@ -94,7 +150,7 @@ ABOUT = {
     ),
     "score_cam": (
         "Wang et al., CVPR-W 2020, [arXiv 1910.01279](https://arxiv.org/abs/1910.01279)",
-        "1 + C forwards (C channels; `top_n=16` here)",
+        "1 + C forwards (C channels, or the `top_n` most varied)",
         "Gradient-free: saturated or noisy gradients; costs a forward per channel.",
     ),
     "ablation_cam": (
@@ -120,7 +176,7 @@ ABOUT = {
     ),
     "smooth_grad": (
         "Smilkov et al., 2017, [arXiv 1706.03825](https://arxiv.org/abs/1706.03825)",
-        "n forwards + n backwards (`n_samples=8` here; 25 by default)",
+        "n forwards + n backwards (`n_samples`, 25 by default)",
         "Less noisy pixel gradients, at n times the cost.",
     ),
     "guided_grad_cam": (
@@ -130,7 +186,7 @@ ABOUT = {
     ),
     "occlusion": (
         "Zeiler & Fergus, ECCV 2014, [arXiv 1311.2901](https://arxiv.org/abs/1311.2901)",
-        "1 forward per window position (7 x 7 = 49 here: `window=56, stride=28`)",
+        "1 forward per window position",
         "Model-agnostic ground truth for faithfulness; slow at fine strides.",
     ),
 }
@@ -163,7 +219,9 @@ def entries() -> list[Entry]:
     table_fns = {id(m.fn) for m in gcj.METHODS.values()}
     for name in gcj.__all__:
         obj = getattr(gcj, name)
-        if name in NOT_EXPLAINERS or id(obj) in table_fns or not is_explainer(obj):
+        if name in NOT_EXPLAINERS or id(obj) in table_fns:
+            continue
+        if not (is_explainer(obj) or name in WRAPPERS or name in NOT_DRAWN):
             continue
         found.append(Entry(name, (), obj, "explainer"))
     return found
@@ -206,11 +264,17 @@ def compute(entry: Entry, m, x, grads) -> np.ndarray:
         raw = jnp.stack([gcj.METHODS[entry.name].fn(grads.activation, g) for g in grads.grads], axis=1)
         maps = gcj.postprocess.upsample_to(jax.nn.relu(raw), x.shape[1:3])
         return np.asarray(gcj.postprocess.normalize_maps(maps))[0]
-    options = dict(OPTIONS.get(entry.name, {}))
+    if entry.name in WRAPPERS:
+        return np.asarray(WRAPPERS[entry.name](entry.call, m, x, list(CLASSES), jax.random.key(0)))[0]
     params = inspect.signature(getattr(entry.call, "func", entry.call)).parameters
+    model = m.tap if next(iter(params)) == "tap" else functools.partial(m.module.apply, m.variables)
+    options = OPTIONS.get(entry.name, {})
+    if callable(options):
+        chosen, options = options(m, x)
+        model = model if chosen is None else chosen
+    options = dict(options)
     if "key" in params:
         options.setdefault("key", jax.random.key(0))
-    model = m.tap if next(iter(params)) == "tap" else functools.partial(m.module.apply, m.variables)
     return np.asarray(entry.call(model, x, list(CLASSES), **options))[0]
 
 
@@ -255,6 +319,7 @@ def section(entry: Entry, seconds: float) -> str:
             "",
             f"- **Paper:** {paper}",
             f"- **Cost:** {cost}",
+            *([f"- **Settings here:** {SETTINGS[entry.name]}"] if entry.name in SETTINGS else []),
             f"- **Here:** {seconds:.1f} s for the first call, compilation included.",
             "",
             f"![{title} on the demo picture, for the cat and the espresso](gallery/{entry.name}.png)",
