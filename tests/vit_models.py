@@ -63,11 +63,40 @@ def injected(owner, name: str = "dot_product_attention_weights"):
         setattr(owner, name, original)
 
 
+def handwritten_attention(state):
+    """A stand-in for ``jax.nn.dot_product_attention`` (B, N, H, D) written out by hand: records
+    its weights in ``state.weights`` and adds ``state.deltas[i]``."""
+
+    def attention(query, key, value, bias=None, mask=None, *, is_causal=False, **kwargs):
+        assert bias is None and mask is None and not is_causal
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
+        w = jax.nn.softmax(logits, axis=-1)
+        i = len(state.weights)
+        state.weights.append(w)
+        seen = w if state.deltas is None else w + state.deltas[i]
+        return jnp.einsum("bhqk,bkhd->bqhd", seen, value)
+
+    return attention
+
+
+@contextlib.contextmanager
+def injected_sdpa():
+    """``jax.nn.dot_product_attention`` replaced by :func:`handwritten_attention`."""
+    state = types.SimpleNamespace(deltas=None, weights=[])
+    original = jax.nn.dot_product_attention
+    jax.nn.dot_product_attention = handwritten_attention(state)
+    try:
+        yield state
+    finally:
+        jax.nn.dot_product_attention = original
+
+
 def with_injection(owner, forward):
-    """``reference(x, deltas)`` from ``forward(x) -> (scores, tokens)`` run under :func:`injected`."""
+    """``reference(x, deltas)`` from ``forward(x) -> (scores, tokens)`` run under :func:`injected`
+    (``owner=None``: under :func:`injected_sdpa`)."""
 
     def reference(x, deltas):
-        with injected(owner) as state:
+        with injected(owner) if owner is not None else injected_sdpa() as state:
             state.deltas = deltas
             scores, tokens = forward(x)
             return scores, list(state.weights), list(tokens)
@@ -87,7 +116,7 @@ def hf_vit():
 
     cfg = ViTConfig(
         image_size=SIZE, patch_size=PATCH, hidden_size=DIM, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, intermediate_size=MLP, num_labels=CLASSES,
+        num_attention_heads=HEADS, intermediate_size=MLP, num_labels=CLASSES, initializer_range=0.3,
     )  # fmt: skip
     model = FlaxViTForImageClassification(cfg, seed=0)
     params = model.params
@@ -113,9 +142,9 @@ def hf_clip(prompts: int = 3):
     from transformers import CLIPConfig, FlaxCLIPModel
 
     vision = dict(image_size=SIZE, patch_size=PATCH, hidden_size=DIM, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, intermediate_size=MLP)  # fmt: skip
+                  num_attention_heads=HEADS, intermediate_size=MLP, initializer_range=0.3)  # fmt: skip
     text = dict(vocab_size=64, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                intermediate_size=MLP, max_position_embeddings=16)  # fmt: skip
+                intermediate_size=MLP, max_position_embeddings=16, initializer_range=0.3)  # fmt: skip
     model = FlaxCLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16), seed=0)
     params = model.params
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 63, (prompts, 7)), jnp.int32)
@@ -124,17 +153,24 @@ def hf_clip(prompts: int = 3):
     scale = jnp.exp(params["logit_scale"])
 
     def fn(x):
-        return model(input_ids=ids, pixel_values=jnp.transpose(x, (0, 3, 1, 2)), params=params).logits_per_image
+        return model(
+            input_ids=ids, pixel_values=jnp.transpose(x, (0, 3, 1, 2)), params=params
+        ).logits_per_image
 
     def head(tokens):
         eps = model.config.vision_config.layer_norm_eps
-        z = nn.LayerNorm(epsilon=eps).apply({"params": params["vision_model"]["post_layernorm"]}, tokens[:, 0])
+        z = nn.LayerNorm(epsilon=eps).apply(
+            {"params": params["vision_model"]["post_layernorm"]}, tokens[:, 0]
+        )
         z = nn.Dense(16, use_bias=False).apply({"params": params["visual_projection"]}, z)
         return scale * (z / jnp.linalg.norm(z, axis=-1, keepdims=True)) @ text_emb.T
 
     def forward(x):
         out = model(
-            input_ids=ids, pixel_values=jnp.transpose(x, (0, 3, 1, 2)), params=params, output_hidden_states=True
+            input_ids=ids,
+            pixel_values=jnp.transpose(x, (0, 3, 1, 2)),
+            params=params,
+            output_hidden_states=True,
         )
         return out.logits_per_image, out.vision_model_output.hidden_states[1:]
 
@@ -177,7 +213,7 @@ def linen_vit():
             return nn.Dense(CLASSES)(nn.LayerNorm()(z)[:, 0])
 
     module = ViT()
-    variables = module.init(jax.random.key(0), images(1))
+    variables = jax.jit(module.init)(jax.random.key(0), images(1))
 
     def fn(x):
         return module.apply(variables, x)
@@ -190,7 +226,6 @@ def linen_vit():
 
 def nnx_vit():
     from flax import nnx
-    from flax.nnx.nn import attention as owner
 
     class Block(nnx.Module):
         def __init__(self, rngs):
@@ -215,7 +250,10 @@ def nnx_vit():
 
         def __call__(self, x, tokens: bool = False):
             z = self.embed(patches(x))
-            z = jnp.concatenate([jnp.broadcast_to(self.cls[...], (z.shape[0], 1, DIM)), z], axis=1) + self.pos[...]
+            z = (
+                jnp.concatenate([jnp.broadcast_to(self.cls[...], (z.shape[0], 1, DIM)), z], axis=1)
+                + self.pos[...]
+            )
             outs = []
             for block in self.blocks:
                 z = block(z)
@@ -230,7 +268,8 @@ def nnx_vit():
     def head(tokens):
         return nnx.merge(graphdef, state).head(tokens)
 
-    return fn, head, with_injection(owner, lambda x: nnx.merge(graphdef, state)(x, tokens=True))
+    # nnx attention without dropout calls jax.nn.dot_product_attention: the reference replaces it.
+    return fn, head, with_injection(None, lambda x: nnx.merge(graphdef, state)(x, tokens=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,9 +326,9 @@ def pure_params(seed: int = 1):
 
     def block():
         return dict(
-            ln1_s=1 + w(DIM, s=0.1), ln1_b=w(DIM, s=0.1), wq=w(DIM, DIM), wk=w(DIM, DIM), wv=w(DIM, DIM),
-            wo=w(DIM, DIM), ln2_s=1 + w(DIM, s=0.1), ln2_b=w(DIM, s=0.1), fc1_w=w(DIM, MLP), fc1_b=w(MLP, s=0.1),
-            fc2_w=w(MLP, DIM), fc2_b=w(DIM, s=0.1),
+            ln1_s=1 + w(DIM, s=0.1), ln1_b=w(DIM, s=0.1), wq=w(DIM, DIM), wk=w(DIM, DIM),
+            wv=w(DIM, DIM), wo=w(DIM, DIM), ln2_s=1 + w(DIM, s=0.1), ln2_b=w(DIM, s=0.1),
+            fc1_w=w(DIM, MLP), fc1_b=w(MLP, s=0.1), fc2_w=w(MLP, DIM), fc2_b=w(DIM, s=0.1),
         )  # fmt: skip
 
     return dict(
@@ -334,7 +373,10 @@ def equinox_vit():
         def __init__(self):
             self.ln1, self.ln2 = eqx.nn.LayerNorm(DIM), eqx.nn.LayerNorm(DIM)
             self.attn = eqx.nn.MultiheadAttention(HEADS, DIM, key=next(keys))
-            self.fc1, self.fc2 = eqx.nn.Linear(DIM, MLP, key=next(keys)), eqx.nn.Linear(MLP, DIM, key=next(keys))
+            self.fc1, self.fc2 = (
+                eqx.nn.Linear(DIM, MLP, key=next(keys)),
+                eqx.nn.Linear(MLP, DIM, key=next(keys)),
+            )
 
         def __call__(self, z):  # one example: (N, D)
             h = jax.vmap(self.ln1)(z)
@@ -385,3 +427,43 @@ def _equinox_params(m):
         blocks=[block(b) for b in m.blocks], norm_s=m.norm.weight, norm_b=m.norm.bias,
         out_w=m.out.weight.T, out_b=m.out.bias,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# A model for the command line (gradcam-jax explain --model vit_models:cli_vit)
+# --------------------------------------------------------------------------------------------
+
+
+class CliViT:
+    """The hand-written ViT as an ``ExplainableModel``: 5 classes, 32 x 32 input, its default tap
+    on the last block's input (the patch tokens, for token Grad-CAM) and its attention head."""
+
+    name = "tiny_vit"
+    class_names = ("ant", "bee", "cicada", "dragonfly", "earwig")
+    input_size = SIZE
+    default_layer = "block1_input"
+    drop_tokens = 1
+
+    def __init__(self):
+        self.p = pure_params()
+        self.logits = jax.jit(lambda x: pure_forward(self.p, x)[0])
+
+    def preprocess(self, images):
+        x = jnp.asarray(images, jnp.float32)
+        x = x[None] if x.ndim == 3 else x
+        if x.shape[1:3] != (SIZE, SIZE):
+            x = jax.image.resize(x, (x.shape[0], SIZE, SIZE, 3), method="bilinear")
+        return x / 127.5 - 1.0
+
+    def attention_head(self, tokens):
+        return pure_head(self.p, tokens)
+
+    def tap(self, x, delta):
+        """The patch tokens entering the last block (B, 16, D), ``delta`` added there."""
+        z = pure_block(self.p["blocks"][0], pure_embed(self.p, x))[0]
+        seen = z.at[:, 1:].add(delta)
+        return pure_head(self.p, pure_block(self.p["blocks"][1], seen)[0]), z[:, 1:]
+
+
+def cli_vit():
+    return CliViT()

@@ -43,7 +43,9 @@ class Probe:
 
 
 def _relative(probes, i: int, k: int):
-    return [dataclasses.replace(p, path=p.path[2:]) for p in probes if len(p.path) > 1 and p.path[:2] == (i, k)]
+    return [
+        dataclasses.replace(p, path=p.path[2:]) for p in probes if len(p.path) > 1 and p.path[:2] == (i, k)
+    ]
 
 
 def _eval(jaxpr, consts, args, probes: Sequence[Probe], deltas: dict) -> tuple[list, dict]:
@@ -56,10 +58,8 @@ def _eval(jaxpr, consts, args, probes: Sequence[Probe], deltas: dict) -> tuple[l
     inner_at = {p.path[0] for p in probes if len(p.path) > 1}
     for i, eqn in enumerate(jaxpr.eqns):
         invals = [read_env(env, v) for v in eqn.invars]
-        if i in inner_at:
-            outs = _eval_inner(eqn, i, invals, probes, deltas, found)
-        else:
-            outs = bind_eqn(eqn, invals)
+        inner = i in inner_at
+        outs = _eval_inner(eqn, i, invals, probes, deltas, found) if inner else bind_eqn(eqn, invals)
         for p in probes:
             if p.path == (i,):
                 value = outs[p.out]
@@ -78,7 +78,9 @@ def _eval_inner(eqn, i: int, invals, probes, deltas, found) -> list:
     subs = sub_jaxprs(eqn)
     if name in CALLS:
         rel = _relative(probes, i, 0)
-        sub_deltas = {r: deltas[dataclasses.replace(r, path=(i, 0, *r.path))] for r in rel if r.kind == ATTENTION}
+        sub_deltas = {
+            r: deltas[dataclasses.replace(r, path=(i, 0, *r.path))] for r in rel if r.kind == ATTENTION
+        }
         body, consts = closed_parts(subs[0])
 
         def inner(args, ds):
@@ -113,7 +115,12 @@ def _eval_scan(eqn, i: int, invals, probes, deltas):
         return outs[:ncarry], (outs[ncarry:], got)
 
     carry, (ys, got) = jax.lax.scan(
-        step, list(init), (list(xs), stacked), length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1)
+        step,
+        list(init),
+        (list(xs), stacked),
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p.get("unroll", 1),
     )
     return [*carry, *ys], got, rel
 
@@ -163,7 +170,8 @@ def per_block(found: dict, sites: Sequence[AttentionSite], lead: int = 0) -> lis
 def _levels(closed, path: tuple[int, ...]) -> list[tuple[Any, int, tuple[int, ...]]]:
     """``(jaxpr, equation index, path prefix)`` from the site's own jaxpr up through the calls
     around it, stopping at the innermost scan body (whose iteration is one block)."""
-    jaxpr, prefix, steps = closed.jaxpr, (), path
+    jaxpr, steps = closed.jaxpr, path
+    prefix: tuple[int, ...] = ()
     levels: list[tuple[Any, int, tuple[int, ...]]] = []
     while True:
         i = steps[0]
@@ -184,8 +192,10 @@ def _stream_end(jaxpr, e: int, site_eqns: set[int]) -> tuple[int, int] | None:
     where = {v: (j, n) for j, eqn in enumerate(jaxpr.eqns) for n, v in enumerate(eqn.outvars)}
 
     def plain(v, shape):
-        return is_var(v) and v.aval.shape == shape and not (
-            v in producers and producers[v].primitive.name == "broadcast_in_dim"
+        return (
+            is_var(v)
+            and v.aval.shape == shape
+            and not (v in producers and producers[v].primitive.name == "broadcast_in_dim")
         )
 
     stream, start = None, e

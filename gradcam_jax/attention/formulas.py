@@ -7,6 +7,7 @@ call order (the first block first). Each formula returns a relevance per token, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,9 @@ HEAD_FUSIONS = ("mean", "max", "min")
 
 def fuse_heads(a, how: str):
     """``(B, heads, N, N) -> (B, N, N)``: the mean, max or min over heads."""
-    return {"mean": jnp.mean, "max": jnp.max, "min": jnp.min}[how](a, axis=1)
+    if how == "max":
+        return jnp.max(a, axis=1)
+    return jnp.min(a, axis=1) if how == "min" else jnp.mean(a, axis=1)
 
 
 def discard_lowest(a, ratio: float, token: int):
@@ -38,7 +41,7 @@ def discard_lowest(a, ratio: float, token: int):
 def rollout(attentions: Sequence, head_fusion: str = "mean", discard_ratio: float = 0.0, token: int = 0):
     """Attention rollout (Abnar & Zuidema 2020): ``R = Â_L ··· Â_1`` with
     ``Â = rownorm(0.5 · fuse_heads(A) + 0.5 · I)``; returns row ``token`` of ``R``, ``(B, N)``."""
-    r = None
+    r: Any = None
     for a in attentions:
         fused = discard_lowest(fuse_heads(a, head_fusion), discard_ratio, token)
         n = fused.shape[-1]

@@ -60,10 +60,8 @@ def _finish(relevance, options: AttentionOptions, selected=None):
     def grid(r):
         return to_grid(r[..., None], m.drop_tokens, m.grid, rank)[..., 0]
 
-    if relevance.ndim == 3:  # (K, B, N)
-        raw = jnp.moveaxis(jax.vmap(grid)(relevance), 0, 1)
-    else:
-        raw = grid(relevance)
+    multi = relevance.ndim == 3  # (K, B, N)
+    raw = jnp.moveaxis(jax.vmap(grid)(relevance), 0, 1) if multi else grid(relevance)
     return finish_maps(raw, m, options.size, rank, selected)
 
 
@@ -98,7 +96,9 @@ def generic_kernel(fn: PytreeCallable, x, target: TargetSpec, *, options: Attent
 
 
 @kernel
-def legrad_kernel(fn: PytreeCallable, head: PytreeCallable, x, target: TargetSpec, *, options: AttentionOptions):
+def legrad_kernel(
+    fn: PytreeCallable, head: PytreeCallable, x, target: TargetSpec, *, options: AttentionOptions
+):
     """LeGrad under ``jit``: one forward, one backward (see :func:`legrad`)."""
     probes = _attention_probes(options)
     closed = jax.make_jaxpr(scores_fn(fn.fn))(x)
@@ -120,10 +120,27 @@ def legrad_kernel(fn: PytreeCallable, head: PytreeCallable, x, target: TargetSpe
     return _finish(r, options, selected)
 
 
-def _options(fn, x, who, *, attention, token, drop_tokens, grid, upsample, normalize, interpolation, layout, input, **kw):
+def _options(
+    fn,
+    x,
+    who,
+    *,
+    attention,
+    token,
+    drop_tokens,
+    grid,
+    upsample,
+    normalize,
+    interpolation,
+    layout,
+    input,
+    **kw,
+):
     """The shared checks; returns the kernel's options."""
     if not callable(fn):
-        raise TypeError(f"{who}: expected a callable x -> scores (a model or a tap); got {type(fn).__name__}.")
+        raise TypeError(
+            f"{who}: expected a callable x -> scores (a model or a tap); got {type(fn).__name__}."
+        )
     maps = MapOptions(upsample, normalize, True, interpolation, False, drop_tokens, grid, layout, input)
     size, rank = check_cam_input(x, maps, who)
     try:
@@ -185,7 +202,9 @@ def attention_rollout(
       https://arxiv.org/abs/2005.00928.
     """
     if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"attention_rollout: head_fusion={head_fusion!r} is not one of {', '.join(HEAD_FUSIONS)}.")
+        raise ValueError(
+            f"attention_rollout: head_fusion={head_fusion!r} is not one of {', '.join(HEAD_FUSIONS)}."
+        )
     if not 0.0 <= float(discard_ratio) < 1.0:
         raise ValueError(f"attention_rollout: discard_ratio={discard_ratio!r} must be in [0, 1).")
     options = _options(
@@ -295,7 +314,9 @@ def legrad(
       Vision Transformers via Feature Formation Sensitivity", 2024, https://arxiv.org/abs/2404.03214.
     """
     if not callable(head):
-        raise TypeError(f"legrad: head must be a callable tokens (B, N, D) -> scores; got {type(head).__name__}.")
+        raise TypeError(
+            f"legrad: head must be a callable tokens (B, N, D) -> scores; got {type(head).__name__}."
+        )
     options = _options(
         fn, x, "legrad", attention=attention, token=0, drop_tokens=drop_tokens, grid=grid,
         upsample=upsample, normalize=normalize, interpolation=interpolation, layout=layout, input=input,

@@ -140,10 +140,16 @@ def _consumers(jaxpr) -> dict:
     return found
 
 
-def contracted(jaxpr, var, n_key: int, parents: tuple, seen: set | None = None) -> bool:
-    """Whether ``var`` reaches a ``dot_general`` contracting an axis of size ``n_key`` through
-    casts, layout changes and dropout, into and out of sub-jaxprs (``parents``: the enclosing
-    ``(jaxpr, eqn)`` pairs, innermost last)."""
+def _from_input(labels, v) -> bool:
+    return is_var(v) and "in" in labels.get(v, ())
+
+
+def contracted(jaxpr, labels, var, n_key: int, parents: tuple, seen: set | None = None) -> bool:
+    """Whether ``var`` is contracted with *values* — a ``dot_general`` over an axis of size
+    ``n_key`` whose other operand depends on the input — after casts, layout changes and
+    dropout (a product or selection with something that does not depend on the input), into
+    and out of sub-jaxprs. ``labels``: the input dependence in ``jaxpr`` (see :func:`depends`);
+    ``parents``: the enclosing ``(jaxpr, labels, eqn)``, innermost last."""
     seen = set() if seen is None else seen
     consumers = _consumers(jaxpr)
     todo = [var]
@@ -153,26 +159,34 @@ def contracted(jaxpr, var, n_key: int, parents: tuple, seen: set | None = None) 
             continue
         seen.add((id(jaxpr), v))
         for eqn, pos in consumers.get(v, []):
-            if _reaches(eqn, pos, v, n_key, jaxpr, parents, seen):
+            if _reaches(eqn, pos, v, n_key, jaxpr, labels, parents, seen):
                 return True
-            if eqn.primitive.name in _PASS:
+            others = [u for j, u in enumerate(eqn.invars) if j != pos]
+            if eqn.primitive.name in _PASS and not any(_from_input(labels, u) for u in others):
                 todo.extend(eqn.outvars)
         if parents and v in jaxpr.outvars:  # leaves this sub-jaxpr: continue outside
-            outer, eqn = parents[-1]
+            outer, outer_labels, eqn = parents[-1]
             j = list(jaxpr.outvars).index(v)
-            if j < len(eqn.outvars) and contracted(outer, eqn.outvars[j], n_key, parents[:-1], seen):
+            if j < len(eqn.outvars) and contracted(
+                outer, outer_labels, eqn.outvars[j], n_key, parents[:-1], seen
+            ):
                 return True
     return False
 
 
-def _reaches(eqn, pos, v, n_key, jaxpr, parents, seen) -> bool:
+def _reaches(eqn, pos, v, n_key, jaxpr, labels, parents, seen) -> bool:
     if eqn.primitive.name == "dot_general":
         dims = eqn.params["dimension_numbers"][0][pos]
-        return any(v.aval.shape[d] == n_key for d in dims)
+        values = eqn.invars[1 - pos]
+        return any(v.aval.shape[d] == n_key for d in dims) and _from_input(labels, values)
     for k, sub in enumerate(sub_jaxprs(eqn)):
         inner, _ = closed_parts(sub)
-        for p, sv in sub_invars(eqn, k):
-            if p == pos and contracted(inner, sv, n_key, (*parents, (jaxpr, eqn)), seen):
+        pairs = sub_invars(eqn, k)
+        inner_labels = depends(inner, {sv for p, sv in pairs if _from_input(labels, eqn.invars[p])})
+        for p, sv in pairs:
+            if p == pos and contracted(
+                inner, inner_labels, sv, n_key, (*parents, (jaxpr, labels, eqn)), seen
+            ):
                 return True
     return False
 
@@ -190,7 +204,7 @@ def _walk(jaxpr, tainted, path, parents, repeats, reverse, inside, found, fused)
         if axis is not None and "in" in labels.get(eqn.outvars[0], ()):
             out = eqn.outvars[0]
             n_key = out.aval.shape[axis]
-            if contracted(jaxpr, out, n_key, parents):
+            if contracted(jaxpr, labels, out, n_key, parents):
                 stack = str(eqn.source_info.name_stack)
                 found.append(_Found((*path, i), stack, tuple(out.aval.shape), axis, repeats, reverse, inside))
             continue
@@ -216,7 +230,17 @@ def _walk(jaxpr, tainted, path, parents, repeats, reverse, inside, found, fused)
             elif name not in CALLS:
                 more_in = inside or name  # while, cond, shard_map...: found, not captured
             step = (*path, i, k)
-            _walk(inner, inner_tainted, step, (*parents, (jaxpr, eqn)), more_r, more_v, more_in, found, fused)
+            _walk(
+                inner,
+                inner_tainted,
+                step,
+                (*parents, (jaxpr, labels, eqn)),
+                more_r,
+                more_v,
+                more_in,
+                found,
+                fused,
+            )
 
 
 def _trace(fn, x, leaf: int, batch: int) -> list[_Found]:
@@ -227,10 +251,8 @@ def _trace(fn, x, leaf: int, batch: int) -> list[_Found]:
     closed = jax.make_jaxpr(scores_fn(fn))(spec)
     jaxpr = closed.jaxpr
     flat = jax.tree_util.tree_leaves(spec)
-    if len(flat) != len(jaxpr.invars):  # a pytree model input with non-array leaves: all of x
-        tainted = set(jaxpr.invars)
-    else:
-        tainted = {jaxpr.invars[leaf]}
+    # (a pytree input with non-array leaves: all of x counts as the image)
+    tainted = set(jaxpr.invars) if len(flat) != len(jaxpr.invars) else {jaxpr.invars[leaf]}
     found: list[_Found] = []
     fused: list[str] = []
     _walk(jaxpr, tainted, (), (), (), (), "", found, fused)
@@ -247,8 +269,8 @@ def _batch_axis(a: _Found, b: _Found, batch: int) -> tuple[int, int]:
     changed = [d for d, (m, n) in enumerate(zip(a.raw_shape, b.raw_shape, strict=True)) if m != n]
     if len(changed) != 1:
         raise ValueError(
-            f"attention_sites: cannot tell the batch axis of the attention probabilities at {a.name or a.path} "
-            f"(shape {a.raw_shape}); pass the batch first in x."
+            f"attention_sites: cannot tell the batch axis of the attention probabilities at "
+            f"{a.name or a.path} (shape {a.raw_shape}); pass the batch first in x."
         )
     d = changed[0]
     heads = b.raw_shape[d] - a.raw_shape[d]
@@ -293,7 +315,8 @@ def find_sites(fn: Callable, x, input: Any = None, who: str = "attention_sites")
         second = _trace(fn, x, leaf, batch + 1)
     except Exception:  # a model written for one batch size: the batch axis is the first of size B
         second = [dataclasses.replace(f, raw_shape=_grown(f.raw_shape, batch)) for f in first]
-    if [f.path for f in first] != [f.path for f in second]:
+    # Matched by call order (a batch of one can trace to a jaxpr with fewer equations).
+    if [len(f.raw_shape) for f in first] != [len(f.raw_shape) for f in second]:
         raise ValueError(f"{who}: the model's attention blocks change with the batch size; cannot read them.")
     out = []
     for a, b in zip(first, second, strict=True):
@@ -304,8 +327,17 @@ def find_sites(fn: Callable, x, input: Any = None, who: str = "attention_sites")
         for index in _iterations(a.repeats, a.reverse):
             out.append(
                 AttentionSite(
-                    a.name, shape, index, a.path, raw, batch_axis, query_axis, a.key_axis, merged,
-                    a.repeats, a.reverse,
+                    a.name,
+                    shape,
+                    index,
+                    a.path,
+                    raw,
+                    batch_axis,
+                    query_axis,
+                    a.key_axis,
+                    merged,
+                    a.repeats,
+                    a.reverse,
                 )  # fmt: skip
             )
         if a.inside:
@@ -319,7 +351,7 @@ def find_sites(fn: Callable, x, input: Any = None, who: str = "attention_sites")
 
 def _iterations(repeats: tuple[int, ...], reverse: tuple[bool, ...]) -> list[tuple[int, ...]]:
     """Scan iterations in the order they run (a reverse scan runs its last index first)."""
-    order = [()]
+    order: list[tuple[int, ...]] = [()]
     for n, back in zip(repeats, reverse, strict=True):
         steps = range(n - 1, -1, -1) if back else range(n)
         order = [(*o, s) for o in order for s in steps]
@@ -346,12 +378,15 @@ def select_sites(sites: Sequence[AttentionSite], attention, who: str) -> tuple[A
         listed = "; ".join(f"{i}: {s.name or s.path}" for i, s in enumerate(sites[:12]))
         raise ValueError(
             f"{who}: attention={attention!r} picks none of the model's {len(sites)} attention blocks "
-            f"({listed}{' ...' if len(sites) > 12 else ''}). Pass names (glob patterns), indices or a callable."
+            f"({listed}{' ...' if len(sites) > 12 else ''}). Pass names (glob patterns), indices or a "
+            f"callable."
         )
     return chosen
 
 
-def attention_sites(fn: Callable, x, *, input: Any = None, attention: Any = None) -> tuple[AttentionSite, ...]:
+def attention_sites(
+    fn: Callable, x, *, input: Any = None, attention: Any = None
+) -> tuple[AttentionSite, ...]:
     """The attention blocks of ``fn`` at ``x``: one :class:`AttentionSite` per block, in call order.
 
     Finds every attention-probability tensor — a softmax over the key axis whose result is

@@ -40,9 +40,9 @@ from .explain_job import (
     FIGURE_ROWS,
     PIXEL_METHODS,
     Job,
-    job_from_args,
 )
 from .models import Model
+from .transformers import ATTENTION_METHODS, attention_job, attention_maps
 
 __all__ = [
     "add_parser",
@@ -55,12 +55,13 @@ __all__ = [
     "FIGURE_MAX_SIDE",
 ]
 
+
 #: Figures are drawn from the image downscaled to at most this many pixels on its long side.
 FIGURE_MAX_SIDE = 2048
 
 METHODS_HELP = textwrap.fill(
     f"methods: any gradient method of gradcam_jax ({', '.join(method_names('gradient'))}), "
-    f"plus {' and '.join(PIXEL_METHODS)}.",
+    f"plus {' and '.join(PIXEL_METHODS)}; for transformers also {', '.join(ATTENTION_METHODS)}.",
     width=92,
 )
 EXAMPLES = f"""\
@@ -76,6 +77,8 @@ examples:
       explain at another layer; `{PROG} layers` lists them
   {PROG} explain scan.png --model mypackage.models:classifier --classes top1
       your own model: a factory returning preprocess, tap, logits, class_names (and tap_at)
+  {PROG} explain cat.png --model vits:factory --methods attention_rollout,generic_attention,legrad
+      a vision transformer: maps from its attention (legrad needs the model's attention_head)
 
 {METHODS_HELP}
 """
@@ -284,7 +287,9 @@ def explain_batch(job: Job, x: np.ndarray, targets: np.ndarray) -> dict[str, np.
     t = jnp.asarray(targets, jnp.int32)
     out = {}
     for name in job.methods:
-        if name in PIXEL_METHODS:
+        if name in ATTENTION_METHODS:
+            out[name] = np.asarray(attention_maps(job.model, name, x, t))
+        elif name in PIXEL_METHODS:
             out[name] = np.asarray(PIXEL_METHODS[name](job.tap, x, target=t))
         else:
             out[name] = np.asarray(cam(job.tap, x, target=t, method=name))
@@ -357,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
     before the model is loaded).
     """
     started = time.perf_counter()
-    job = job_from_args(args)
+    job = attention_job(args)
     note = figure_note(job)
     if note and not args.quiet:
         print(f"{PROG}: note: {note}", file=sys.stderr)

@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 #: What a model offers, each with the short description messages show. ``logits`` and ``probs``
-#: are alternatives (one is required); the last five are optional.
+#: are alternatives (one is required); the rest are optional.
 MEMBERS = {
     "preprocess": "preprocess(images) -> model input",
     "tap": "tap: the model split at its default layer (a gcj.Tap)",
@@ -76,6 +76,8 @@ MEMBERS = {
     "default_layer": "default_layer: the name of tap's layer",
     "input_size": "input_size: the side of the square input (pixels)",
     "name": "name: a label for figures and results",
+    "attention_head": "attention_head(tokens) -> scores: final norm + classifier (for --methods legrad)",
+    "drop_tokens": "drop_tokens: leading tokens that are not patches (attention methods; default 1)",
 }
 #: The members a model must have (``logits`` standing for ``logits`` or ``probs``).
 REQUIRED = ("preprocess", "tap", "logits", "class_names")
