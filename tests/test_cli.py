@@ -12,6 +12,7 @@ import cli_model  # tests/cli_model.py
 import jax
 import numpy as np
 import pytest
+import vit_models  # tests/vit_models.py
 from PIL import Image
 
 import gradcam_jax as gcj
@@ -485,3 +486,29 @@ def test_large_photos_are_drawn_at_a_bounded_size(env, tmp_path, monkeypatch):
     assert drawn == [(1303, 2048, 3)]
     rec = json.loads((tmp_path / "out" / "results.json").read_text())["images"][0]
     assert (rec["width"], rec["height"]) == (3300, 2100)
+
+
+def test_explain_a_transformer_with_attention_methods(env, tmp_path, capsys):
+    """``explain --methods attention_rollout,generic_attention,legrad`` on a ViT from ``--model``:
+    the maps are the library's for the explained classes; a model without attention is refused."""
+    paths = _images(tmp_path / "images", [(32, 32)])
+    out = tmp_path / "out"
+    methods = "attention_rollout,generic_attention,legrad"
+    common = ["--classes", "top2", "--dpi", "40", "-q", "--save-maps", "--out", str(out)]
+    assert cli.main(["explain", *paths, "--model", "vit_models:cli_vit", "--methods", methods, *common]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == methods.split(",")
+    model = vit_models.cli_vit()
+    x = model.preprocess(_read(paths[0]))
+    top2 = np.argsort(-np.asarray(model.logits(x))[0])[:2][None]
+    saved = np.load(out / "img0.npz")
+    rollout = np.asarray(gcj.attention_rollout(model.logits, x))[0]
+    np.testing.assert_allclose(saved["attention_rollout"], np.stack([rollout, rollout]), atol=1e-5)
+    generic = gcj.generic_attention(model.logits, x, top2)[0]
+    np.testing.assert_allclose(saved["generic_attention"], generic, atol=1e-5)
+    legrad = gcj.legrad(model.logits, x, top2, head=model.attention_head)[0]
+    np.testing.assert_allclose(saved["legrad"], legrad, atol=1e-5)
+
+    capsys.readouterr()
+    cnn = ["explain", *paths, "--model", "cli_model:tiny_model", "--methods", "generic_attention", *common]
+    assert cli.main(cnn) == 2
+    assert "no attention block" in capsys.readouterr().err
