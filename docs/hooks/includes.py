@@ -126,7 +126,10 @@ def on_config(config, **kwargs):
 @event_priority(100)  # before mkdocs-jupyter's on_files, which claims the notebooks
 def on_files(files, config, **kwargs):
     for path in notebooks():
-        files.append(File.generated(config, f"notebooks/{path.name}", abs_src_path=str(path)))
+        # A plain File rooted at the repository (not File.generated, whose source path
+        # mkdocs-jupyter's wrapper cannot see): notebooks/<name>.ipynb of the checkout.
+        nb = File(f"notebooks/{path.name}", str(REPO), config["site_dir"], config["use_directory_urls"])
+        files.append(nb)
     INCLUDED.clear()
     pages = [f for f in files if f.src_uri.endswith(".md") and f.abs_src_path]
     includes = []

@@ -3,8 +3,9 @@
 Three rewrites, before anything is rendered:
 
 1. Sphinx roles (``:func:`~gradcam_jax.linen_tap```) become links (below);
-2. an ``Args:`` entry naming several parameters (``alpha, cmap: overlay settings``) becomes one
-   entry per parameter, so each is checked against the signature;
+2. an ``Args:`` entry naming several parameters (``alpha, cmap: overlay settings``, the names
+   possibly wrapped over two lines) becomes one entry per parameter, so each is checked
+   against the signature;
 3. a ``>>>`` example outside an ``Examples:`` section is fenced as a ``pycon`` block, so its
    output (``['slice 1', 'slice 3']``) is not read as Markdown.
 
@@ -18,8 +19,9 @@ above it, then the package root):
 - a name the API reference renders becomes a link to it (``[`linen_tap`][gradcam_jax.linen_tap]``);
 - a name that exists but is private (a helper in an underscore module) becomes inline code;
 - a name outside the package that imports (``pickle``, ``jax.Array``) becomes inline code;
-- a name that resolves to nothing is a warning, so ``mkdocs build --strict`` fails on it and the
-  message says which docstring holds the dangling reference.
+- a name that resolves to nothing, in a docstring the reference renders, is a warning, so
+  ``mkdocs build --strict`` fails on it and the message says which docstring holds it (in a
+  private helper's docstring, which the site does not show, it is only logged at debug level).
 
 ``~name`` shows only the last component, as in Sphinx.
 """
@@ -37,6 +39,8 @@ ARGS_HEADER = re.compile(
     r"^(\s*)(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|Other Parameters):\s*$"
 )
 GROUPED = re.compile(r"^(\s+)(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)+):\s?(.*)$")
+WRAPPED_NAMES = re.compile(r"^\s+\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*\s*,\s*$")
+GROUP_TAIL = re.compile(r"^\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*:(?:\s|$)")
 ROLE = re.compile(r":(?:py:)?(?:func|class|mod|data|attr|meth|obj|exc|const):`(~?)([^`<>]+?)`")
 
 log = logging.getLogger("mkdocs.hooks.sphinx_roles")
@@ -156,7 +160,10 @@ def rewrite(obj, root, rendered: dict[str, str]) -> None:
         if is_external(name):
             return f"`{label}`"
         where = f"{obj.filepath}:{obj.lineno}" if obj.lineno else str(obj.filepath)
-        log.warning(f"{where}: {match.group(0)} in the docstring of {obj.path} names nothing in {PACKAGE}")
+        # A docstring the reference renders must not point nowhere; one it does not render
+        # (a private helper's) is shown nowhere, so its dangling role is not the site's problem.
+        report = log.warning if obj.path in rendered else log.debug
+        report(f"{where}: {match.group(0)} in the docstring of {obj.path} names nothing in {PACKAGE}")
         return f"`{label}`"
 
     if obj.docstring is not None:
@@ -174,9 +181,20 @@ def indent_of(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
+def join_wrapped_names(lines: list[str]) -> list[str]:
+    """``a, b,`` / ``c: text`` (a list of names wrapped over two lines) -> ``a, b, c: text``."""
+    out: list[str] = []
+    for line in lines:
+        if out and WRAPPED_NAMES.match(out[-1]) and GROUP_TAIL.match(line.strip()):
+            out[-1] = f"{out[-1].rstrip()} {line.strip()}"
+        else:
+            out.append(line)
+    return out
+
+
 def split_grouped_args(text: str) -> str:
     """``a, b: text`` inside an arguments section -> ``a: text`` and ``b: text``."""
-    lines, out, i = text.splitlines(), [], 0
+    lines, out, i = join_wrapped_names(text.splitlines()), [], 0
     in_args, header_indent = False, 0
     while i < len(lines):
         line = lines[i]
