@@ -28,7 +28,19 @@ from jax.extend import core as jcore
 
 from .._relu_sites import CALLS, closed_parts, sub_closed
 
-__all__ = ["Node", "Layer", "Tape", "record", "replay", "on_path", "bind", "node_vjp", "UNARY", "STRUCTURAL"]
+__all__ = [
+    "Node",
+    "Layer",
+    "Tape",
+    "record",
+    "replay",
+    "all_tapes",
+    "on_path",
+    "bind",
+    "node_vjp",
+    "UNARY",
+    "STRUCTURAL",
+]
 
 UNARY = {
     "max", "min", "clamp", "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "erf", "erfc",
@@ -64,11 +76,12 @@ def bind(prim, params, invals):
 class Node:
     """One image-dependent equation: its primitive, inputs / outputs (ids into ``Tape.vals``), kind."""
 
-    __slots__ = ("prim", "params", "ins", "outs", "kind", "fn", "layer")
+    __slots__ = ("prim", "params", "ins", "outs", "kind", "fn", "layer", "branches")
 
     def __init__(self, prim, params, ins, outs, kind, fn=None):
         self.prim, self.params, self.ins, self.outs, self.kind, self.fn = prim, params, ins, outs, kind, fn
         self.layer: Layer | None = None
+        self.branches: list[Tape] = []  # a cond's branches, each its own tape
 
     @property
     def name(self) -> str:
@@ -113,6 +126,7 @@ class Tape:
         self.nodes: list[Node] = []
         self.inputs: list[int] = []
         self.outputs: list[int] = []
+        self.platform: set[int] = set()  # ids of lax.platform_dependent indices
 
     def new(self, val, active: bool) -> int:
         self.vals.append(val)
@@ -180,10 +194,19 @@ def _record(tape: Tape, closed, arg_ids: list[int]) -> list[int]:
         if not any(active):
             with eqn.ctx.manager:
                 outs = [tape.new(o, False) for o in bind(eqn.primitive, eqn.params, invals)]
+            if eqn.primitive.name == "platform_index":
+                tape.platform.update(outs)
+        elif eqn.primitive.name == "cond" and ins[0] in tape.platform:
+            # lax.platform_dependent: every branch computes the same function; read the plainest
+            # one (fewest equations: conv_general_dilated rather than its unrolled taps).
+            branch = min(eqn.params["branches"], key=lambda b: len(closed_parts(b)[0].eqns))
+            outs = _record(tape, branch, ins[1:])
         elif sub is not None and _is_activation_call(sub, eqn, active):
             fn = _closed_fn(*closed_parts(sub))
             outs = [tape.new(fn(*invals), True)]
             tape.nodes.append(Node(None, None, ins, outs, "activation", fn))
+        elif eqn.primitive.name == "cond" and not active[0]:
+            outs = _record_cond(tape, eqn, ins, active, invals)
         elif sub is not None:
             outs = _record(tape, sub, ins)
         else:
@@ -195,6 +218,28 @@ def _record(tape: Tape, closed, arg_ids: list[int]) -> list[int]:
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _record_cond(tape: Tape, eqn, ins, active, invals) -> list[int]:
+    """A ``cond`` whose index does not depend on the image: one tape per branch.
+
+    The index is often traced but fixed (``lax.platform_dependent`` picks an implementation);
+    relevance is propagated through every branch and the index's one is selected.
+    """
+    branches = []
+    for branch in eqn.params["branches"]:
+        sub = Tape()
+        sub.inputs = [sub.new(v, a) for v, a in zip(invals[1:], active[1:], strict=True)]
+        sub.outputs = _record(sub, branch, sub.inputs)
+        _find_layers(sub, first=False)
+        branches.append(sub)
+    with eqn.ctx.manager:
+        vals = bind(eqn.primitive, eqn.params, invals)
+    outs = [tape.new(o, True) for o in vals]
+    node = Node(eqn.primitive, eqn.params, ins, outs, "cond")
+    node.branches = branches
+    tape.nodes.append(node)
+    return outs
 
 
 def _closed_fn(jaxpr, consts):
@@ -240,10 +285,10 @@ def _affine_step(node: Node, tape: Tape, A, C):
     return (A, C - c) if x_first else (-A, c - C)
 
 
-def _find_layers(tape: Tape) -> None:
-    """Group each linear node with the affine nodes that follow it (each the only consumer)."""
+def _find_layers(tape: Tape, first: bool = True) -> None:
+    """Group each linear node with the affine nodes that follow it (each the only consumer);
+    with ``first``, mark the first conv / dense layer."""
     users = _consumers(tape)
-    first = True
     for node in tape.nodes:
         if node.kind not in ("conv", "dense", "sum"):
             continue
@@ -289,15 +334,28 @@ def node_vjp(node: Node, tape: Tape, cotangents, vals=None):
     return result
 
 
-def replay(tape: Tape, image) -> list[Any]:
-    """The tape's values with the image replaced by ``image`` (constants unchanged)."""
+def replay(tape: Tape, inputs: list[Any], into: dict[int, list[Any]] | None = None) -> dict[int, list[Any]]:
+    """The values of ``tape`` (and of its nested branch tapes) for other ``inputs``, by ``id(tape)``."""
+    into = {} if into is None else into
     vals = list(tape.vals)
-    vals[tape.inputs[0]] = image
+    for i, v in zip(tape.inputs, inputs, strict=True):
+        vals[i] = v
     for node in tape.nodes:
-        outs = node.apply([vals[i] for i in node.ins])
-        for o, v in zip(node.outs, outs, strict=True):
+        invals = [vals[i] for i in node.ins]
+        for branch in node.branches:
+            replay(branch, invals[1:], into)
+        for o, v in zip(node.outs, node.apply(invals), strict=True):
             vals[o] = v
-    return vals
+    into[id(tape)] = vals
+    return into
+
+
+def all_tapes(tape: Tape):
+    """``tape`` and every branch tape inside it."""
+    yield tape
+    for node in tape.nodes:
+        for branch in node.branches:
+            yield from all_tapes(branch)
 
 
 def on_path(tape: Tape) -> list[Node]:

@@ -31,8 +31,8 @@ from .._maps import kernel
 from .._tap import scores_fn
 from .._targets import Target, TargetSpec, fixed_top, nan_where, select_scores
 from ._common import check_baseline_shape, gate
-from ._tape import Tape, node_vjp, on_path, record, replay
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, LayerOps, Norm, Pass, ZBox, ZPlus, stabilize
+from ._tape import Tape, all_tapes, node_vjp, on_path, record, replay
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, LayerOps, Norm, ZBox, ZPlus, stabilize
 
 __all__ = ["COMPOSITES", "composite", "RelevanceOptions", "relevance_kernel", "lrp", "deeplift"]
 
@@ -90,11 +90,12 @@ class RelevanceOptions:
     leaf: int = 0
 
 
-def _unsupported(tape: Tape, path, who: str) -> None:
+def _unsupported(tape: Tape, who: str) -> None:
     bad: dict[str, int] = {}
-    for node in path:
-        if node.kind == "unsupported":
-            bad[node.name] = bad.get(node.name, 0) + 1
+    for t in all_tapes(tape):
+        for node in on_path(t):
+            if node.kind == "unsupported":
+                bad[node.name] = bad.get(node.name, 0) + 1
     if bad:
         listed = ", ".join(f"{k} (x{v})" for k, v in sorted(bad.items()))
         raise NotImplementedError(
@@ -110,10 +111,10 @@ def _lrp_node(node, tape: Tape, rules: dict[str, Any], r_out):
     kind, vals = node.kind, tape.vals
     if kind in ("conv", "dense", "sum"):
         layer = node.layer
-        rule = rules.get("first") if layer.first and "first" in rules else rules.get(kind, Epsilon(1e-6))
+        rule: Any = rules["first"] if layer.first and "first" in rules else rules.get(kind, Epsilon(1e-6))
         x = vals[node.ins[layer.x_pos]]
         out: list[Any] = [None] * len(node.ins)
-        out[layer.x_pos] = x if isinstance(rule, Pass) else rule(LayerOps(layer), x, r_out[0])
+        out[layer.x_pos] = rule(LayerOps(layer), x, r_out[0])
         return out
     if kind == "add":
         a, b = (vals[i] for i in node.ins)
@@ -140,10 +141,11 @@ def _deeplift_node(node, tape: Tape, ref, m_out):
     return grads
 
 
-def _propagate(tape: Tape, path, start, step: Callable):
-    """Run ``step(node, r_out) -> r_in`` back from the output (relevance summed over fan-out)."""
-    r: dict[int, Any] = {tape.outputs[0]: start}
-    for node in reversed(path):
+def _propagate(tape: Tape, starts: dict[int, Any], step: Callable) -> list[Any]:
+    """Run ``step(node, r_out) -> r_in`` back from ``starts`` (relevance by value id, summed over
+    fan-out); the relevance of each of the tape's inputs."""
+    r = dict(starts)
+    for node in reversed(on_path(tape)):
         if node.kind == "absorbed":
             continue
         outs = [node.layer.z_id] if node.layer is not None else node.outs
@@ -154,7 +156,40 @@ def _propagate(tape: Tape, path, start, step: Callable):
         for i, v in zip(node.ins, step(node, r_out), strict=True):
             if v is not None and tape.active[i]:
                 r[i] = r[i] + v if i in r else v
-    return r.get(tape.inputs[0], jnp.zeros_like(tape.vals[tape.inputs[0]]))
+    return [r.get(i, jnp.zeros_like(tape.vals[i])) for i in tape.inputs]
+
+
+def _cond(node, tape: Tape, r_out, backward: Callable):
+    """Through a ``cond``: every branch's relevance, the index's selected."""
+    per = []
+    for branch in node.branches:
+        starts = {o: v for o, v in zip(branch.outputs, r_out, strict=True) if branch.active[o]}
+        per.append(backward(branch, starts))
+    index = jnp.clip(tape.vals[node.ins[0]], 0, len(per) - 1)
+    out: list[Any] = [None]
+    for k, i in enumerate(node.ins[1:]):
+        out.append(jnp.stack([p[k] for p in per])[index] if tape.active[i] else None)
+    return out
+
+
+def _lrp_backward(tape: Tape, starts, rules: dict[str, Any]) -> list[Any]:
+    def step(node, r_out):
+        if node.kind == "cond":
+            return _cond(node, tape, r_out, lambda t, st: _lrp_backward(t, st, rules))
+        return _lrp_node(node, tape, rules, r_out)
+
+    return _propagate(tape, starts, step)
+
+
+def _deeplift_backward(tape: Tape, starts, refs: dict[int, list[Any]]) -> list[Any]:
+    ref = refs[id(tape)]
+
+    def step(node, m_out):
+        if node.kind == "cond":
+            return _cond(node, tape, m_out, lambda t, st: _deeplift_backward(t, st, refs))
+        return _deeplift_node(node, tape, ref, m_out)
+
+    return _propagate(tape, starts, step)
 
 
 @kernel
@@ -164,32 +199,26 @@ def relevance_kernel(fn: PytreeCallable, x, target: TargetSpec, reference, *, op
     leaf = options.leaf
     image = jax.tree_util.tree_leaves(x)[leaf]
     tape = record(lambda img: call(with_leaf(x, leaf, img)), image)
-    path = on_path(tape)
+    out_id = tape.outputs[0]
     scores = tape.vals[tape.outputs[0]]
     spec = fixed_top(target, scores)
     selected, select_pullback = jax.vjp(lambda s: select_scores(spec, s), scores)
     if options.rules is not None:
         rules = dict(options.rules)
-        _unsupported(tape, path, "lrp")
-
-        def lrp_step(node, r_out):
-            return _lrp_node(node, tape, rules, r_out)
+        _unsupported(tape, "lrp")
 
         def backward(cot):
-            return _propagate(tape, path, scores * select_pullback(cot)[0], lrp_step)
+            return _lrp_backward(tape, {out_id: scores * select_pullback(cot)[0]}, rules)[0]
 
     else:
-        ref = replay(tape, reference)
-        for node in path:  # DeepLIFT: the gradient through affine ops and layers
-            if node.kind == "absorbed":
-                node.kind = "affine"
-            node.layer = None
-
-        def deeplift_step(node, m_out):
-            return _deeplift_node(node, tape, ref, m_out)
+        refs = replay(tape, [reference])
+        for t in all_tapes(tape):  # DeepLIFT: the gradient through affine ops and layers
+            for node in t.nodes:
+                node.kind = "affine" if node.kind == "absorbed" else node.kind
+                node.layer = None
 
         def backward(cot):
-            return (image - reference) * _propagate(tape, path, select_pullback(cot)[0], deeplift_step)
+            return (image - reference) * _deeplift_backward(tape, {out_id: select_pullback(cot)[0]}, refs)[0]
 
     if selected.ndim == 1:
         out = backward(jnp.ones_like(selected))
@@ -209,10 +238,10 @@ def _rules(rules, box, epsilon) -> tuple[tuple[str, Any], ...]:
             raise ValueError(f"lrp: unknown rule keys {sorted(unknown)}; the keys are {', '.join(_KEYS)}.")
         table = dict(rules)
         for key, rule in table.items():
-            if not isinstance(rule, (Epsilon, Norm, ZPlus, AlphaBeta, Gamma, Flat, ZBox, Pass)):
+            if not isinstance(rule, (Epsilon, Norm, ZPlus, AlphaBeta, Gamma, Flat, ZBox)):
                 raise TypeError(
                     f"lrp: rules[{key!r}] must be a rule of gcj.attribution.rules (Epsilon(1e-6), ZPlus(), "
-                    f"Gamma(0.25), AlphaBeta(2, 1), Flat(), ZBox(low, high), Norm(), Pass()); got {rule!r}."
+                    f"Gamma(0.25), AlphaBeta(2, 1), Flat(), ZBox(low, high), Norm()); got {rule!r}."
                 )
     else:
         raise TypeError(

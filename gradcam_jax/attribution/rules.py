@@ -41,7 +41,6 @@ __all__ = [
     "Flat",
     "ZBox",
     "Norm",
-    "Pass",
     "Rule",
 ]
 
@@ -214,9 +213,4 @@ class ZBox:
         return x * ops.back(x, "id", s) - lo * ops.back(lo, "pos", s) - hi * ops.back(hi, "neg", s)
 
 
-@dataclasses.dataclass(frozen=True)
-class Pass:
-    """Relevance passed through unchanged (elementwise activations)."""
-
-
-Rule = Epsilon | Norm | ZPlus | AlphaBeta | Gamma | Flat | ZBox | Pass
+Rule = Epsilon | Norm | ZPlus | AlphaBeta | Gamma | Flat | ZBox

@@ -46,7 +46,7 @@ def xrai_segments(image, resize: bool = True, dilation_radius: int = 5) -> np.nd
         im = transform.resize(
             im, (224, 224), order=3, mode="constant", preserve_range=True, anti_aliasing=True
         )
-    masks = []
+    masks: list[np.ndarray] = []
     for scale in SCALES:
         seg = segmentation.felzenszwalb(im, scale=scale, sigma=0.8, min_size=150)
         if resize:
@@ -148,7 +148,7 @@ def xrai(
     area_threshold: float = 1.0,
     return_ranks: bool = False,
     layout: str | None = None,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """XRAI: regions ranked by the density of attribution they add, as one map.
 
     Starting from nothing, each round adds the region (a segment at one of several scales)
