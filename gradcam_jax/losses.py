@@ -122,18 +122,20 @@ def input_gradient_penalty(fn: Callable, params, x, y, mask, *, all_classes: boo
 
 
 def outside_fraction(maps, mask, eps: float = 1e-8) -> jax.Array:
-    """The fraction of each map's mass outside a region: ``sum((1 - m) * L) / (sum(L) + eps)``.
+    """The fraction of each map's mass outside a region: ``1 - sum(m * L) / (sum(L) + eps)``.
 
-    ``maps`` ``(B, H, W)`` non-negative, ``mask`` ``(H, W)`` or ``(B, H, W)``; returns ``(B,)``
-    (0: all mass inside the region; an all-zero map scores 0).
+    ``maps`` ``(B, H, W)`` non-negative, ``mask`` ``(H, W)`` or ``(B, H, W)``; returns ``(B,)``:
+    0 when all the mass is inside the region, 1 when none is — an all-zero map scores 1 (it
+    shows no evidence in the region), so a loss built on it cannot be lowered by switching the
+    map off.
 
     >>> import jax.numpy as jnp
-    >>> outside_fraction(jnp.array([[[1.0, 3.0]]]), jnp.array([[1.0, 0.0]])).tolist()
-    [0.75]
+    >>> outside_fraction(jnp.array([[[1.0, 3.0]], [[0.0, 0.0]]]), jnp.array([[1.0, 0.0]])).tolist()
+    [0.75, 1.0]
     """
     maps = _at_least_f32(jnp.asarray(maps))
     mask = jnp.broadcast_to(jnp.asarray(mask, maps.dtype), maps.shape)
-    return jnp.sum((1.0 - mask) * maps, axis=(-2, -1)) / (jnp.sum(maps, axis=(-2, -1)) + eps)
+    return 1.0 - jnp.sum(mask * maps, axis=(-2, -1)) / (jnp.sum(maps, axis=(-2, -1)) + eps)
 
 
 def cam_alignment(tap, x, y, mask) -> jax.Array:
@@ -141,9 +143,10 @@ def cam_alignment(tap, x, y, mask) -> jax.Array:
 
     ``L_b = ReLU(sum_k w_k A^k)`` with ``w_k`` the spatial mean of ``dy^{y_b}/dA^k`` (Grad-CAM,
     Selvaraju et al. 2017), upsampled bilinearly to the mask's size, and
-    ``loss = mean_b sum((1 - mask_b) * L_b) / (sum(L_b) + eps)``: the fraction of the map's
-    mass outside the region — scale-free, so the network cannot lower it by shrinking the
-    map. This is the attention-mining idea of GAIN (Li et al., CVPR 2018,
+    ``loss = mean_b (1 - sum(mask_b * L_b) / (sum(L_b) + eps))``: the fraction of the map's
+    mass outside the region (:func:`outside_fraction`) — scale-free, so the network cannot lower
+    it by shrinking the map, and 1 for an all-zero map, so it cannot by switching it off.
+    This is the attention-mining idea of GAIN (Li et al., CVPR 2018,
     https://arxiv.org/abs/1802.10171) with the external supervision of its section 4, in the
     form of a mass penalty rather than GAIN's pixel-wise map loss.
 

@@ -70,7 +70,7 @@ def test_cam_alignment_against_numpy():
     a = np.maximum(np.einsum("bhwc,cd->bhwd", x, params["w"]) + params["c"], 0)
     weights = params["v"][:, Y].T / (H * W)  # Grad-CAM: mean over positions of dy_c/dA = v[:, c] / HW
     cam = np.maximum(np.einsum("bk,bhwk->bhw", weights, a), 0)
-    want = np.mean(((1 - MASK) * cam).sum((1, 2)) / (cam.sum((1, 2)) + 1e-8))
+    want = np.mean(1 - (MASK * cam).sum((1, 2)) / (cam.sum((1, 2)) + 1e-8))
     tap = gcj.Tap(conv_apply, params)
     np.testing.assert_allclose(losses.cam_alignment(tap, x, Y, MASK), want, rtol=1e-5)
     jitted = jax.jit(lambda p: losses.cam_alignment(tap.with_params(p), x, Y, MASK))
@@ -121,7 +121,8 @@ def test_gradients_in_the_params_match_finite_differences():
 def test_outside_fraction():
     maps = np.array([[[0.0, 2.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
     mask = np.array([[1.0, 0.0], [1.0, 1.0]])
-    np.testing.assert_allclose(losses.outside_fraction(maps, mask), [0.5, 0.0], atol=1e-7)
+    # An all-zero map has no mass inside: 1, the worst score (not 0, which would reward it).
+    np.testing.assert_allclose(losses.outside_fraction(maps, mask), [0.5, 1.0], atol=1e-7)
 
 
 def test_bad_arguments():
