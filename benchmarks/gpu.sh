@@ -31,6 +31,15 @@
 #    print to stdout. `python -m benchmarks.compare_peers --from-json FILES --markdown OUT.md`
 #    rebuilds the report from the JSON files anywhere.
 #
+# 3. The rest of pytorch-grad-cam's CAM family (issue 15: FullGrad, ShapleyCAM, Finer-CAM,
+#    KPCA-CAM, Grad-CAM element-wise, aug_smooth / eigen_smooth, Deep Feature Factorization):
+#
+#      FAMILY=1 bash benchmarks/gpu.sh float32      # ResNet-50, batch 32 (FAMILY_BATCH=...)
+#
+#    Results: compare_peers-family-resnet50-float32.json. The batch is smaller than the main
+#    run's 256 because pytorch-grad-cam's FullGrad and smoothing run on the host (cv2 resizes of
+#    every BatchNorm channel, NumPy SVDs), so its side is CPU-bound whatever the GPU.
+#
 # Expected cost on one H100/H200 (not measured yet): a few minutes per dtype, most of it XLA
 # compilation at batch 256 and pytorch-grad-cam's per-image guided backprop loop.
 set -euo pipefail
@@ -104,13 +113,23 @@ mkdir -p "$RESULTS"
 # (ResNet-50 and EfficientNet-Lite0 at batch 256, both frameworks, would crowd one process), and
 # a run cut short by a time limit keeps the results of the ones before it.
 MODELS="${MODELS:-resnet50 efficientnet_lite0}"
+METHODS="grad_cam,grad_cam_plus_plus,guided_backprop,guided_grad_cam,score_cam"
+PREFIX=compare_peers
+EXTRA=()
+if [ "${FAMILY:-0}" = 1 ]; then
+  MODELS="resnet50"
+  METHODS="grad_cam,grad_cam_elementwise,shapley_cam,finer_cam,kpca_cam,fullgrad,grad_cam_aug,grad_cam_eigen"
+  METHODS="$METHODS,grad_cam_plus_plus_aug,grad_cam_plus_plus_eigen,dff"
+  PREFIX=compare_peers-family
+  EXTRA=(--batch "${FAMILY_BATCH:-32}" --agree-batch 8)
+fi
 status=0
 for dtype in "${DTYPES[@]}"; do
   for model in $MODELS; do
     echo "=== compare_peers --gpu --models $model --dtypes $dtype $* ==="
     set +e
-    "$PYTHON" -m benchmarks.compare_peers --gpu --models "$model" --dtypes "$dtype" \
-        --json "$RESULTS/compare_peers-$model-$dtype.json" "$@"
+    "$PYTHON" -m benchmarks.compare_peers --gpu --models "$model" --dtypes "$dtype" --methods "$METHODS" \
+        ${EXTRA[@]+"${EXTRA[@]}"} --json "$RESULTS/$PREFIX-$model-$dtype.json" "$@"
     rc=$?
     set -e
     [ "$rc" -eq 0 ] || { echo "compare_peers --models $model --dtypes $dtype exited with $rc" >&2; status=$rc; }
