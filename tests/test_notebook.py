@@ -1,19 +1,25 @@
-"""The quickstart notebook runs top to bottom (so it never rots)."""
+"""The notebooks run top to bottom (so they never rot)."""
 
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def test_quickstart_notebook_executes(tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("name", ["quickstart", "beyond_classifiers"])
+def test_notebook_executes(tmp_path, name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    # The notebook shows figures: at least one image output.
+    # The notebooks show figures: at least one image output.
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_every_notebook_is_executed_here():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == ["beyond_classifiers", "quickstart"]
