@@ -215,7 +215,7 @@ def deep_feature_factorization(
         raise ValueError(
             f"{who}: scores=True needs a model returning (B, classes) scores; pass scores=False."
         )
-    if scores and top_k > classes:
+    if scores and classes is not None and top_k > classes:
         raise ValueError(f"{who}: top_k={top_k} but the model has {classes} classes.")
     if init is None and key is None:
         raise ValueError(
