@@ -80,9 +80,11 @@ def _positive_int(value, name: str, who: str) -> int:
     return value
 
 
-def _run(tap, x, target, who, maps: MapOptions, variant, key, chunk_size, compute_dtype, aug, eigen):
+def _run(tap, x, target, who, maps: MapOptions, variant, key, chunk_size, compute_dtype, aug, eigen, top_n):
     tap, batch, spec = prepare_perturbation(tap, x, target, who, maps, images=True, aug=aug)
-    base = perturbation_options(maps, chunk_size, batch, compute_dtype, None, aug, eigen)
+    if top_n is not None:
+        top_n = _positive_int(top_n, "top_n", who)
+    base = perturbation_options(maps, chunk_size, batch, compute_dtype, top_n, aug, eigen)
     return score_variant_kernel(tap, x, spec, key, options=VariantOptions(base, variant))
 
 
@@ -95,6 +97,7 @@ def ss_cam(
     n_noise: int = 35,
     noise_std: float = 2.0,
     chunk_size: int = 64,
+    top_n: int | None = None,
     compute_dtype=None,
     upsample: bool = True,
     normalize: bool = True,
@@ -124,7 +127,8 @@ def ss_cam(
       key: a ``jax.random`` key for the noise (required).
       n_noise: noisy masks per channel.
       noise_std: the noise's standard deviation (masks are in [0, 1]).
-      chunk_size, compute_dtype: as in :func:`gradcam_jax.score_cam`.
+      chunk_size, top_n, compute_dtype: as in :func:`gradcam_jax.score_cam` (``top_n``: only each
+        example's ``top_n`` channels of largest spatial spread are masked).
       upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
         eigen_smooth: as in :func:`gradcam_jax.cam`.
 
@@ -149,7 +153,18 @@ def ss_cam(
     maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid, layout, input)
     variant = Noisy(n, float(noise_std))
     return _run(
-        tap, x, target, "ss_cam", maps, variant, key, chunk_size, compute_dtype, aug_smooth, eigen_smooth
+        tap,
+        x,
+        target,
+        "ss_cam",
+        maps,
+        variant,
+        key,
+        chunk_size,
+        compute_dtype,
+        aug_smooth,
+        eigen_smooth,
+        top_n,
     )
 
 
@@ -160,6 +175,7 @@ def is_cam(
     *,
     steps: int = 10,
     chunk_size: int = 64,
+    top_n: int | None = None,
     compute_dtype=None,
     upsample: bool = True,
     normalize: bool = True,
@@ -185,7 +201,8 @@ def is_cam(
     Args:
       tap, x, target: as in :func:`gradcam_jax.score_cam`.
       steps: integration steps per channel.
-      chunk_size, compute_dtype: as in :func:`gradcam_jax.score_cam`.
+      chunk_size, top_n, compute_dtype: as in :func:`gradcam_jax.score_cam` (``top_n``: only each
+        example's ``top_n`` channels of largest spatial spread are masked).
       upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
         eigen_smooth: as in :func:`gradcam_jax.cam`.
 
@@ -218,4 +235,5 @@ def is_cam(
         compute_dtype,
         aug_smooth,
         eigen_smooth,
+        top_n,
     )
