@@ -8,7 +8,7 @@ layout, e.g. ``"NCHW"``) and ends with :func:`~gradcam_jax._tap.adapt_tap`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,7 +19,7 @@ from ._layerset import LayerSet, Recorder, layer_set
 from ._layout import Layout
 from ._nnx import nnx_layers as nnx_layers
 from ._nnx import nnx_tap as nnx_tap
-from ._tap import Edit, Tap, adapt_tap
+from ._tap import Edit, Tap, adapt_tap, map_layers
 
 __all__ = ["linen_tap", "equinox_tap", "linen_layers", "nnx_tap", "nnx_layers", "Output"]
 
@@ -216,8 +216,10 @@ class _ChannelAxis:
 
 def equinox_tap(
     model,
-    where: Callable[[Any], Any],
+    where: Callable[[Any], Any] | None = None,
     *,
+    layers: Sequence[Callable[[Any], Any]] | Mapping[str, Callable[[Any], Any]] | None = None,
+    call: int | None = None,
     batched: bool = False,
     channels_first: bool = True,
     output: Output = None,
@@ -228,6 +230,12 @@ def equinox_tap(
     Args:
       model: an ``eqx.Module``; called on one example unless ``batched=True``.
       where: picks the submodule, e.g. ``lambda m: m.layers[-3]``.
+      layers: instead of ``where``, several submodules from one forward pass: a list of such
+        callables (each layer named by its path in the model's pytree, e.g. ``"blocks.1"``) or
+        a dict ``{name: where}``. The tap returns ``(scores, {name: A})`` in call order;
+        ``tap.select(name)`` is a single-layer tap on one of them.
+      call: which call to tap when the submodule is called more than once (0 is the first; with
+        ``layers``, the same call of every submodule). By default that is an error.
       batched: the model takes the whole batch. By default (Equinox's convention) it takes one
         example and the tap ``vmap``\\ s it over the batch.
       channels_first: a shorthand for models that take and return channels-first images, as
@@ -247,12 +255,21 @@ def equinox_tap(
     """
     import equinox as eqx
 
-    if not callable(where):
-        raise TypeError(
-            "equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2]."
-        )
+    if layers is None:
+        if not callable(where):
+            raise TypeError(
+                "equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2]."
+            )
+        wheres = {_module_path(model, where) or "picked by where": where}
+    elif where is not None:
+        raise TypeError("equinox_tap: give where= (one submodule) or layers=[...] (several), not both.")
+    else:
+        wheres = _equinox_layers(model, layers)
+    multi = layers is not None
     axes = _ChannelAxis(batched, channels_first, activations=activation_layout is None)
-    one = _equinox_one(where, axes)
+    # Deepest first, so a submodule inside another tapped one is wrapped before its parent.
+    depth = {name: len(_key_path(model, w) or ()) for name, w in wheres.items()}
+    one = _equinox_one(dict(sorted(wheres.items(), key=lambda item: -depth[item[0]])), axes, call, multi)
     # Only the arrays are the tap's parameters (traced by jit); activations functions, flags and
     # other static fields of the model stay Python values.
     params, static = eqx.partition(model, eqx.is_array)
@@ -266,39 +283,84 @@ def equinox_tap(
         kind = edit.kind
         return jax.vmap(lambda xi, vi: one(model, xi, Edit(kind, vi)))(x, edit.value)
 
-    key = ("equinox", ByIdentity(model), hashable(where), batched, channels_first, activation_layout is None)
-    tap = Tap(KeyedFunction(apply, key), params, "equinox")
+    chosen = tuple((name, hashable(w)) for name, w in wheres.items())
+    key = (
+        "equinox",
+        ByIdentity(model),
+        chosen,
+        multi,
+        call,
+        batched,
+        channels_first,
+        activation_layout is None,
+    )
+    entries = tuple(wheres) if multi else None
+    tap = Tap(KeyedFunction(apply, key), params, ", ".join(entries) if entries else "equinox", entries)
     return adapt_tap(tap, output=output, activation_layout=activation_layout)
 
 
-def _equinox_one(where: Callable, axes: _ChannelAxis) -> Callable:
+def _key_path(model, where: Callable) -> tuple | None:
+    """The key path of the submodule ``where`` picks in the model's pytree, if found."""
+    sub = where(model)
+    found = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda n: n is sub)[0]
+    return next((path for path, leaf in found if leaf is sub), None)
+
+
+def _module_path(model, where: Callable) -> str | None:
+    """The path of the submodule ``where`` picks in the model's pytree (``"blocks.1"``), if found."""
+    path = _key_path(model, where)
+    return None if path is None else jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _equinox_layers(model, layers) -> dict[str, Callable]:
+    """``layers=`` of :func:`equinox_tap` as ``{name: where}``."""
+    if isinstance(layers, Mapping):
+        items = [(str(k), v) for k, v in layers.items()]
+    elif isinstance(layers, Sequence) and not isinstance(layers, str):
+        paths = [_module_path(model, w) if callable(w) else None for w in layers]
+        items = [(path or f"where{i}", w) for i, (path, w) in enumerate(zip(paths, layers, strict=True))]
+    else:
+        items = []
+    if not items or not all(callable(w) for _, w in items):
+        raise TypeError(
+            "equinox_tap: layers must be a non-empty list of callables picking submodules "
+            f"([lambda m: m.blocks[1], lambda m: m.blocks[2]]) or a dict {{name: callable}}; got {layers!r}."
+        )
+    return dict(items)
+
+
+def _check_eqx_output(name: str, out) -> None:
+    _check_array_output(out, f"{name!r}" if name != "picked by where" else "picked by where")
+
+
+def _equinox_one(wheres: dict[str, Callable], axes: _ChannelAxis, call: int | None, multi: bool) -> Callable:
     """``one(model, x, edit) -> (scores, A)``: the model on what it takes (one example, or a batch)."""
     import equinox as eqx
 
     class _EqxRecorder(eqx.Module):
         inner: Any
-        edit: Any
-        sink: Any = eqx.field(static=True)
+        name: str = eqx.field(static=True)
+        rec: Any = eqx.field(static=True)
 
         def __call__(self, *args, **kwargs):
-            out = self.inner(*args, **kwargs)
-            _check_array_output(out, "picked by where")
-            self.sink.append(out)
-            return self.edit(out) if self.edit is not None else out
+            self.rec.enter(self.name)
+            return self.rec.output(self.name, self.inner(*args, **kwargs))
+
+    layer: str | LayerSet = LayerSet(tuple(wheres), ".") if multi else next(iter(wheres))
+    not_called = (
+        None if multi else "equinox_tap: the submodule picked by `where` was not called by the model."
+    )
 
     def one(model, x, edit):
-        sink: list = []
         if edit is not None:
-            edit = Edit(edit.kind, axes.edit_to_model(edit.value))
-        wrapped = eqx.tree_at(where, model, replace_fn=lambda sub: _EqxRecorder(sub, edit, sink))
-        scores = wrapped(axes.to_model(x))
-        if not sink:
-            raise ValueError("equinox_tap: the submodule picked by `where` was not called by the model.")
-        if len(sink) > 1:
-            raise ValueError(
-                f"equinox_tap: the submodule picked by `where` was called {len(sink)} times; tap one "
-                f"that is called once."
+            edit = Edit(edit.kind, map_layers(axes.edit_to_model, edit.value))
+        rec = Recorder("equinox_tap", "submodule", layer, call, edit, _check_eqx_output)
+        for name in wheres:  # deepest first: see equinox_tap
+            model = eqx.tree_at(
+                wheres[name], model, replace_fn=lambda sub, name=name: _EqxRecorder(sub, name, rec)
             )
-        return scores, axes.to_library(sink[0])
+        scores = model(axes.to_model(x))
+        acts = rec.activations("Only submodules the model calls can be tapped.", not_called)
+        return scores, map_layers(axes.to_library, acts)
 
     return one

@@ -87,7 +87,7 @@ class Grads(NamedTuple):
         """``{layer: Grads}`` in call order (one entry, keyed by ``None``, for a single layer)."""
         if not self.multi:
             return {None: self}  # type: ignore[dict-item]
-        return {name: self.layer(name) for name in self.activation}
+        return {name: self.layer(name) for name in self.activation}  # call order: a LayerDict's
 
 
 # One jitted function for shape inference, so eval_shape hits JAX's trace cache.

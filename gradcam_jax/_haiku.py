@@ -10,14 +10,15 @@ so ``import gradcam_jax`` does not need it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
 from ._callables import KeyedFunction, hashable
+from ._layerset import LayerSet, Recorder, layer_set
 from ._layout import Layout
-from ._tap import Tap, adapt_tap, check_calls
+from ._tap import Tap, adapt_tap
 
 __all__ = ["haiku_tap", "haiku_layers"]
 
@@ -127,8 +128,9 @@ def haiku_layers(transformed, params, x, *, state=None, **apply_kwargs) -> list[
 def haiku_tap(
     transformed,
     params,
-    layer: str,
+    layer: str | None = None,
     *,
+    layers: str | Sequence[str] | None = None,
     state=None,
     call: int | None = None,
     output: str | int | Callable | None = None,
@@ -143,10 +145,15 @@ def haiku_tap(
       params: the parameters from ``transformed.init``.
       layer: the Haiku module name, e.g. ``"res_net18/~/block_group_3"`` (see
         :func:`haiku_layers` for the list).
+      layers: instead of ``layer``, several modules from one forward pass: names and glob
+        patterns over them (``"mlp/~/linear_*"``: ``*`` stays within a ``/`` segment, ``**``
+        crosses them). The tap returns ``(output, {name: A})`` in call order;
+        ``tap.select(name)`` is a single-layer tap on one of them.
       state: the state from ``init``, for ``hk.transform_with_state`` (``None``: an empty
         state). The scores are the model's output; the updated state is dropped.
-      call: which call of the module to tap when it is called more than once (0 is the first).
-        By default a module called twice is an error.
+      call: which call of the module to tap when it is called more than once (0 is the first;
+        with ``layers``, the same call of every module). By default a module called twice is an
+        error.
       output: how to read the scores from the model's output (a field name, an index or a
         callable; by default an array as is, or its ``.logits``).
       activation_layout: the module's output layout when it is not channels-last (``"NCHW"``).
@@ -179,71 +186,59 @@ def haiku_tap(
       >>> [a.shape for a in tap(x)]
       [(1, 2), (1, 8, 8, 4)]
     """
-    if not isinstance(layer, str):
+    chosen: str | LayerSet
+    if layers is not None:
+        if layer is not None:
+            raise TypeError("haiku_tap: give layer= (one module) or layers=[...] (several), not both.")
+        chosen = layer_set(layers, "haiku_tap", "/")
+    elif not isinstance(layer, str):
         raise TypeError(
             f"haiku_tap: layer must be a module name like 'res_net18/~/block_group_3'; got {layer!r}."
         )
+    else:
+        chosen = layer
     run, with_state = _runner(transformed, state, apply_kwargs)
-    apply = _haiku_apply(run, layer, call)
+    apply = _haiku_apply(run, chosen, call)
     key = (
         "haiku",
         hashable(transformed),
-        layer,
+        chosen,
         call,
         with_state,
         tuple(sorted((k, hashable(v)) for k, v in apply_kwargs.items())),
     )
-    tap = Tap(KeyedFunction(apply, key), _tap_params(params, state, with_state), layer)
+    entries = chosen.entries if isinstance(chosen, LayerSet) else None
+    name = ", ".join(chosen.entries) if isinstance(chosen, LayerSet) else chosen
+    tap = Tap(KeyedFunction(apply, key), _tap_params(params, state, with_state), name, entries)
     return adapt_tap(tap, output=output, activation_layout=activation_layout)
 
 
-def _haiku_apply(run: Callable, layer: str, call: int | None) -> Callable:
+def _check_output(name: str, out) -> None:
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise ValueError(
+            f"haiku_tap: the module {name!r} returns {type(out).__name__}, not an array. Tap a "
+            f"module whose output is a single array (for example one of its submodules)."
+        )
+
+
+def _haiku_apply(run: Callable, layer: str | LayerSet, call: int | None) -> Callable:
     """The tap's ``apply(tap_params, x, edit) -> (output, activation)`` for :func:`haiku_tap`."""
     import haiku as hk
 
     def apply(tap_params, x, edit):
-        names: list[str] = []
-        hits: list[int] = []
-        taken: list[Any] = []
-        with hk.intercept_methods(_interceptor(layer, call, edit, names, hits, taken)):
+        rec = Recorder("haiku_tap", "module", layer, call, edit, _check_output)
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            name = context.module.module_name
+            # Recorded in the order modules are entered, as haiku_layers lists them.
+            tapped = rec.enter(name)
+            out = next_fun(*args, **kwargs)
+            return rec.output(name, out) if tapped else out
+
+        with hk.intercept_methods(interceptor):
             out = run(tap_params, x)
-        _check_calls(layer, call, names, hits, taken)
-        return out, taken[0]
+        return out, rec.activations(f"Modules called, in order: {_list_layers(rec.called)}.")
 
     return apply
-
-
-def _interceptor(layer: str, call: int | None, edit, names: list, hits: list, taken: list):
-    """Records every module called (``names``), each call of ``layer`` (``hits``) and the tapped
-    output (``taken``), which it returns edited by ``edit``."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        name = context.module.module_name
-        names.append(name)  # in the order modules are entered, as haiku_layers lists them
-        out = next_fun(*args, **kwargs)
-        if name != layer:
-            return out
-        index = len(hits)
-        hits.append(index)
-        if call is None or call == index:
-            if not hasattr(out, "shape") or not hasattr(out, "dtype"):
-                raise ValueError(
-                    f"haiku_tap: the module {layer!r} returns {type(out).__name__}, not an array. Tap a "
-                    f"module whose output is a single array (for example one of its submodules)."
-                )
-            taken.append(out)
-            if edit is not None:
-                out = edit(out)
-        return out
-
-    return interceptor
-
-
-def _check_calls(layer: str, call: int | None, names: list, hits: list, taken: list) -> None:
-    """After a forward pass: the module was called, once, or ``call`` picks one of its calls."""
-    not_called = (
-        f"haiku_tap: module {layer!r} was not called. Modules called, in order: {_list_layers(names)}."
-    )
-    check_calls("haiku_tap", f"module {layer!r}", len(hits), call, bool(taken), not_called)

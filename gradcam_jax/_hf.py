@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -140,13 +140,14 @@ def _with_friendly_errors(tap: Tap) -> Tap:
         except (errors.ScopeCollectionNotFound, errors.ScopeParamNotFoundError) as err:
             raise _explained(err, "hf_tap") from err
 
-    return Tap(KeyedFunction(apply, ("hf", hashable(inner))), tap.params, tap.name)
+    return Tap(KeyedFunction(apply, ("hf", hashable(inner))), tap.params, tap.name, tap.layers)
 
 
 def hf_tap(
     model,
-    layer: str,
+    layer: str | None = None,
     *,
+    layers: str | Sequence[str] | None = None,
     call: int | None = None,
     output: str | int | Callable | None = None,
     activation_layout: str | Layout | None = None,
@@ -164,6 +165,10 @@ def hf_tap(
         ``"vit/encoder/layer/1/layernorm_before"`` for a two-layer ViT's last block input (a
         ViT's head reads only the class token, so its last block's output has no gradient at the
         patch tokens: tap the last block's input and pass ``drop_tokens=1`` to the explainers).
+      layers: instead of ``layer``, several layers from one forward pass: module paths and glob
+        patterns (``"vit/encoder/layer/*/attention"``; ``*`` stays within a path segment, ``**``
+        crosses them), as in :func:`linen_tap`. The tap returns ``(scores, {path: A})`` in call
+        order; ``tap.select(path)`` is a single-layer tap on one of them.
       call: which call of the layer to tap when it is called more than once.
       output: where the scores are in the model's output: by default its ``.logits``; a field
         name (``"logits_per_image"`` for CLIP: image-text similarities, one column per text),
@@ -193,7 +198,14 @@ def hf_tap(
     module, variables = _module_and_variables(model, params, "hf_tap")
     kwargs = _call_kwargs(module, pixel_layout, apply_kwargs, "hf_tap")
     tap = linen_tap(
-        module, variables, layer, call=call, output=output, activation_layout=activation_layout, **kwargs
+        module,
+        variables,
+        layer,
+        layers=layers,
+        call=call,
+        output=output,
+        activation_layout=activation_layout,
+        **kwargs,
     )
     return _with_friendly_errors(tap)
 

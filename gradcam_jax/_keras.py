@@ -22,14 +22,16 @@ Keras is imported inside the functions, so ``import gradcam_jax`` does not need 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._callables import ByIdentity, KeyedFunction
+from ._layerset import LayerSet, Recorder, glob_regex, is_pattern
 from ._layout import Layout
-from ._tap import Tap, adapt_tap, check_calls
+from ._tap import Tap, adapt_tap
 
 __all__ = ["keras_tap", "keras_layers"]
 
@@ -116,9 +118,10 @@ def _find_layer(model, layer) -> tuple[Any, str]:
 
 
 @contextlib.contextmanager
-def _shadowed(layer, record: Callable) -> Iterator[None]:
-    """``layer.call`` (``quantized_call`` for a quantized layer) wrapped by ``record`` on this
-    object only, in this thread only, until the block ends."""
+def _shadowed(layer, record: Callable, enter: Callable | None = None) -> Iterator[None]:
+    """``layer.call`` (``quantized_call`` for a quantized layer) wrapped by ``record`` (and
+    ``enter``, called before the layer runs) on this object only, in this thread only, until the
+    block ends."""
     attr = "quantized_call" if getattr(layer, "quantization_mode", None) is not None else "call"
     with _SHADOW_LOCK:
         own = vars(layer)
@@ -127,8 +130,11 @@ def _shadowed(layer, record: Callable) -> Iterator[None]:
         owner = threading.get_ident()
 
         def wrapper(*args, **kwargs):
+            mine = threading.get_ident() == owner
+            if mine and enter is not None:
+                enter()
             out = original(*args, **kwargs)
-            return record(out) if threading.get_ident() == owner else out
+            return record(out) if mine else out
 
         # object.__setattr__: a plain instance attribute, kept out of Keras' attribute tracking.
         object.__setattr__(layer, attr, wrapper)
@@ -141,32 +147,42 @@ def _shadowed(layer, record: Callable) -> Iterator[None]:
                 object.__delattr__(layer, attr)
 
 
-def _recorder(label: str, call: int | None, edit, hits: list, taken: list) -> Callable:
-    """Counts the layer's calls (``hits``); at the chosen one records the output and edits it."""
+def _check_output(label: str, out) -> None:
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise ValueError(
+            f"keras_tap: the layer {label!r} returns {type(out).__name__}, not an array. Tap a "
+            f"layer whose output is a single array."
+        )
 
-    def record(out):
-        index = len(hits)
-        hits.append(index)
-        if call is not None and call != index:
-            return out
-        if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+
+def _find_layers(model, layers) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``layers=`` of :func:`keras_tap`: ``{path: layer object}`` (in the model's order) and the
+    entries as given (names, paths and glob patterns; a layer object by its path)."""
+    entries = [layers] if isinstance(layers, str) or not isinstance(layers, Sequence) else list(layers)
+    if not entries:
+        raise TypeError("keras_tap: layers must hold at least one layer name, glob pattern or layer.")
+    found = list(_walk(model))
+    chosen: dict[str, Any] = {}
+    given: list[str] = []
+    for entry in entries:
+        if not (isinstance(entry, str) and is_pattern(entry)):
+            sub, path = _find_layer(model, entry)
+            chosen.setdefault(path, sub)
+            given.append(path)
+            continue
+        rx = glob_regex(entry, "/")
+        hits = [(path, sub) for path, sub in found if rx.match(path) or rx.match(sub.name)]
+        if not hits:
             raise ValueError(
-                f"keras_tap: the layer {label!r} returns {type(out).__name__}, not an array. Tap a "
-                f"layer whose output is a single array."
+                f"keras_tap: pattern {entry!r} matches no layer. Layers of the model, in order: "
+                f"{', '.join(p for p, _ in found) or '(none)'}."
             )
-        taken.append(out)
-        return edit(out) if edit is not None else out
-
-    return record
-
-
-def _check_calls(model, label: str, call: int | None, hits: list, taken: list) -> None:
-    """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
-    not_called = (
-        f"keras_tap: the layer {label!r} was not called by the model's forward pass. Layers of the "
-        f"model, in order: {', '.join(keras_layers(model)) or '(none)'}."
-    )
-    check_calls("keras_tap", f"the layer {label!r}", len(hits), call, bool(taken), not_called)
+        for path, sub in hits:
+            chosen.setdefault(path, sub)
+        given.append(entry)
+    order = {path: i for i, (path, _) in enumerate(found)}
+    chosen = dict(sorted(chosen.items(), key=lambda item: order.get(item[0], len(order))))
+    return chosen, tuple(dict.fromkeys(given))
 
 
 def _takes_training(model) -> bool:
@@ -180,8 +196,9 @@ def _takes_training(model) -> bool:
 
 def keras_tap(
     model,
-    layer,
+    layer=None,
     *,
+    layers=None,
     call: int | None = None,
     output: str | int | Callable | None = None,
     activation_layout: str | Layout | None = None,
@@ -192,8 +209,13 @@ def keras_tap(
       model: a built Keras model (Sequential, Functional or subclassed).
       layer: the layer's name (as :func:`keras_layers` lists it; ``"outer/inner"`` for a layer
         of a sub-model) or the layer object.
-      call: which call of the layer to tap when it is called more than once (0 is the first).
-        By default a layer called twice is an error.
+      layers: instead of ``layer``, several layers from one forward pass: names, paths, layer
+        objects and glob patterns over the paths (``"conv*"``, ``"block_*/conv"``; ``*`` stays
+        within a ``/`` segment, ``**`` crosses them). The tap returns ``(scores, {path: A})``
+        in call order; ``tap.select(path)`` is a single-layer tap on one of them.
+      call: which call of the layer to tap when it is called more than once (0 is the first;
+        with ``layers``, the same call of every layer). By default a layer called twice is an
+        error.
       output: how to read the scores from the model's output (a field name, an index or a
         callable; by default an array as is, or its ``.logits``).
       activation_layout: the layer's output layout when it is not channels-last, e.g.
@@ -230,20 +252,34 @@ def keras_tap(
             f"keras_tap: the model ({type(model).__name__}) must be a built Keras model: call it on a "
             f"batch or model.build(input_shape) first."
         )
-    target, label = _find_layer(model, layer)
+    if (layer is None) == (layers is None):
+        raise TypeError("keras_tap: give layer= (one layer) or layers=[...] (several), not both.")
+    chosen: str | LayerSet
+    entries: tuple[str, ...] | None = None
+    if layers is None:
+        target, label = _find_layer(model, layer)
+        targets, chosen = {label: target}, label
+    else:
+        targets, entries = _find_layers(model, layers)
+        chosen, label = LayerSet(tuple(targets)), ", ".join(entries)
     params = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
     kwargs = {"training": False} if _takes_training(model) else {}
 
     def apply(params, x, edit):
         trainable, non_trainable = params
-        hits: list[int] = []
-        taken: list[Any] = []
-        with _shadowed(target, _recorder(label, call, edit, hits, taken)):
+        rec = Recorder("keras_tap", "the layer", chosen, call, edit, _check_output)
+        with contextlib.ExitStack() as stack:
+            for path, sub in targets.items():
+                record = functools.partial(rec.output, path)
+                stack.enter_context(_shadowed(sub, record, functools.partial(rec.enter, path)))
             out, _ = model.stateless_call(list(trainable), list(non_trainable), x, **kwargs)
-        _check_calls(model, label, call, hits, taken)
-        return out, taken[0]
+        listing = f"Layers of the model, in order: {', '.join(keras_layers(model)) or '(none)'}."
+        not_called = f"keras_tap: the layer {label!r} was not called by the model's forward pass. {listing}"
+        return out, rec.activations(listing, not_called)
 
-    key = ("keras", ByIdentity(model), ByIdentity(target), call)
+    key = ("keras", ByIdentity(model), tuple(ByIdentity(t) for t in targets.values()), call)
     return adapt_tap(
-        Tap(KeyedFunction(apply, key), params, label), output=output, activation_layout=activation_layout
+        Tap(KeyedFunction(apply, key), params, label, entries),
+        output=output,
+        activation_layout=activation_layout,
     )

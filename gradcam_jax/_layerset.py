@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from ._callables import KeyedFunction, hashable
-from ._tap import Edit, Tap, check_calls
+from ._tap import Edit, LayerDict, Tap, check_calls
 
 __all__ = [
     "LayerSet",
@@ -214,7 +214,7 @@ class Recorder:
             raise ValueError(missing)
         for name in self.order:
             check_calls(self.adapter, what.format(name), self.hits[name], self.call, name in self.taken, "")
-        return {name: self.taken[name] for name in sorted(self.order, key=self.order.__getitem__)}
+        return LayerDict((name, self.taken[name]) for name in sorted(self.order, key=self.order.__getitem__))
 
 
 def _check_array(adapter: str) -> Callable[[str, Any], None]:

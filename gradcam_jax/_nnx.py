@@ -12,14 +12,15 @@ from __future__ import annotations
 import contextvars
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
 from ._callables import ByIdentity, KeyedFunction, hashable
+from ._layerset import LayerSet, Recorder, is_pattern, layer_set
 from ._layout import Layout
-from ._tap import Tap, adapt_tap, check_calls
+from ._tap import Tap, adapt_tap
 
 __all__ = ["nnx_tap", "nnx_layers"]
 
@@ -32,36 +33,34 @@ def _shown(paths: list[str]) -> str:
 _NNX_RUN: contextvars.ContextVar[_NnxRun | None] = contextvars.ContextVar("gradcam_jax_nnx_run", default=None)
 
 
-class _NnxRun:
-    """One forward pass of an instrumented copy: the paths called, and the tapped layer's output."""
+def _check_output(name: str, out) -> None:
+    if not hasattr(out, "shape"):
+        raise TypeError(
+            f"nnx_tap: the layer {name!r} returns {type(out).__name__}, not an array. Tap a "
+            f"layer whose output is a single array (for example a sub-layer of this one)."
+        )
 
-    def __init__(self, call: int | None = None, edit=None, label: str = ""):
+
+class _NnxRun:
+    """One forward pass of an instrumented copy: the paths called, and the tapped layers' outputs
+    (kept by ``recorder``, a :class:`~gradcam_jax._layerset.Recorder`; ``None`` only lists)."""
+
+    def __init__(self, recorder: Recorder | None = None):
         self.paths: dict[int, str] = {}  # id of each submodule of the copy -> its dotted path
         self.called: list[str] = []  # paths in the order the submodules were entered
-        self.target: int | None = None
-        self.call, self.edit, self.label = call, edit, label
-        self.hits = 0
-        self.taken: list = []
+        self.names: dict[int, str] = {}  # id -> the name it is tapped under, where not its path
+        self.recorder = recorder
 
     def enter(self, module, method, args, kwargs):
         path = self.paths.get(id(module))
         if path is None:  # a module made inside the forward pass (for example by nnx.scan)
             return method(module, *args, **kwargs)
         self.called.append(path)
+        rec = self.recorder
+        name = self.names.get(id(module), path)
+        tapped = rec is not None and rec.enter(name)
         out = method(module, *args, **kwargs)
-        if id(module) != self.target:
-            return out
-        index, self.hits = self.hits, self.hits + 1
-        if self.call is None or self.call == index:
-            if not hasattr(out, "shape"):
-                raise TypeError(
-                    f"nnx_tap: the layer {self.label} returns {type(out).__name__}, not an array. Tap a "
-                    f"layer whose output is a single array (for example a sub-layer of this one)."
-                )
-            self.taken.append(out)
-            if self.edit is not None:
-                out = self.edit(out)
-        return out
+        return rec.output(name, out) if tapped else out
 
     def forward(self, m, x):
         token = _NNX_RUN.set(self)
@@ -169,10 +168,38 @@ def _resolve_path(root, path: str):
     return obj
 
 
+def _canonical_path(model, module, label: str) -> str:
+    """The dotted path under which ``module`` (picked from ``model``) is called."""
+    for path, node in _nnx_submodules(model):
+        if node is module:
+            return path
+    raise ValueError(f"nnx_tap: the layer {label!r} is not a submodule reachable from the model.")
+
+
+def _nnx_layer_set(model, layers) -> LayerSet:
+    """``layers=`` of :func:`nnx_tap` as a :class:`LayerSet` of canonical paths and patterns."""
+    entries = [layers] if isinstance(layers, str) or callable(layers) else layers
+    if not isinstance(entries, Sequence) or not entries:
+        raise TypeError(
+            f"nnx_tap: layers must be a list of dotted paths, glob patterns ('blocks.*') or callables "
+            f"picking submodules; got {layers!r}."
+        )
+    names = []
+    for entry in entries:
+        if callable(entry):
+            names.append(_canonical_path(model, entry(model), getattr(entry, "__name__", "layer")))
+        elif isinstance(entry, str) and entry and not is_pattern(entry):
+            names.append(_canonical_path(model, _resolve_path(model, entry), entry))
+        else:
+            names.append(entry)
+    return layer_set(names, "nnx_tap", ".")
+
+
 def nnx_tap(
     model,
-    layer: str | Callable[[Any], Any],
+    layer: str | Callable[[Any], Any] | None = None,
     *,
+    layers: str | Sequence[str | Callable[[Any], Any]] | None = None,
     call: int | None = None,
     output: str | int | Callable | None = None,
     activation_layout: str | Layout | None = None,
@@ -184,8 +211,13 @@ def nnx_tap(
       layer: a dotted attribute path (``"backbone.stage4"``, list items by index:
         ``"layers.3"``; see :func:`nnx_layers`) or a callable picking the submodule
         (``lambda m: m.backbone.stage4``).
+      layers: instead of ``layer``, several layers from one forward pass: dotted paths, glob
+        patterns over them (``"blocks.*"``: ``*`` stays within a path segment, ``**`` crosses
+        them) and callables. The tap returns ``(scores, {path: A})`` in call order, keyed by
+        each submodule's dotted path; ``tap.select(path)`` is a single-layer tap on one.
       call: which call of the layer to tap when it is called more than once in a forward pass
-        (0 is the first). By default a layer called twice is an error.
+        (0 is the first; with ``layers``, the same call of every layer). By default a layer
+        called twice is an error.
       output, activation_layout: as in :func:`linen_tap`.
 
     The model is split once with ``nnx.split``; each run merges a fresh copy whose submodules
@@ -212,6 +244,12 @@ def nnx_tap(
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    if layers is not None:
+        if layer is not None:
+            raise TypeError("nnx_tap: give layer= (one layer) or layers=[...] (several), not both.")
+        return _nnx_multi_tap(
+            model, graphdef, state, _nnx_layer_set(model, layers), call, output, activation_layout
+        )
     pick: Callable[[Any], Any]
     if isinstance(layer, str):
         label = layer
@@ -225,20 +263,30 @@ def nnx_tap(
 
     def apply(state, x, edit):
         m = nnx.merge(graphdef, state)
-        run = _NnxRun(call, edit, repr(label))
+        run = _NnxRun(Recorder("nnx_tap", "layer", label, call, edit, _check_output))
         _instrument(m, run)
-        run.target = id(pick(m))
-        if run.target not in run.paths:
+        target = id(pick(m))
+        if target not in run.paths:
             raise ValueError(f"nnx_tap: the layer {label!r} is not a submodule reachable from the model.")
+        run.names[target] = label
         scores = run.forward(m, x)
-        _check_nnx_calls(label, run)
-        return scores, run.taken[0]
+        return scores, run.recorder.activations(f"Layers called, in order: {_shown(run.called)}.")
 
     tap = Tap(KeyedFunction(apply, ("nnx", ByIdentity(model), hashable(layer), call)), state, label)
     return adapt_tap(tap, output=output, activation_layout=activation_layout)
 
 
-def _check_nnx_calls(label: str, run: _NnxRun) -> None:
-    """After a forward pass: the layer was called, once, or ``call`` picks one of its calls."""
-    not_called = f"nnx_tap: layer {label!r} was not called. Layers called, in order: {_shown(run.called)}."
-    check_calls("nnx_tap", f"layer {label!r}", run.hits, run.call, bool(run.taken), not_called)
+def _nnx_multi_tap(model, graphdef, state, chosen: LayerSet, call, output, activation_layout) -> Tap:
+    """:func:`nnx_tap` with ``layers=``: the layers matched by their dotted paths."""
+    from flax import nnx
+
+    def apply(state, x, edit):
+        m = nnx.merge(graphdef, state)
+        run = _NnxRun(Recorder("nnx_tap", "layer", chosen, call, edit, _check_output))
+        _instrument(m, run)
+        scores = run.forward(m, x)
+        return scores, run.recorder.activations(f"Layers called, in order: {_shown(run.called)}.")
+
+    key = ("nnx", ByIdentity(model), chosen, call)
+    tap = Tap(KeyedFunction(apply, key), state, ", ".join(chosen.entries), chosen.entries)
+    return adapt_tap(tap, output=output, activation_layout=activation_layout)

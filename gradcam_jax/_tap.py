@@ -21,7 +21,8 @@ returns a tap whose ``tap.layers`` is the tuple of entries as given (``None`` fo
 tap; test with :attr:`Tap.multi`). Everything else is the same ``Tap`` class, with dicts where a
 single-layer tap has arrays:
 
-- ``apply(params, x, edit) -> (scores, {layer: A})``: one forward pass; the dict is keyed by
+- ``apply(params, x, edit) -> (scores, {layer: A})``: one forward pass; the dict (a
+  :class:`LayerDict`, which keeps its order through ``jit`` and ``vmap``) is keyed by
   the layers' full names (patterns expanded), in the order the layers were first entered (the
   order the adapter's ``*_layers`` lister prints). Which names a pattern matched is only known
   when the model is traced: read them from ``tap_shapes(tap, x)[1].keys()`` (``_grads``).
@@ -111,13 +112,30 @@ __all__ = [
     "adapt_tap",
     "check_calls",
     "map_layers",
+    "LayerDict",
 ]
+
+
+class LayerDict(dict):
+    """``{layer: array}`` in call order: a multi-layer tap's activations (and their gradients).
+
+    A ``dict`` registered as a pytree that keeps its insertion order through ``jit``, ``vmap``
+    and ``vjp`` (JAX sorts a plain dict's keys when it rebuilds one).
+    """
+
+
+jax.tree_util.register_pytree_with_keys(
+    LayerDict,
+    lambda d: ([(jax.tree_util.DictKey(k), v) for k, v in d.items()], tuple(d)),
+    lambda keys, values: LayerDict(zip(keys, values, strict=True)),
+    lambda d: (list(d.values()), tuple(d)),
+)
 
 
 def map_layers(fn: Callable, a):
     """``fn`` applied to an activation, or to each activation of a multi-layer tap's dict."""
     if isinstance(a, Mapping):
-        return {k: fn(v) for k, v in a.items()}
+        return LayerDict((k, fn(v)) for k, v in a.items())
     return fn(a)
 
 

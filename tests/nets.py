@@ -205,3 +205,48 @@ def torch_pooled_model(w, pool=4, dtype=None):
             return n.fc(n.relu3(n.conv3(a)).mean(dim=(2, 3)))
 
     return Pooled().eval()
+
+
+def haiku_net(w):
+    """The same net in Haiku: modules ``block1..3`` (each ``relu(conv)``, its conv
+    ``block<i>/conv``) and ``fc``. Returns ``(transformed, params)``."""
+    import haiku as hk
+    import jax
+    import jax.numpy as jnp
+
+    class Block(hk.Module):
+        def __init__(self, features, name):
+            super().__init__(name=name)
+            self.features = features
+
+        def __call__(self, x):
+            return jax.nn.relu(hk.Conv2D(self.features, 3, padding="SAME", name="conv")(x))
+
+    def f(x):
+        for name in ("block1", "block2", "block3"):
+            x = Block(w[name][0].shape[-1], name)(x)
+        return hk.Linear(NCLS, name="fc")(x.mean(axis=(1, 2)))
+
+    params = {f"{name}/conv": {"w": jnp.asarray(w[name][0]), "b": jnp.asarray(w[name][1])} for name in
+              ("block1", "block2", "block3")}  # fmt: skip
+    params["fc"] = {"w": jnp.asarray(w["fc"][0]), "b": jnp.asarray(w["fc"][1])}
+    return hk.without_apply_rng(hk.transform(f)), params
+
+
+def keras_net(w):
+    """The same net as a Keras 3 Sequential model (JAX backend): layers ``block1..3``, ``pool``, ``fc``."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    layers = [keras.Input((None, None, 3))]
+    for name in ("block1", "block2", "block3"):
+        layers.append(
+            keras.layers.Conv2D(w[name][0].shape[-1], 3, padding="same", activation="relu", name=name)
+        )
+    layers += [keras.layers.GlobalAveragePooling2D(name="pool"), keras.layers.Dense(NCLS, name="fc")]
+    model = keras.Sequential(layers)
+    for name in ("block1", "block2", "block3", "fc"):
+        model.get_layer(name).set_weights([w[name][0], w[name][1]])
+    return model
