@@ -45,7 +45,7 @@ from ._tap import as_tap
 from ._targets import TargetSpec, batch_size
 from .postprocess import upsample_to
 
-__all__ = ["input_gradient_penalty", "cam_alignment", "outside_fraction"]
+__all__ = ["input_gradient_penalty", "cam_alignment", "outside_fraction", "ALIGNMENT_METHODS"]
 
 
 def _at_least_f32(a):
@@ -138,7 +138,10 @@ def outside_fraction(maps, mask, eps: float = 1e-8) -> jax.Array:
     return 1.0 - jnp.sum(mask * maps, axis=(-2, -1)) / (jnp.sum(maps, axis=(-2, -1)) + eps)
 
 
-def cam_alignment(tap, x, y, mask) -> jax.Array:
+ALIGNMENT_METHODS = ("grad_cam", "hires_cam", "layer_cam", "xgrad_cam")
+
+
+def cam_alignment(tap, x, y, mask, *, method: str = "grad_cam") -> jax.Array:
     """Grad-CAM mass outside the annotated region, differentiable through the tap.
 
     ``L_b = ReLU(sum_k w_k A^k)`` with ``w_k`` the spatial mean of ``dy^{y_b}/dA^k`` (Grad-CAM,
@@ -157,11 +160,16 @@ def cam_alignment(tap, x, y, mask) -> jax.Array:
       y: int labels ``(B,)``: the class whose map is aligned.
       mask: the annotated region, 1 inside, ``(H, W)`` or ``(B, H, W)`` (any resolution; the map
         is resized to it).
+      method: the map penalised: ``"grad_cam"``, or ``"hires_cam"`` (``sum_k g^k * A^k``,
+        element-wise: faithful to heads that are not a global pool, e.g. flatten -> dense),
+        ``"layer_cam"``, ``"xgrad_cam"`` (formulas of :mod:`gradcam_jax.methods`).
 
     Returns:
       A scalar in ``[0, 1]``.
     """
     who = "cam_alignment"
+    if method not in ALIGNMENT_METHODS:
+        raise ValueError(f"{who}: method must be one of {ALIGNMENT_METHODS}; got {method!r}.")
     tap = as_tap(tap)
     b = batch_size(x)
     y = _labels(y, b, who)
@@ -172,6 +180,6 @@ def cam_alignment(tap, x, y, mask) -> jax.Array:
     a, g = _at_least_f32(out.activation), _at_least_f32(out.grads)
     if a.ndim != 4:
         raise ValueError(f"{who}: the tapped layer must be a feature map (B, h, w, C); got {a.shape}.")
-    raw = jax.nn.relu(methods.grad_cam(a, g))  # (B, h, w)
+    raw = jax.nn.relu(getattr(methods, method)(a, g))  # (B, h, w)
     maps = upsample_to(raw, mask.shape[-2:], "bilinear")
     return jnp.mean(outside_fraction(maps, mask))

@@ -75,6 +75,21 @@ def test_cam_alignment_against_numpy():
     np.testing.assert_allclose(losses.cam_alignment(tap, x, Y, MASK), want, rtol=1e-5)
     jitted = jax.jit(lambda p: losses.cam_alignment(tap.with_params(p), x, Y, MASK))
     np.testing.assert_allclose(jitted(params), want, rtol=1e-5)
+    # HiResCAM on a flatten -> dense head: g = dy/dA = V[:, y] reshaped, different at every position.
+    flat_v = RNG.normal(size=(H * W * 5, K)).astype(np.float32)
+
+    def flat_apply(p, x, edit):
+        _, a = conv_apply(p, x, None)
+        seen = a if edit is None else edit(a)
+        return seen.reshape(x.shape[0], -1) @ flat_v, a
+
+    g = flat_v[:, Y].T.reshape(B, H, W, 5)
+    hires = np.maximum((g * a).sum(-1), 0)
+    hires_want = np.mean(1 - (MASK * hires).sum((1, 2)) / (hires.sum((1, 2)) + 1e-8))
+    got = losses.cam_alignment(gcj.Tap(flat_apply, params), x, Y, MASK, method="hires_cam")
+    np.testing.assert_allclose(got, hires_want, rtol=1e-5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        losses.cam_alignment(tap, x, Y, MASK, method="score_cam")
     # A mask at twice the resolution: the map is upsampled bilinearly (half-pixel centres).
     big = np.kron(MASK, np.ones((2, 2)))
     assert 0 <= float(losses.cam_alignment(tap, x, Y, big)) <= 1
