@@ -8,10 +8,12 @@ This module only re-exports; ``ARCHITECTURE.md`` in the repository maps the modu
 """
 
 from . import attribution as attribution
+from . import losses as losses
 from . import methods as methods
 from . import metrics as metrics
 from . import perturbation as perturbation
 from . import postprocess as postprocess
+from . import targets as targets
 from . import viz as viz
 from . import zoo as zoo
 from ._adapters import equinox_tap as equinox_tap
@@ -111,6 +113,8 @@ __all__ = [
     "postprocess",
     "viz",
     "zoo",
+    "targets",
+    "losses",
     "perturbation",
     "score_cam",
     "ablation_cam",
