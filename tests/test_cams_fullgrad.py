@@ -5,7 +5,6 @@
 with ``psi`` = per-channel min-max of the absolute value, summed over channels, resized to H x W.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,25 +66,18 @@ def test_fullgrad_checks_its_biases_and_linen_biases_reads_batchnorm():
         fullgrad(tap, x, 0, biases={"z1": weights[1], "z2": np.ones(2)})
     with pytest.raises(ValueError, match="do not apply"):
         fullgrad(tap, x, 0, biases={"z1": weights[1], "z2": weights[3]}, eigen_smooth=True)
-    import flax.linen as nn
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(4, (3, 3), name="conv")(x))
-            return nn.Dense(3, name="fc")(x.mean(axis=(1, 2)))
-
-    net = Net()
-    variables = net.init(jax.random.key(0), x)
+    # BatchNorm in inference: its bias is beta - mean * gamma / sqrt(var + eps); a Conv's is its own.
     r = np.random.default_rng(2)
-    variables = jax.tree_util.tree_map(
-        lambda a: jnp.asarray(np.abs(r.normal(size=a.shape)) + 0.1, a.dtype), variables
-    )
-    bn = variables["params"]["bn"]
-    stats = variables["batch_stats"]["bn"]
-    expected = bn["bias"] - stats["mean"] * bn["scale"] / np.sqrt(stats["var"] + 1e-5)
-    got = linen_biases(variables, ["conv", "bn"])
-    np.testing.assert_allclose(np.asarray(got["bn"]), np.asarray(expected), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(got["conv"]), np.asarray(variables["params"]["conv"]["bias"]))
-    tap = gcj.linen_tap(net, variables, layers=["conv", "bn"])
-    assert gcj.cam(tap, x, 0, "fullgrad", biases=got).shape == (B, H, W)
+    bn = {name: np.abs(r.normal(size=(4,))).astype(np.float32) + 0.1 for name in ("scale", "bias")}
+    stats = {name: np.abs(r.normal(size=(4,))).astype(np.float32) + 0.1 for name in ("mean", "var")}
+    conv_bias = r.normal(size=(4,)).astype(np.float32)
+    variables = {
+        "params": {"block": {"bn": bn, "conv": {"kernel": np.ones((3, 3, 3, 4)), "bias": conv_bias}}},
+        "batch_stats": {"block": {"bn": stats}},
+    }
+    got = linen_biases(variables, ["block/conv", "block/bn"], eps=1e-3)
+    expected = bn["bias"] - stats["mean"] * bn["scale"] / np.sqrt(stats["var"] + 1e-3)
+    np.testing.assert_allclose(np.asarray(got["block/bn"]), expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got["block/conv"]), conv_bias)
+    with pytest.raises(ValueError, match="layer 'block' has no 'bias'"):
+        linen_biases(variables, ["block"])
