@@ -253,6 +253,7 @@ def equinox_tap(
     Returns:
       A :class:`~gradcam_jax.Tap`; its parameters are the model's arrays.
     """
+    # long-function: the docstring documents every option and example; the body is short.
     import equinox as eqx
 
     if layers is None:

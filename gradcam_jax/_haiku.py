@@ -186,6 +186,7 @@ def haiku_tap(
       >>> [a.shape for a in tap(x)]
       [(1, 2), (1, 8, 8, 4)]
     """
+    # long-function: the docstring documents every option and example; the body is short.
     chosen: str | LayerSet
     if layers is not None:
         if layer is not None:

@@ -246,6 +246,7 @@ def keras_tap(
       >>> [a.shape for a in tap(np.ones((1, 8, 8, 3), np.float32))]
       [(1, 2), (1, 6, 6, 4)]
     """
+    # long-function: the docstring documents every option and example; the body is short.
     _keras()
     if not getattr(model, "built", False) or not callable(getattr(model, "stateless_call", None)):
         raise ValueError(

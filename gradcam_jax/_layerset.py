@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from ._callables import KeyedFunction, hashable
-from ._tap import Edit, LayerDict, Tap, check_calls
+from ._tap import Edit, LayerDict, Tap
 
 __all__ = [
     "LayerSet",
@@ -32,6 +32,7 @@ __all__ = [
     "is_pattern",
     "glob_regex",
     "Recorder",
+    "check_calls",
     "shown",
     "marked_tap",
     "marked_layers",
@@ -215,6 +216,25 @@ class Recorder:
         for name in self.order:
             check_calls(self.adapter, what.format(name), self.hits[name], self.call, name in self.taken, "")
         return LayerDict((name, self.taken[name]) for name in sorted(self.order, key=self.order.__getitem__))
+
+
+def check_calls(adapter: str, what: str, hits: int, call: int | None, taken: bool, not_called: str) -> None:
+    """After a forward pass through an adapter's model: the tapped layer was called, once, or
+    ``call`` picks one of its calls. ``what`` names it (``"layer 'stage4'"``); ``not_called`` is
+    the adapter's message for a layer never called (it lists what was)."""
+    if not hits:
+        raise ValueError(not_called)
+    if call is None and hits > 1:
+        kind = what.split()[-2]  # "layer" / "module"
+        raise ValueError(
+            f"{adapter}: {what} was called {hits} times in one forward pass (a shared or recurrent "
+            f"{kind}). Pick one call with {adapter}(..., call=i), 0 <= i < {hits}."
+        )
+    if call is not None and not taken:
+        raise ValueError(
+            f"{adapter}: call={call} asked for, but {what} was called only {hits} time(s); "
+            f"use 0 <= call < {hits}."
+        )
 
 
 def _check_array(adapter: str) -> Callable[[str, Any], None]:

@@ -38,7 +38,6 @@ single-layer tap has arrays:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 
 from ._callables import KeyedFunction, hashable
 from ._layout import Layout, from_channels_last, parse_layout, to_channels_last
+from ._outputs import pick_output
 
 
 @jax.tree_util.register_pytree_node_class
@@ -108,9 +108,7 @@ __all__ = [
     "as_tap",
     "split_tap",
     "scores_fn",
-    "pick_output",
     "adapt_tap",
-    "check_calls",
     "map_layers",
     "LayerDict",
 ]
@@ -357,57 +355,6 @@ def scores_fn(model: Callable) -> Callable:
     return model
 
 
-def _fields(out) -> list[str]:
-    if isinstance(out, Mapping):
-        return [str(k) for k in out]
-    if hasattr(out, "_fields"):
-        return list(out._fields)
-    if dataclasses.is_dataclass(out):
-        return [f.name for f in dataclasses.fields(out)]
-    return [n for n in vars(out) if not n.startswith("_")] if hasattr(out, "__dict__") else []
-
-
-def pick_output(out: Any, output: str | int | Callable | None = None) -> Any:
-    """The scores from a model's output.
-
-    ``output``: ``None`` (an array is used as is; otherwise ``.logits`` / ``["logits"]`` when
-    present), a field or key name, an index (tuple outputs), or a callable ``output -> scores``.
-
-    Examples:
-      >>> from gradcam_jax._tap import pick_output
-      >>> pick_output({"logits": 1.0, "hidden": 2.0}), pick_output((3.0, 4.0), 1)
-      (1.0, 4.0)
-    """
-    if callable(output):
-        return output(out)
-    if output is None:
-        if hasattr(out, "shape"):
-            return out
-        if isinstance(out, Mapping) and "logits" in out:
-            return out["logits"]
-        if getattr(out, "logits", None) is not None:
-            return out.logits
-        raise ValueError(
-            f"The model returns a {type(out).__name__}, not an array of scores, and it has no 'logits'. "
-            f"Pass output= (a field name, an index or a callable output -> scores); its fields: "
-            f"{', '.join(_fields(out)) or '(none found)'}."
-        )
-    if not isinstance(output, str):  # an index into a tuple or list output
-        return out[output]
-    if isinstance(out, Mapping):
-        if output not in out:
-            raise ValueError(
-                f"output={output!r} is not in the model's output; its keys: {', '.join(_fields(out))}."
-            )
-        return out[output]
-    if not hasattr(out, output):
-        raise ValueError(
-            f"output={output!r} is not a field of {type(out).__name__}; "
-            f"its fields: {', '.join(_fields(out))}."
-        )
-    return getattr(out, output)
-
-
 def adapt_tap(
     tap: Tap, *, output: str | int | Callable | None = None, activation_layout: str | Layout | None = None
 ) -> Tap:
@@ -453,22 +400,3 @@ def _with_output_check(tap: Tap) -> Tap:
         return pick_output(scores), a
 
     return Tap(KeyedFunction(apply, ("output", hashable(inner))), tap.params, tap.name, tap.layers)
-
-
-def check_calls(adapter: str, what: str, hits: int, call: int | None, taken: bool, not_called: str) -> None:
-    """After a forward pass through an adapter's model: the tapped layer was called, once, or
-    ``call`` picks one of its calls. ``what`` names it (``"layer 'stage4'"``); ``not_called`` is
-    the adapter's message for a layer never called (it lists what was)."""
-    if not hits:
-        raise ValueError(not_called)
-    if call is None and hits > 1:
-        kind = what.split()[-2]  # "layer" / "module"
-        raise ValueError(
-            f"{adapter}: {what} was called {hits} times in one forward pass (a shared or recurrent "
-            f"{kind}). Pick one call with {adapter}(..., call=i), 0 <= i < {hits}."
-        )
-    if call is not None and not taken:
-        raise ValueError(
-            f"{adapter}: call={call} asked for, but {what} was called only {hits} time(s); "
-            f"use 0 <= call < {hits}."
-        )
