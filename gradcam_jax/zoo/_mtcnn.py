@@ -204,7 +204,8 @@ class FaceDetector:
     def scales(height: int, width: int, min_face_size: int = 20, factor: float = 0.709) -> list[float]:
         """The image pyramid's scales."""
         m = 12.0 / min_face_size
-        side, out = min(height, width) * m, []
+        side = min(height, width) * m
+        out: list[float] = []
         while side >= 12:
             out.append(m * factor ** len(out))
             side *= factor
@@ -220,7 +221,8 @@ class FaceDetector:
 
     def _proposals(self, image: np.ndarray, min_face_size, factor, threshold) -> np.ndarray:
         found = []
-        for scale in self.scales(*image.shape[:2], min_face_size, factor):
+        height, width = image.shape[:2]
+        for scale in self.scales(height, width, min_face_size, factor):
             reg, logits = self.net("pnet", self.pnet_input(image, scale))
             prob = np.asarray(jax.nn.softmax(logits, axis=-1))[0, ..., 1]
             ys, xs = np.nonzero(prob >= threshold)
