@@ -197,6 +197,7 @@ def deep_feature_factorization(
       Collins et al., "Deep Feature Factorization For Concept Discovery", ECCV 2018,
       https://arxiv.org/abs/1806.10206.
     """
+    # long-function: the docstring documents every option; the body is the checks and one kernel call.
     who = "deep_feature_factorization"
     n = _check_positive(n_components, "n_components")
     steps = _check_positive(steps, "steps")

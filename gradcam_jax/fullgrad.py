@@ -191,6 +191,7 @@ def fullgrad(
       Srinivas & Fleuret, "Full-Gradient Representation for Neural Network Visualization",
       NeurIPS 2019, https://arxiv.org/abs/1905.00780.
     """
+    # long-function: the docstring documents every option; the body is the checks and one kernel call.
     if not upsample or counterfactual or eigen_smooth:
         raise ValueError(
             "fullgrad sums maps of layers of several resolutions at the input's size, of absolute values: "

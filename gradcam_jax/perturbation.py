@@ -276,6 +276,7 @@ def score_cam(
       Networks", CVPR Workshops 2020, https://arxiv.org/abs/1910.01279 (Algorithm 1).
       Faster Score-CAM: https://github.com/tabayashi0117/Score-CAM#faster-score-cam.
     """
+    # long-function: the docstring documents every option; the body is the checks and one kernel call.
     maps = MapOptions(upsample, normalize, relu, interpolation, False, drop_tokens, grid, layout, input)
     tap, batch, spec = prepare_perturbation(tap, x, target, "score_cam", maps, images=True, aug=aug_smooth)
     if top_n is not None and (
