@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 import gradcam_jax as gcj
-from gradcam_jax.attention.sites import softmax_axis
+from gradcam_jax.attention.patterns import softmax_axis
 
 from .harness import compile_and_warm, paired_ratio, peak_memory, table, time_round_robin, xla_gflop
 

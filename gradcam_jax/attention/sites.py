@@ -20,6 +20,7 @@ merged into the batch axis (``(B * H, N, N)``) are split back.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import math
@@ -28,22 +29,14 @@ from typing import Any
 
 import jax
 
+from .._callables import hashable
 from .._inputs import leaf_index
 from .._tap import scores_fn
 from ._jaxpr import CALLS, closed_parts, depends, is_var, sub_invars, sub_jaxprs
+from .patterns import contracted, producers_of, softmax_axis
 
 __all__ = ["AttentionSite", "attention_sites", "find_sites", "select_sites", "FUSED_HINT"]
 
-# Operations an attention matrix passes through on its way to the value contraction: casts,
-# layout changes, dropout (a multiply, a where, a rescale), sharding annotations.
-_PASS = frozenset(
-    {
-        "convert_element_type", "reduce_precision", "copy", "copy_p", "transpose", "reshape",
-        "broadcast_in_dim", "squeeze", "expand_dims", "mul", "div", "select_n", "slice",
-        "dynamic_slice", "sharding_constraint", "optimization_barrier",
-    }
-)  # fmt: skip
-_CASTS = frozenset({"convert_element_type", "reduce_precision", "copy", "copy_p"})
 _FUSED = ("dot_product_attention", "cudnn", "flash", "pallas_call", "mosaic", "triton", "splash")
 
 FUSED_HINT = (
@@ -102,99 +95,10 @@ class _Found:
     inside: str  # a loop or branch the capture cannot enter ("while", "cond"), else ""
 
 
-def _producers(jaxpr) -> dict:
-    return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
-
-
-def _strip(v, producers, through=_CASTS):
-    while is_var(v) and v in producers and producers[v].primitive.name in through:
-        v = producers[v].invars[0]
-    return v
-
-
-def softmax_axis(eqn, producers) -> int | None:
-    """The axis of a ``div`` that is a softmax ``exp(s) / sum(exp(s), axis)``, else ``None``."""
-    if eqn.primitive.name != "div" or len(eqn.invars) != 2 or not all(is_var(v) for v in eqn.invars):
-        return None
-    num = _strip(eqn.invars[0], producers)
-    if num not in producers or producers[num].primitive.name != "exp":
-        return None
-    den = _strip(eqn.invars[1], producers, _CASTS | {"broadcast_in_dim", "reshape", "expand_dims"})
-    if den not in producers or producers[den].primitive.name != "reduce_sum":
-        return None
-    total = producers[den]
-    axes = tuple(total.params["axes"])
-    if len(axes) != 1 or _strip(total.invars[0], producers) is not num:
-        return None
-    if len(eqn.outvars[0].aval.shape) < 2:
-        return None
-    return int(axes[0])
-
-
-def _consumers(jaxpr) -> dict:
-    found: dict = {}
-    for eqn in jaxpr.eqns:
-        for pos, v in enumerate(eqn.invars):
-            if is_var(v):
-                found.setdefault(v, []).append((eqn, pos))
-    return found
-
-
-def _from_input(labels, v) -> bool:
-    return is_var(v) and "in" in labels.get(v, ())
-
-
-def contracted(jaxpr, labels, var, n_key: int, parents: tuple, seen: set | None = None) -> bool:
-    """Whether ``var`` is contracted with *values* — a ``dot_general`` over an axis of size
-    ``n_key`` whose other operand depends on the input — after casts, layout changes and
-    dropout (a product or selection with something that does not depend on the input), into
-    and out of sub-jaxprs. ``labels``: the input dependence in ``jaxpr`` (see :func:`depends`);
-    ``parents``: the enclosing ``(jaxpr, labels, eqn)``, innermost last."""
-    seen = set() if seen is None else seen
-    consumers = _consumers(jaxpr)
-    todo = [var]
-    while todo:
-        v = todo.pop()
-        if (id(jaxpr), v) in seen:
-            continue
-        seen.add((id(jaxpr), v))
-        for eqn, pos in consumers.get(v, []):
-            if _reaches(eqn, pos, v, n_key, jaxpr, labels, parents, seen):
-                return True
-            others = [u for j, u in enumerate(eqn.invars) if j != pos]
-            if eqn.primitive.name in _PASS and not any(_from_input(labels, u) for u in others):
-                todo.extend(eqn.outvars)
-        if parents and v in jaxpr.outvars:  # leaves this sub-jaxpr: continue outside
-            outer, outer_labels, eqn = parents[-1]
-            j = list(jaxpr.outvars).index(v)
-            if j < len(eqn.outvars) and contracted(
-                outer, outer_labels, eqn.outvars[j], n_key, parents[:-1], seen
-            ):
-                return True
-    return False
-
-
-def _reaches(eqn, pos, v, n_key, jaxpr, labels, parents, seen) -> bool:
-    if eqn.primitive.name == "dot_general":
-        dims = eqn.params["dimension_numbers"][0][pos]
-        values = eqn.invars[1 - pos]
-        return any(v.aval.shape[d] == n_key for d in dims) and _from_input(labels, values)
-    for k, sub in enumerate(sub_jaxprs(eqn)):
-        inner, _ = closed_parts(sub)
-        pairs = sub_invars(eqn, k)
-        inner_labels = depends(inner, {sv for p, sv in pairs if _from_input(labels, eqn.invars[p])})
-        for p, sv in pairs:
-            if p == pos and contracted(
-                inner, inner_labels, sv, n_key, (*parents, (jaxpr, labels, eqn)), seen
-            ):
-                return True
-    return False
-
-
 def _walk(jaxpr, tainted, path, parents, repeats, reverse, inside, found, fused) -> None:
     # long-function: one pass over the equations: fused kernels, softmax sites, sub-jaxprs.
     labels = depends(jaxpr, tainted)
-    producers = _producers(jaxpr)
+    producers = producers_of(jaxpr)
     for i, eqn in enumerate(jaxpr.eqns):
         name = eqn.primitive.name
         if any(tag in name for tag in _FUSED):
@@ -305,9 +209,28 @@ def _canonical_shape(shape, batch_axis, query_axis, key_axis, merged, batch) -> 
     return (batch, heads, shape[query_axis], shape[key_axis])
 
 
+#: ``find_sites`` results by (function, input shapes): explaining one model with several methods
+#: traces it once, as ``jit`` compiles once (functions keyed as ``jit``'s static arguments are).
+_FOUND: collections.OrderedDict = collections.OrderedDict()
+
+
 def find_sites(fn: Callable, x, input: Any = None, who: str = "attention_sites") -> tuple[AttentionSite, ...]:
     """Every attention site of ``fn`` at ``x`` that depends on the image, one per block, in call
-    order (see the module docstring). Shapes only: nothing is computed."""
+    order (see the module docstring). Shapes only: nothing is computed; the result is kept for
+    the same function and input shapes (the 64 most recent)."""
+    leaves, tree = jax.tree_util.tree_flatten(x)
+    key = (hashable(fn), tree, tuple((tuple(v.shape), str(v.dtype)) for v in leaves), hashable(input))
+    if key in _FOUND:
+        _FOUND.move_to_end(key)
+        return _FOUND[key]
+    sites = _find_sites(fn, x, input, who)
+    _FOUND[key] = sites
+    if len(_FOUND) > 64:
+        _FOUND.popitem(last=False)
+    return sites
+
+
+def _find_sites(fn: Callable, x, input: Any, who: str) -> tuple[AttentionSite, ...]:
     leaf = leaf_index(x, input, who)
     batch = jax.tree_util.tree_leaves(x)[0].shape[0]
     first = _trace(fn, x, leaf, batch)
