@@ -62,13 +62,20 @@ LABELS = {
 
 @contextlib.contextmanager
 def before_rewrites():
-    """Trace the models with plain ``lax.conv_general_dilated`` (the code before the rewrites)."""
+    """Trace the models with plain ``lax.conv_general_dilated`` (the code before the rewrites).
+
+    JAX's trace caches are cleared on entry and exit: the explainers' jitted kernels are cached
+    by the model's static structure, which is the same before and after, so without this one
+    side would reuse the other's trace.
+    """
     saved = efficientnet_lite.conv_general_dilated, resnet.conv_general_dilated
     efficientnet_lite.conv_general_dilated = resnet.conv_general_dilated = lax.conv_general_dilated
+    jax.clear_caches()
     try:
         yield
     finally:
         efficientnet_lite.conv_general_dilated, resnet.conv_general_dilated = saved
+        jax.clear_caches()
 
 
 def ours(method, pair, x, t, chunk):
@@ -106,11 +113,13 @@ def peer_calls(method, pair, xt, targets, chunk, peers):
     return {impl.name: impl for impl in torch_impls(method, pair, xt, targets, chunk, peers, [], 1)}
 
 
-def time_rounds(calls: dict, repeats: int, cpu: dict | None = None) -> dict:
+def time_rounds(calls: dict, repeats: int, cpu: dict | None = None, settle: float = 0.0) -> dict:
     """Seconds per call of each ``run()``, ``repeats`` rounds, the order reversed every other round.
 
     ``cpu``: if given, filled with the process's CPU seconds per call (all threads; both
     frameworks run in this process), a second estimate that waiting for a core does not inflate.
+    ``settle``: seconds of sleep before each call, so that the previous call's worker threads
+    (torch's OpenMP team spins after a parallel region) are idle when the next one starts.
     """
     names = list(calls)
     times: dict = {n: [] for n in names}
@@ -119,6 +128,7 @@ def time_rounds(calls: dict, repeats: int, cpu: dict | None = None) -> dict:
             cpu[n] = []
     for r in range(repeats):
         for n in names if r % 2 == 0 else names[::-1]:
+            time.sleep(settle)
             c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(calls[n]())
             times[n].append(time.perf_counter() - t0)
@@ -145,7 +155,7 @@ def measure(method, pair, x, xt, t, peers, args) -> dict:
             if not slow:
                 jax.block_until_ready(call())
         cpu: dict = {}
-        times = time_rounds(calls, 1 if slow else args.repeats, cpu)
+        times = time_rounds(calls, 1 if slow else args.repeats, cpu, args.settle)
     finally:
         for impl in peer.values():
             if impl.teardown:
@@ -227,7 +237,7 @@ def sweep(args, peers):
                 b = ours("forward", pair, x, None, args.chunk)
             a = ours("forward", pair, x, None, args.chunk)
             b.run(), a.run()
-            times = time_rounds({"before": b.run, "after": a.run}, args.repeats)
+            times = time_rounds({"before": b.run, "after": a.run}, args.repeats, settle=args.settle)
             per_px[size] = {k: statistics.median(v) / (size * size) for k, v in times.items()}
         ref = per_px.get(224, per_px[max(per_px)])
         for size, v in per_px.items():
@@ -256,6 +266,7 @@ def parse(argv):
     p.add_argument("--slow-batch", type=int, default=2)
     p.add_argument("--sweep", type=ints, default=[], help="sizes for the per-pixel forward sweep")
     p.add_argument("--sweep-batch", type=int, default=1)
+    p.add_argument("--settle", type=float, default=0.3, help="seconds of sleep before each timed call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--json", help="write every time here")

@@ -18,6 +18,13 @@ from gradcam_jax.models._convs import NHWC, conv_general_dilated, depthwise_taps
 from gradcam_jax.models.efficientnet_lite import EfficientNetLite, random_variables
 
 
+@pytest.fixture(autouse=True)
+def fresh_traces():
+    """Tests below trace a model with ``lax.conv_general_dilated`` patched in; drop those traces after."""
+    yield
+    jax.clear_caches()
+
+
 def np_conv(x, w, stride, pads, groups=1):
     """NHWC x HWIO convolution by hand: for each tap, a strided slice times the tap's matrix."""
     x = np.pad(x, ((0, 0), *pads, (0, 0))).astype(np.float64)
@@ -139,6 +146,7 @@ def test_guided_backprop_through_the_rewritten_model(monkeypatch):
     fn = lambda x: module.apply(variables, x)  # noqa: E731
     gb = gcj.guided_backprop(fn, x, target=3)
     monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    jax.clear_caches()  # the kernels' traces are cached by the model's structure
     gb_lax = gcj.guided_backprop(lambda x: module.apply(variables, x), x, target=3)
     assert float(jnp.abs(gb).max()) > 0
     np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_lax), rtol=1e-4, atol=1e-6)
@@ -155,6 +163,7 @@ def test_lite0_logits_unchanged_and_equal_to_torch(lite0, monkeypatch):
     x = jnp.concatenate([x, x[:, ::-1]])
     new = np.asarray(jax.jit(lite0.module.apply)(lite0.variables, x))
     monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    jax.clear_caches()  # the kernels' traces are cached by the model's structure
     old = np.asarray(jax.jit(lite0.module.apply)(lite0.variables, x))
     # Only the order of float32 additions changed: 1e-5 relative to the largest logit (about 13).
     assert np.abs(new - old).max() <= 1e-5 * np.abs(old).max(), np.abs(new - old).max()
@@ -179,6 +188,7 @@ def test_resnet50_small_inputs_unchanged(monkeypatch):
     assert text.count("convolution") < 53  # 53 convolutions in ResNet-50; the small-map ones are dots
     new = np.asarray(jax.jit(model.apply)(variables, x))
     monkeypatch.setattr(resnet, "conv_general_dilated", lax.conv_general_dilated)
+    jax.clear_caches()  # the kernels' traces are cached by the model's structure
     old = np.asarray(jax.jit(model.apply)(variables, x))
     assert np.abs(new - old).max() <= 1e-5 * max(1.0, np.abs(old).max()), (
         np.abs(new - old).max(),
