@@ -60,10 +60,17 @@ from .attribution import lrp as lrp
 from .attribution import noise_tunnel as noise_tunnel
 from .attribution import rise as rise
 from .attribution import xrai as xrai
+from .cams import finer_cam as finer_cam
+from .cams import random_cam as random_cam
+from .cams import shapley_cam as shapley_cam
 from .dataset import DatasetRun as DatasetRun
 from .dataset import Results as Results
 from .dataset import explain_dataset as explain_dataset
 from .dataset import open_results as open_results
+from .dff import DeepFeatures as DeepFeatures
+from .dff import deep_feature_factorization as deep_feature_factorization
+from .fullgrad import fullgrad as fullgrad
+from .fullgrad import linen_biases as linen_biases
 from .guided import count_relus as count_relus
 from .guided import deconv_relu as deconv_relu
 from .guided import deconv_relu6 as deconv_relu6
@@ -79,6 +86,8 @@ from .guided import smooth_grad as smooth_grad
 from .perturbation import ablation_cam as ablation_cam
 from .perturbation import occlusion as occlusion
 from .perturbation import score_cam as score_cam
+from .score_variants import is_cam as is_cam
+from .score_variants import ss_cam as ss_cam
 
 __all__ = [
     "Tap",
@@ -118,6 +127,15 @@ __all__ = [
     "perturbation",
     "score_cam",
     "ablation_cam",
+    "ss_cam",
+    "is_cam",
+    "shapley_cam",
+    "finer_cam",
+    "random_cam",
+    "deep_feature_factorization",
+    "DeepFeatures",
+    "fullgrad",
+    "linen_biases",
     "occlusion",
     "guided_relu",
     "deconv_relu",
