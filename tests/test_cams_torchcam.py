@@ -9,7 +9,6 @@ before the softmax; it is the same for every channel and cancels.
 import jax
 import nets
 import numpy as np
-import pytest
 import torch
 from torchcam.methods import ISCAM, SSCAM
 
@@ -33,9 +32,8 @@ def torchcam_maps(extractor_cls, w, x, target, **kwargs):
         return extractor([int(t) for t in target])[0].numpy()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_is_cam_matches_torchcam(seed):
-    w, x, tap = problem(seed)
+def test_is_cam_matches_torchcam():
+    w, x, tap = problem(0)
     target = np.array([0, 3, 4])
     expected = torchcam_maps(ISCAM, w, x, target, num_samples=5)
     got = np.asarray(gcj.is_cam(tap, x, target, steps=5, chunk_size=16))
