@@ -44,14 +44,18 @@ def method_maps(m, x, cls: int) -> dict[str, np.ndarray]:
         t = time.perf_counter()
         out[gcj.viz.METHOD_TITLES.get(name, name)] = gcj.cam(tap, x, cls, name, **options.get(name, {}))[0]
         print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
     out["Grad-CAM aug_smooth"] = gcj.cam(tap, x, cls, aug_smooth=True)[0]
     out["Grad-CAM eigen_smooth"] = gcj.cam(tap, x, cls, eigen_smooth=True)[0]
     multi = gcj.linen_tap(m.module, m.variables, layers=FUSED_LAYERS)
     out["LayerCAM fused (3 layers)"] = gcj.cam(multi, x, cls, "layer_cam", fuse="layer_cam")[0]
+    print(f"  smoothing and fusion: {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
     bn = gcj.linen_tap(m.module, m.variables, layers=["**/bn"])
     names = list(gcj.activations_and_grads(bn, x, cls).activation)
     biases = gcj.linen_biases(m.variables, names, eps=1e-3)  # EfficientNet-Lite's BatchNorm epsilon
     out[f"FullGrad ({len(names)} BatchNorms)"] = gcj.fullgrad(bn, x, cls, biases=biases)[0]
+    print(f"  fullgrad: {time.perf_counter() - t:.1f} s", flush=True)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
