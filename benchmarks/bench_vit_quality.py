@@ -169,10 +169,8 @@ def figure(data, maps: dict, path: Path, n: int = 6) -> None:
         image = np.clip(np.asarray(data.images[i]), 0, 1)
         y0, x0, y1, x1 = np.asarray(data.boxes[i]).tolist()
         for j, (name, m) in enumerate([("image", None), *maps.items()]):
-            ax = axes[i, j]
-            ax.imshow(image)
-            if m is not None:
-                ax.imshow(np.asarray(m[i]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax = axes[i, j]  # the maps alone (an overlay would mix the rectangle's colour in)
+            ax.imshow(image if m is None else np.asarray(m[i]), cmap="inferno", vmin=0, vmax=1)
             ax.add_patch(
                 Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, ec="white", lw=1)
             )

@@ -8,7 +8,8 @@ module that wrote it: ``flax.linen.MultiHeadDotProductAttention`` /
 ``equinox.nn.MultiheadAttention``, ``jax.nn.dot_product_attention(implementation="xla")``,
 Hugging Face Flax ViT / CLIP attention, a hand-written ``softmax(q @ k.T) @ v``. Sites are
 found in the jaxpr of ``fn`` (``jax.make_jaxpr``), inside ``jit``, ``remat``, custom-derivative
-functions, ``scan`` (one site per scanned layer), ``cond`` and ``while``. A softmax that is not
+functions and ``scan`` (one site per scanned layer); inside ``cond`` / ``while`` they are found
+and refused (their blocks cannot be read one by one). A softmax that is not
 contracted with values (a classifier's output, a gating weight) is not a site, nor is one
 that does not depend on the explained input (a CLIP text tower when the image is explained).
 
