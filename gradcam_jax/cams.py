@@ -103,10 +103,15 @@ def finer_scores(scores, main, alpha: float = 1.0, comparisons: tuple[int, ...] 
     return out[:, 0] if squeeze else out
 
 
-def finer_target(spec: TargetSpec, scores, options: ExplainerOptions) -> TargetSpec:
-    """The Finer-CAM score of ``spec``'s classes, as a callable target of the same scores."""
-    spec = fixed_top(spec, scores)
-    return TargetSpec("fn", lambda s: finer_scores(s, spec.value, options.alpha, options.comparisons))
+def finer_target(spec: TargetSpec, options: ExplainerOptions) -> TargetSpec:
+    """The Finer-CAM score of ``spec``'s classes, as a callable target (``None``: each example's top
+    class, read from the same scores)."""
+
+    def score(s):
+        main = fixed_top(spec, s).value
+        return finer_scores(s, main, options.alpha, options.comparisons)
+
+    return TargetSpec("fn", score)
 
 
 def random_grads(tap: Tap, x, spec: TargetSpec, key) -> Grads:
@@ -125,8 +130,7 @@ def explainer_maps(tap: Tap, x, target: TargetSpec, key, options: ExplainerOptio
     if options.kind == "shapley":
         out = shapley_grads(tap, x, target)
     elif options.kind == "finer":
-        scores, _ = tap(x)  # under jit XLA shares it with the forward below (the same computation)
-        out = grads_for_spec(tap, x, finer_target(target, scores, options))
+        out = grads_for_spec(tap, x, finer_target(target, options))
     else:
         out = random_grads(tap, x, target, key)
     size, rank = map_geometry(x, options.maps, options.kind)
