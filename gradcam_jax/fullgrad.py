@@ -137,7 +137,7 @@ def fullgrad(
     x,
     target: Target = None,
     *,
-    biases: Mapping[str, Any],
+    biases: Mapping[str, Any] | None = None,
     normalize: bool = True,
     interpolation: str = "bilinear",
     drop_tokens: int = 0,
@@ -210,6 +210,11 @@ def fullgrad(
         raise ValueError(
             "fullgrad needs a multi-layer tap on every layer with a bias (layers=[...], e.g. "
             "linen_tap(module, variables, layers=['**/bn*', '**/conv*'])), with biases={layer: bias}."
+        )
+    if biases is None:
+        raise ValueError(
+            f"fullgrad needs biases={{layer: (C,) bias}} for the tapped layers {list(layers)} "
+            f"(for a Flax Linen model: gcj.linen_biases(variables, layers))."
         )
     missing = [name for name in layers if name not in biases]
     if missing:

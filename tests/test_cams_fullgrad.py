@@ -60,6 +60,8 @@ def test_fullgrad_matches_numpy():
 
 def test_fullgrad_checks_its_biases_and_linen_biases_reads_batchnorm():
     tap, x, weights = make_problem(1)
+    with pytest.raises(ValueError, match="fullgrad needs biases="):
+        gcj.cam(tap, x, 0, "fullgrad")
     with pytest.raises(ValueError, match=r"no entry for the tapped layer\(s\) \['z2'\]"):
         fullgrad(tap, x, 0, biases={"z1": weights[1]})
     with pytest.raises(ValueError, match="has shape \\(2,\\); the layer has 3 channels"):
