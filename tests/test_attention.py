@@ -106,6 +106,9 @@ def test_attention_sites_are_the_model_blocks(model):
     assert all(s.shape == (2, vm.HEADS, vm.TOKENS, vm.TOKENS) for s in sites)
     if name == "scan_vit":
         assert [s.scan_index for s in sites] == [(0,), (1,)]
+    by_hand = {"hf_vit": "vit/encoder/layer/1/*", "linen_vit": "Block_1/*", "hf_clip": "*/layers/1/*"}
+    if name in by_hand:  # named as the adapters name layers (hf_layers, linen_layers)
+        assert gcj.attention_sites(fn, x, attention=by_hand[name]) == sites[1:]
 
 
 def test_rollout_matches_the_formula(model):

@@ -293,11 +293,7 @@ def select_sites(sites: Sequence[AttentionSite], attention, who: str) -> tuple[A
         chosen = tuple(s for s in sites if attention(s))
     else:
         items = [attention] if isinstance(attention, (str, int)) else list(attention)
-        chosen = tuple(
-            s
-            for i, s in enumerate(sites)
-            if any(i == p if isinstance(p, int) else fnmatch.fnmatchcase(s.name, p) for p in items)
-        )
+        chosen = tuple(s for i, s in enumerate(sites) if any(_picks(p, i, s) for p in items))
     if not chosen:
         listed = "; ".join(f"{i}: {s.name or s.path}" for i, s in enumerate(sites[:12]))
         raise ValueError(
@@ -306,6 +302,15 @@ def select_sites(sites: Sequence[AttentionSite], attention, who: str) -> tuple[A
             f"callable."
         )
     return chosen
+
+
+def _picks(item, i: int, site: AttentionSite) -> bool:
+    """An index, or a glob pattern on the site's name — with or without its first component, the
+    top module's class (``"ViT/Block_1/..."`` is ``"Block_1/..."`` as the Linen and Hugging Face
+    adapters name layers)."""
+    if isinstance(item, int):
+        return i == item
+    return fnmatch.fnmatchcase(site.name, item) or fnmatch.fnmatchcase(site.name.partition("/")[2], item)
 
 
 def attention_sites(
@@ -326,7 +331,8 @@ def attention_sites(
       x: the input batch (or a pytree whose image ``input=`` picks).
       input: for a pytree input, the image leaf (see :func:`gradcam_jax.cam`).
       attention: keep only some blocks: glob pattern(s) on :attr:`AttentionSite.name` (the
-        module path for Flax models), indices, or a callable ``site -> bool``.
+        module path for Flax models, as the adapters name layers: ``"encoder/layer/1/*"``),
+        indices, or a callable ``site -> bool``.
 
     Returns:
       A tuple of :class:`AttentionSite`; ``site.shape`` is ``(B, heads, N_query, N_key)``.
