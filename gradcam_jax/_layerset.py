@@ -215,7 +215,14 @@ class Recorder:
             raise ValueError(missing)
         for name in self.order:
             check_calls(self.adapter, what.format(name), self.hits[name], self.call, name in self.taken, "")
-        return LayerDict((name, self.taken[name]) for name in sorted(self.order, key=self.order.__getitem__))
+        acts = LayerDict((name, self.taken[name]) for name in sorted(self.order, key=self.order.__getitem__))
+        unknown = [k for k in (self.edit.value if self.edit is not None else ()) if k not in acts]
+        if unknown:  # a misspelt layer in a delta or replacement would otherwise be ignored
+            raise ValueError(
+                f"{self.adapter}: the tap's edit names layer(s) {', '.join(map(repr, unknown))} that it does "
+                f"not record; its layers, in call order: {', '.join(acts)}."
+            )
+        return acts
 
 
 def check_calls(adapter: str, what: str, hits: int, call: int | None, taken: bool, not_called: str) -> None:

@@ -201,6 +201,10 @@ def test_errors_say_what_exists_and_how_to_fix(w):
         gcj.grad_cam(tap.select(5), X)
     with pytest.raises(ValueError, match="already has one layer"):
         gcj.linen_tap(module, variables, "block1").select("block1")
+    with pytest.raises(
+        ValueError, match=r"names layer\(s\) 'block2' that it does not record.*block1, block3"
+    ):
+        tap(X, {"block1": jnp.zeros((2, 8, 8, 8)), "block2": jnp.zeros((2, 8, 8, 8))})
     with pytest.raises(TypeError, match=r"as a dict \{layer: array\}"):
         tap(X, jnp.zeros((2, 8, 8, 8)))
     with pytest.raises(TypeError, match="not both"):
