@@ -224,3 +224,19 @@ def test_callable_target_through_the_pixel_explainers(explainer, caplog):
     np.testing.assert_allclose(
         out[2], np.asarray(explainer(lambda x: module.apply(variables, x), x, 1)), rtol=1e-6
     )
+
+
+def test_rebuilt_multi_layer_taps_and_their_selections_compile_once(caplog):
+    """A multi-layer tap's key holds its layer names and patterns: the same tap built again (or
+    the same layer selected again) reuses the compiled kernel; another selection compiles anew."""
+    w = nets.weights(0, c2=8)
+    module, variables = nets.linen(w)
+    x = np.random.default_rng(0).normal(size=(2, 10, 10, 3)).astype(np.float32)  # a shape of its own
+    with compilations(caplog, "gradient_cam_kernel") as compiled:
+        for _ in range(3):
+            tap = gcj.linen_tap(module, variables, layers=["block*", "fc"])
+            gcj.grad_cam(tap.select("block2"), x, 1)
+    assert len(compiled) == 1, compiled
+    with compilations(caplog, "gradient_cam_kernel") as compiled:
+        gcj.grad_cam(gcj.linen_tap(module, variables, layers=["block*", "fc"]).select("block3"), x, 1)
+    assert len(compiled) == 1, compiled
