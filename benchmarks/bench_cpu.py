@@ -236,17 +236,24 @@ def sweep(args, peers):
             with before_rewrites():
                 b = ours("forward", pair, x, None, args.chunk)
             a = ours("forward", pair, x, None, args.chunk)
-            b.run(), a.run()
-            times = time_rounds({"before": b.run, "after": a.run}, args.repeats, settle=args.settle)
+            calls = {"before": b.run, "after": a.run}
+            xt = None
+            if peers.torch is not None:
+                xt = peers.torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+            calls.update({k: impl.run for k, impl in peer_calls("forward", pair, xt, None, 1, peers).items()})
+            for call in calls.values():
+                call()
+            times = time_rounds(calls, args.repeats, settle=args.settle)
             per_px[size] = {k: statistics.median(v) / (size * size) for k, v in times.items()}
         ref = per_px.get(224, per_px[max(per_px)])
         for size, v in per_px.items():
             row = [pair.label, size, args.sweep_batch]
-            row += [f"{v[k] * 1e9:.0f}" for k in ("before", "after")]
-            row += [f"{v[k] / ref[k]:.2f}" for k in ("before", "after")]
+            row += [f"{v[k] * 1e9:.0f}" for k in v]
+            row += [f"{v[k] / ref[k]:.2f}" for k in v]
             rows.append(row)
             print(" | ".join(map(str, row)), flush=True)
-    head = ["model", "px", "batch", "before ns/px", "after ns/px", "before / 224 px", "after / 224 px"]
+    names = list(next(iter(per_px.values())))
+    head = ["model", "px", "batch", *(f"{n} ns/px" for n in names), *(f"{n} / 224 px" for n in names)]
     return head, rows
 
 
