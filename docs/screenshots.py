@@ -4,8 +4,11 @@ Usage, from the repository root, after ``mkdocs build --strict`` (or with ``--bu
 
     python docs/screenshots.py [--site site] [--out screenshots] [--build] [--chromium PATH]
 
-For the index page, the gallery and one guide, Chromium (headless, from the system: Debian's
-``apt-get install chromium``) writes a PNG screenshot and the page's DOM after its scripts ran.
+The site is served over HTTP on a free local port (``python -m http.server``), as a reader
+would get it (Material's search runs in a web worker, which browsers do not start from
+``file://``). For the index page, the gallery and one guide, Chromium (headless, from the
+system: Debian's ``apt-get install chromium``) writes a PNG screenshot and the page's DOM after
+its scripts ran.
 The script checks in the DOM that the page has Material's navigation (tabs and the side
 navigation), the search box, and that every ``<img>`` of the page points to a file the site
 holds; it exits 1 with the list of what is missing. Look at the PNGs to see how the pages render.
@@ -19,8 +22,10 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -30,6 +35,12 @@ CHECKS = {
     "side navigation": r'class="md-nav md-nav--primary',
     "search box": r'<input[^>]+class="md-search__input',
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def chromium_path(given: str | None) -> str:
@@ -48,17 +59,17 @@ def missing_images(dom: str, page: Path) -> list[str]:
     missing = []
     for src in re.findall(r'<img[^>]+src="([^"]+)"', dom):
         url = urlparse(src)
-        if url.scheme in ("data", "http", "https"):
+        if url.scheme in ("data", "http", "https", "file"):
             continue
-        target = Path(unquote(url.path)) if url.scheme == "file" else page.parent / unquote(url.path)
+        target = page.parent / unquote(url.path)
         if not target.is_file():
             missing.append(src)
     return missing
 
 
-def check_page(chromium: str, site: Path, name: str, relative: str, out: Path) -> list[str]:
+def check_page(chromium: str, site: Path, name: str, relative: str, out: Path, base: str) -> list[str]:
     page = (site / relative).resolve()
-    url = page.as_uri()
+    url = f"{base}/{relative}"
     shot = out / f"{name}.png"
     run_chromium(chromium, f"--screenshot={shot}", url)
     dom = run_chromium(chromium, "--virtual-time-budget=3000", "--dump-dom", url).stdout
@@ -87,7 +98,21 @@ def main(argv=None) -> int:
         )
     out.mkdir(parents=True, exist_ok=True)
     chromium = chromium_path(args.chromium)
-    problems = [p for name, rel in PAGES.items() for p in check_page(chromium, site, name, rel, out)]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.0)
+        base = f"http://127.0.0.1:{port}"
+        problems = [
+            p for name, rel in PAGES.items() for p in check_page(chromium, site, name, rel, out, base)
+        ]
+    finally:
+        server.terminate()
+        server.wait()
     for problem in problems:
         print("MISSING", problem)
     return 1 if problems else 0
