@@ -202,6 +202,86 @@ ABOUT = {
         "1 forward per window position",
         "Model-agnostic ground truth for faithfulness; slow at fine strides.",
     ),
+    # The methods of issues 15 and 16: a paper of None is read from the docstring's References.
+    "grad_cam_elementwise": (None, "1 forward + 1 backward down to the layer", None),
+    "kpca_cam": (None, "1 forward + 1 backward down to the layer", None),
+    "ss_cam": (
+        "Wang et al., 2020, [arXiv 2006.14255](https://arxiv.org/abs/2006.14255)",
+        "1 + C x n_noise forwards",
+        "Score-CAM averaged over noisy masks: smoother, at n_noise times Score-CAM's cost.",
+    ),
+    "is_cam": (
+        "Naidu et al., 2020, [arXiv 2010.03023](https://arxiv.org/abs/2010.03023)",
+        "1 + C x steps forwards",
+        "Score-CAM integrated along a path of mask strengths: less noisy than Score-CAM.",
+    ),
+    "shapley_cam": (None, "1 forward + 1 backward + 1 Hessian-vector product", None),
+    "finer_cam": (None, "1 forward + 1 backward (the class and its comparison classes)", None),
+    "random_cam": (
+        "pytorch-grad-cam's baseline",
+        "1 forward + 1 backward down to the layer",
+        "A baseline for metrics: random channel weights; any method should beat it.",
+    ),
+    "fullgrad": (
+        "Srinivas & Fleuret, NeurIPS 2019, [arXiv 1905.00780](https://arxiv.org/abs/1905.00780)",
+        "1 forward + 1 full backward (to the input and every biased layer)",
+        "Complete: the input-gradient and every bias's contribution, from all layers at once.",
+    ),
+    "integrated_gradients": (
+        "Sundararajan et al., ICML 2017, [arXiv 1703.01365](https://arxiv.org/abs/1703.01365)",
+        "`steps` forwards + backwards (50 by default)",
+        "Pixel attributions that add up to the score's change from a baseline (completeness).",
+    ),
+    "expected_gradients": (
+        "Erion et al., 2021, [arXiv 1906.10670](https://arxiv.org/abs/1906.10670)",
+        "`n_samples` forwards + backwards",
+        "Integrated Gradients averaged over a background set instead of one baseline.",
+    ),
+    "input_x_gradient": (
+        "Shrikumar et al., 2016, [arXiv 1605.01713](https://arxiv.org/abs/1605.01713)",
+        "1 forward + 1 full backward",
+        "The cheapest attribution in input units; exact for linear models.",
+    ),
+    "noise_tunnel": (
+        "Smilkov et al., 2017, [arXiv 1706.03825](https://arxiv.org/abs/1706.03825); Adebayo et al. 2018",
+        "`n_samples` times the wrapped explainer",
+        "SmoothGrad, SmoothGrad-squared or VarGrad around any explainer (here Grad-CAM).",
+    ),
+    "deeplift": (
+        "Shrikumar et al., ICML 2017, [arXiv 1704.02685](https://arxiv.org/abs/1704.02685)",
+        "2 forwards (input and baseline) + 1 backward",
+        "Attributions that sum to the score's change from a baseline, in one backward pass.",
+    ),
+    "lrp": (
+        "Bach et al., PLOS ONE 2015; Montavon et al. 2019 (zennit's composites)",
+        "1 forward + 1 backward",
+        "Conservative relevance per pixel, with layer-specific rules.",
+    ),
+    "blur_ig": (
+        "Xu et al., CVPR 2020, [arXiv 2004.03383](https://arxiv.org/abs/2004.03383)",
+        "`steps` forwards + backwards (100 by default)",
+        "Integrated Gradients along a blur path: no baseline to choose.",
+    ),
+    "guided_ig": (
+        "Kapishnikov et al., CVPR 2021, [arXiv 2106.09788](https://arxiv.org/abs/2106.09788)",
+        "`steps` forwards + backwards (200 by default), one target at a time",
+        "Integrated Gradients along an adaptive path: less noise off the object.",
+    ),
+    "xrai": (
+        "Kapishnikov et al., ICCV 2019, [arXiv 1906.02825](https://arxiv.org/abs/1906.02825)",
+        "Integrated Gradients from two baselines + a ranking of segments, one target at a time",
+        "Regions instead of pixels: which segments matter most.",
+    ),
+    "rise": (
+        "Petsiuk et al., BMVC 2018, [arXiv 1806.07421](https://arxiv.org/abs/1806.07421)",
+        "`n_masks` forwards (4000 by default)",
+        "Black-box: random masks, no gradients, any model.",
+    ),
+    "kernel_shap": (
+        "Lundberg & Lee, NeurIPS 2017, [arXiv 1705.07874](https://arxiv.org/abs/1705.07874)",
+        "`n_samples` forwards (coalitions of superpixels)",
+        "Black-box Shapley values of superpixels.",
+    ),
 }
 
 
@@ -255,14 +335,14 @@ def is_explainer(obj) -> bool:
 
 def about(entry: Entry) -> tuple[str, str, str]:
     """(paper, cost, use) from ``ABOUT``, else from the function's docstring."""
-    if entry.name in ABOUT:
-        return ABOUT[entry.name]
     fn = gcj.METHODS[entry.name].fn if entry.name in gcj.METHODS else entry.call
     doc = inspect.getdoc(fn) or ""
     refs = re.search(r"References:\n((?:[ \t]+\S.*\n?)+)", doc)
     paper = " ".join(refs.group(1).split()) if refs else "see its docstring"
     cost = "1 forward + 1 backward down to the layer" if entry.kind == "gradient" else "see its docstring"
-    return paper, cost, (doc.splitlines() or [""])[0]
+    found = (paper, cost, (doc.splitlines() or [""])[0])
+    known = ABOUT.get(entry.name, (None, None, None))
+    return tuple(k if k is not None else f for k, f in zip(known, found, strict=True))
 
 
 def compute(entry: Entry, m, x, grads) -> np.ndarray:
