@@ -98,6 +98,15 @@ SETTINGS = {  # the same, as the page states them
     "noise_tunnel": "`gcj.noise_tunnel(gcj.grad_cam, tap, ...)`, `n_samples=8`",
 }
 
+# Where a figure's explanation is computed, when it is not the default layer or the input.
+WHERE = {
+    "ss_cam": f"layer {LOW_LAYER}",
+    "is_cam": f"layer {LOW_LAYER}",
+    "fullgrad": "the input and every batch norm",
+    "noise_tunnel": "Grad-CAM at layer head",
+    "guided_grad_cam": "the input's pixels x layer head",
+}
+
 # Explainers that explain one target per example: called once per class.
 PER_CLASS = {"guided_ig", "xrai"}
 
@@ -384,7 +393,10 @@ def check_shared_pass(m, x, grads) -> None:
 
 
 def figure_png(entry: Entry, out, image, m, probs) -> bytes:
-    title = f"{viz.METHOD_TITLES.get(entry.name, entry.name)}  ·  EfficientNet-Lite0, layer {m.default_layer}"
+    fn = gcj.METHODS[entry.name].fn if entry.name in gcj.METHODS else getattr(entry.call, "func", entry.call)
+    at_layer = entry.kind == "gradient" or next(iter(inspect.signature(fn).parameters)) == "tap"
+    where = WHERE.get(entry.name) or (f"layer {m.default_layer}" if at_layer else "the input's pixels")
+    title = f"{viz.METHOD_TITLES.get(entry.name, entry.name)}  ·  EfficientNet-Lite0, {where}"
     fig = viz.figure_grid(
         image,
         {entry.name: out},
