@@ -216,25 +216,11 @@ def efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, cache:
         )
 
     path = lite0_checkpoint() if weights == "imagenet" else Path(os.fspath(weights))
-    variables: dict | None = None
-    cached = None
-    if cache:
-        cached = cache_dir() / f"efficientnet_lite0-{file_digest(path)}-v{_CONVERSION_VERSION}.npz"
-        variables, problem = read_variables(cached)
-        if problem:
-            print(
-                f"gradcam_jax: the weight cache {cached} {problem}; rebuilding it from {path}.",
-                file=sys.stderr,
-            )
-    if variables is None:
-        variables = torch_state_dict_to_flax(load_pth(path))
-        if cached is not None:
-            save_variables(cached, variables)
+    variables = _converted("efficientnet_lite0", path, lambda p: torch_state_dict_to_flax(load_pth(p)), cache)
     return Pretrained("efficientnet_lite0", module, variables, class_names, source=str(path))
 
 
 MODELS = {"efficientnet_lite0": efficientnet_lite0, "mobilenet_v2": mobilenet_v2}
-DETECTORS = {"mtcnn": mtcnn}
 
 
 def load(name: str, **kwargs) -> Pretrained:
