@@ -16,7 +16,8 @@ Methods, each explaining the true class of ``--images`` held-out images (maps up
 32 x 32 and min-max normalised):
 
 - ``attention_rollout`` (Abnar & Zuidema 2020; class-agnostic), ``generic_attention`` (Chefer et
-  al. 2021), ``legrad`` (Bousselham et al. 2024; the model's own head on every block's tokens);
+  al. 2021), ``legrad`` (Bousselham et al. 2024; the model's own head on every block's tokens,
+  averaged over all blocks, and over the last two only: ``attention=[-2, -1]``);
 - ``token grad_cam``: Grad-CAM on the last block's pre-norm (``block3/LayerNorm_0``, tokens
   without the class token as an 8 x 8 grid);
 - ``random``: uniform noise on the 8 x 8 token grid, upsampled bilinearly.
@@ -139,6 +140,7 @@ def explain_all(module, variables, data) -> dict[str, jax.Array]:
         "attention_rollout": gcj.attention_rollout(fn, x),
         "generic_attention": gcj.generic_attention(fn, x, y),
         "legrad": gcj.legrad(fn, x, y, head=head),
+        "legrad (last 2 blocks)": gcj.legrad(fn, x, y, head=head, attention=[-2, -1]),
         "token grad_cam": gcj.grad_cam(tap, x, y, drop_tokens=1),
         "random": gcj.postprocess.normalize_maps(
             jax.image.resize(noise, (x.shape[0], SIZE, SIZE), "bilinear")

@@ -2,6 +2,7 @@
 attention methods' options (head fusion, discarding, K targets, selection, layouts, jit) on a
 tiny hand-written transformer, against NumPy."""
 
+import functools
 import math
 
 import jax
@@ -21,22 +22,22 @@ W = {k: jnp.asarray(R.normal(size=s) * 0.5, jnp.float32) for k, s in SHAPES.item
 X = jnp.asarray(R.normal(size=(B, SIDE, SIDE, 3)), jnp.float32)
 
 
-def embed(x):
+def embed(x, w=W):
     b = x.shape[0]
     g = SIDE // P
-    t = x.reshape(b, g, P, g, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1) @ W["embed"]
-    return jnp.concatenate([jnp.broadcast_to(W["cls"], (b, 1, D)), t], axis=1)
+    t = x.reshape(b, g, P, g, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1) @ w["embed"]
+    return jnp.concatenate([jnp.broadcast_to(w["cls"], (b, 1, D)), t], axis=1)
 
 
-def qkv(z):
+def qkv(z, w=W):
     b = z.shape[0]
-    return [(z @ W[n]).reshape(b, N, H, D // H) for n in ("q", "k", "v")]
+    return [(z @ w[n]).reshape(b, N, H, D // H) for n in ("q", "k", "v")]
 
 
-def handwritten(z):  # (B, H, N, N) probabilities, batch first
-    q, k, v = qkv(z)
+def handwritten(z, w=W):  # (B, H, N, N) probabilities, batch first
+    q, k, v = qkv(z, w)
     a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // H), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(z.shape[0], N, D) @ W["o"]
+    return jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(z.shape[0], N, D) @ w["o"]
 
 
 def fused_xla(z):  # jax.nn.dot_product_attention, XLA implementation
@@ -177,6 +178,7 @@ def test_attention_picks_blocks_by_name_index_or_callable():
 
     assert [s.name for s in gcj.attention_sites(named, X, attention="block[02]")] == ["block0", "block2"]
     assert len(gcj.attention_sites(fn, X, attention=[0, 2])) == 2
+    assert gcj.attention_sites(fn, X, attention=[-1]) == gcj.attention_sites(fn, X, attention=2)
     assert len(gcj.attention_sites(fn, X, attention=lambda s: s.scan_index == ())) == 3
     with pytest.raises(ValueError, match="picks none of the model's 3 attention blocks"):
         gcj.attention_sites(named, X, attention="encoder/*")
@@ -258,3 +260,24 @@ def test_a_nan_input_gives_nan_maps_not_zeros():
     x = X.at[0, 0, 0, 0].set(jnp.nan)
     maps = gcj.generic_attention(model(handwritten), x, 1)
     assert bool(jnp.all(jnp.isnan(maps[0]))) and not bool(jnp.any(jnp.isnan(maps[1])))
+
+
+def test_weights_bound_with_partial_are_traced_in_the_kernel():
+    """Concrete weights fold some operations away when the wrapper traces the model (the class
+    token's broadcast here); inside the kernel they are traced: the sites are found again there."""
+
+    def apply(w, x):
+        z = embed(x, w)
+        for _ in range(2):
+            z = z + handwritten(z, w)
+        return z[:, 0] @ w["out"]
+
+    fn = functools.partial(apply, W)
+    got = gcj.attention_rollout(fn, X, upsample=False, normalize=False)
+    np.testing.assert_allclose(np.asarray(got), np_rollout(np_attention(X)), atol=1e-6)
+    head = lambda z: z[:, 0] @ W["out"]  # noqa: E731
+    first = gcj.legrad(fn, X, 1, head=head, attention=[0], upsample=False)
+    np.testing.assert_allclose(
+        np.asarray(first), np.asarray(gcj.legrad(model(handwritten), X, 1, head=head, attention=[0],
+                                                 upsample=False)), atol=1e-6
+    )  # fmt: skip

@@ -225,11 +225,15 @@ def _stream_end(jaxpr, e: int, site_eqns: set[int]) -> tuple[int, int] | None:
     return end
 
 
-def block_outputs(closed, sites: Sequence[AttentionSite], who: str = "legrad") -> list[Probe]:
-    """For each jaxpr site (in ``sites``' order, distinct paths), the probe of its block output."""
-    paths = list(dict.fromkeys(s.path for s in sites))
+def block_outputs(
+    closed, sites: Sequence[AttentionSite], all_paths: Sequence, who: str = "legrad"
+) -> list[Probe]:
+    """For each jaxpr site (in ``sites``' order, distinct paths), the probe of its block output.
+    ``all_paths``: every attention site of the model, chosen or not (a block's stream ends
+    before the next block's residual, whichever blocks are explained)."""
+    paths = list(dict.fromkeys(all_paths))
     probes = []
-    for path in paths:
+    for path in dict.fromkeys(s.path for s in sites):
         for jaxpr, i, prefix in _levels(closed, path):
             n = len(prefix)
             here = {p[n] for p in paths if len(p) > n and p[:n] == prefix}

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 
 from .._callables import PytreeCallable, as_pytree
 from .._grads import check_fn_target
+from .._inputs import leaf_index
 from .._maps import MapOptions, check_cam_input, finish_maps, kernel, to_grid
 from .._tap import scores_fn
 from .._targets import Target, TargetSpec, batch_size, fixed_top, pull_back, select_scores, target_spec
 from ._capture import ATTENTION, Probe, block_outputs, evaluate, per_block, zero_deltas
 from .formulas import HEAD_FUSIONS, generic_relevance, legrad_relevance, rollout
-from .sites import AttentionSite, attention_sites
+from .sites import AttentionSite, attention_sites, jaxpr_sites
 
 __all__ = ["AttentionOptions", "attention_rollout", "generic_attention", "legrad"]
 
@@ -41,15 +42,27 @@ class AttentionOptions:
     discard_ratio: float = 0.0
 
 
-def _run(fn, x, options: AttentionOptions, deltas: dict, probes: list[Probe]):
-    """The model on ``x`` with probes: ``(scores, recorded values)``."""
+def _trace(fn, x, options: AttentionOptions):
+    """The model's jaxpr as this kernel evaluates it, ``options.sites`` with their paths in it,
+    and the paths of all of its sites (LeGrad's stream ends at the next one)."""
     closed, out_shape = jax.make_jaxpr(scores_fn(fn.fn), return_shape=True)(x)
+    leaf = leaf_index(x, options.maps.input)
+    found = jaxpr_sites(closed.jaxpr, len(jax.tree_util.tree_leaves(x)), leaf)
+    paths = [f.path for f in found]
+    if len(paths) <= max(s.ordinal for s in options.sites):
+        raise ValueError("attention: the model's attention blocks changed between tracing and running it.")
+    sites = tuple(dataclasses.replace(s, path=paths[s.ordinal]) for s in options.sites)
+    return closed, out_shape, sites, paths
+
+
+def _run(closed, out_shape, x, deltas: dict, probes: list[Probe]):
+    """The model on ``x`` with probes: ``(scores, recorded values)``."""
     outs, found = evaluate(closed, jax.tree_util.tree_leaves(x), probes, deltas)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs), found, closed
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs), found
 
 
-def _attention_probes(options: AttentionOptions) -> list[Probe]:
-    return list(dict.fromkeys(Probe(s.path, 0, ATTENTION) for s in options.sites))
+def _attention_probes(sites) -> list[Probe]:
+    return list(dict.fromkeys(Probe(s.path, 0, ATTENTION) for s in sites))
 
 
 def _finish(relevance, options: AttentionOptions, selected=None):
@@ -68,9 +81,9 @@ def _finish(relevance, options: AttentionOptions, selected=None):
 @kernel
 def rollout_kernel(fn: PytreeCallable, x, *, options: AttentionOptions):
     """Attention rollout under ``jit`` (see :func:`attention_rollout`)."""
-    probes = _attention_probes(options)
-    _, found, _ = _run(fn, x, options, zero_deltas(options.sites), probes)
-    blocks = per_block(found, options.sites)
+    closed, out_shape, sites, _ = _trace(fn, x, options)
+    _, found = _run(closed, out_shape, x, zero_deltas(sites), _attention_probes(sites))
+    blocks = per_block(found, sites)
     r = rollout(blocks, options.head_fusion, options.discard_ratio, options.token)
     return _finish(r, options)
 
@@ -78,19 +91,20 @@ def rollout_kernel(fn: PytreeCallable, x, *, options: AttentionOptions):
 @kernel
 def generic_kernel(fn: PytreeCallable, x, target: TargetSpec, *, options: AttentionOptions):
     """Generic attention under ``jit``: one forward, one backward (see :func:`generic_attention`)."""
-    probes = _attention_probes(options)
+    closed, out_shape, sites, _ = _trace(fn, x, options)
+    probes = _attention_probes(sites)
 
     def objective(deltas):
-        scores, found, _ = _run(fn, x, options, deltas, probes)
+        scores, found = _run(closed, out_shape, x, deltas, probes)
         return select_scores(target, scores), found
 
-    selected, pullback, found = jax.vjp(objective, zero_deltas(options.sites), has_aux=True)
+    selected, pullback, found = jax.vjp(objective, zero_deltas(sites), has_aux=True)
     (grads,) = pull_back(pullback, selected)
-    blocks = per_block(found, options.sites)
+    blocks = per_block(found, sites)
     if selected.ndim == 1:
-        r = generic_relevance(blocks, per_block(grads, options.sites), options.token)
+        r = generic_relevance(blocks, per_block(grads, sites), options.token)
     else:
-        dks = per_block(grads, options.sites, lead=1)
+        dks = per_block(grads, sites, lead=1)
         r = jax.vmap(lambda *g: generic_relevance(blocks, list(g), options.token))(*dks)
     return _finish(r, options, selected)
 
@@ -100,23 +114,23 @@ def legrad_kernel(
     fn: PytreeCallable, head: PytreeCallable, x, target: TargetSpec, *, options: AttentionOptions
 ):
     """LeGrad under ``jit``: one forward, one backward (see :func:`legrad`)."""
-    probes = _attention_probes(options)
-    closed = jax.make_jaxpr(scores_fn(fn.fn))(x)
-    tokens = block_outputs(closed, options.sites)
-    by_path = dict(zip(dict.fromkeys(s.path for s in options.sites), tokens, strict=True))
+    closed, out_shape, sites, paths = _trace(fn, x, options)
+    tokens = block_outputs(closed, sites, paths)
+    by_path = dict(zip(dict.fromkeys(s.path for s in sites), tokens, strict=True))
+    probes = _attention_probes(sites) + tokens
 
     def objective(deltas):
-        scores, found, _ = _run(fn, x, options, deltas, probes + tokens)
+        scores, found = _run(closed, out_shape, x, deltas, probes)
         spec = fixed_top(target, scores)
-        per_layer = [select_scores(spec, head(found[by_path[s.path]][s.scan_index])) for s in options.sites]
+        per_layer = [select_scores(spec, head(found[by_path[s.path]][s.scan_index])) for s in sites]
         return sum(per_layer[1:], per_layer[0]), select_scores(spec, scores)
 
-    _, pullback, selected = jax.vjp(objective, zero_deltas(options.sites), has_aux=True)
+    _, pullback, selected = jax.vjp(objective, zero_deltas(sites), has_aux=True)
     (grads,) = pull_back(pullback, selected)
     if selected.ndim == 1:
-        r = legrad_relevance(per_block(grads, options.sites))
+        r = legrad_relevance(per_block(grads, sites))
     else:
-        r = jax.vmap(lambda *g: legrad_relevance(list(g)))(*per_block(grads, options.sites, lead=1))
+        r = jax.vmap(lambda *g: legrad_relevance(list(g)))(*per_block(grads, sites, lead=1))
     return _finish(r, options, selected)
 
 

@@ -36,7 +36,7 @@ from .._tap import scores_fn
 from ._jaxpr import CALLS, closed_parts, depends, is_var, sub_invars, sub_jaxprs
 from .patterns import contracted, producers_of, softmax_axis
 
-__all__ = ["AttentionSite", "attention_sites", "find_sites", "select_sites", "FUSED_HINT"]
+__all__ = ["AttentionSite", "attention_sites", "find_sites", "select_sites", "jaxpr_sites", "FUSED_HINT"]
 
 _FUSED = ("dot_product_attention", "cudnn", "flash", "pallas_call", "mosaic", "triton", "splash")
 
@@ -65,6 +65,7 @@ class AttentionSite:
       merged_heads: heads folded into the batch axis (``B * merged_heads``), else 0.
       repeats: the lengths of the scans around the site, outermost first.
       reverse: which of those scans run backwards.
+      ordinal: the site's place among the jaxpr's attention sites (a scanned site counts once).
     """
 
     name: str
@@ -78,6 +79,7 @@ class AttentionSite:
     merged_heads: int = 0
     repeats: tuple[int, ...] = ()
     reverse: tuple[bool, ...] = ()
+    ordinal: int = 0
 
     @property
     def blocks(self) -> int:
@@ -154,10 +156,19 @@ def _trace(fn, x, leaf: int, batch: int) -> list[_Found]:
 
     spec = jax.tree_util.tree_map(grow, x)
     closed = jax.make_jaxpr(scores_fn(fn))(spec)
-    jaxpr = closed.jaxpr
-    flat = jax.tree_util.tree_leaves(spec)
+    return jaxpr_sites(closed.jaxpr, len(jax.tree_util.tree_leaves(spec)), leaf)
+
+
+def jaxpr_sites(jaxpr, n_leaves: int, leaf: int) -> list:
+    """The attention sites of a traced model (``jaxpr`` of ``x -> scores``, ``x`` with ``n_leaves``
+    arrays, the image its ``leaf``-th), in call order, one per jaxpr site (a scanned site once).
+
+    The kernels call this on the jaxpr they evaluate: traced with concrete weights (outside
+    ``jit``) a model can have fewer equations than with traced ones, so paths are found again
+    there and matched to the :class:`AttentionSite` list by order (:attr:`AttentionSite.ordinal`).
+    """
     # (a pytree input with non-array leaves: all of x counts as the image)
-    tainted = set(jaxpr.invars) if len(flat) != len(jaxpr.invars) else {jaxpr.invars[leaf]}
+    tainted = set(jaxpr.invars) if n_leaves != len(jaxpr.invars) else {jaxpr.invars[leaf]}
     found: list[_Found] = []
     fused: list[str] = []
     _walk(jaxpr, tainted, (), (), (), (), "", found, fused)
@@ -243,7 +254,7 @@ def _find_sites(fn: Callable, x, input: Any, who: str) -> tuple[AttentionSite, .
     if [len(f.raw_shape) for f in first] != [len(f.raw_shape) for f in second]:
         raise ValueError(f"{who}: the model's attention blocks change with the batch size; cannot read them.")
     out = []
-    for a, b in zip(first, second, strict=True):
+    for ordinal, (a, b) in enumerate(zip(first, second, strict=True)):
         batch_axis, merged = _batch_axis(a, b, batch)
         query_axis = _query_axis(a.raw_shape, batch_axis, a.key_axis)
         shape = _canonical_shape(a.raw_shape, batch_axis, query_axis, a.key_axis, merged, batch)
@@ -262,6 +273,7 @@ def _find_sites(fn: Callable, x, input: Any, who: str) -> tuple[AttentionSite, .
                     merged,
                     a.repeats,
                     a.reverse,
+                    ordinal,
                 )  # fmt: skip
             )
         if a.inside:
@@ -293,6 +305,7 @@ def select_sites(sites: Sequence[AttentionSite], attention, who: str) -> tuple[A
         chosen = tuple(s for s in sites if attention(s))
     else:
         items = [attention] if isinstance(attention, (str, int)) else list(attention)
+        items = [p % len(sites) if isinstance(p, int) and sites else p for p in items]  # -1: the last
         chosen = tuple(s for i, s in enumerate(sites) if any(_picks(p, i, s) for p in items))
     if not chosen:
         listed = "; ".join(f"{i}: {s.name or s.path}" for i, s in enumerate(sites[:12]))
@@ -332,7 +345,7 @@ def attention_sites(
       input: for a pytree input, the image leaf (see :func:`gradcam_jax.cam`).
       attention: keep only some blocks: glob pattern(s) on :attr:`AttentionSite.name` (the
         module path for Flax models, as the adapters name layers: ``"encoder/layer/1/*"``),
-        indices, or a callable ``site -> bool``.
+        indices (``[-2, -1]``: the last two blocks), or a callable ``site -> bool``.
 
     Returns:
       A tuple of :class:`AttentionSite`; ``site.shape`` is ``(B, heads, N_query, N_key)``.
