@@ -16,6 +16,7 @@ from . import postprocess as postprocess
 from . import targets as targets
 from . import viz as viz
 from . import zoo as zoo
+from ._adapters import equinox_layers as equinox_layers
 from ._adapters import equinox_tap as equinox_tap
 from ._adapters import linen_layers as linen_layers
 from ._adapters import linen_tap as linen_tap
@@ -107,6 +108,7 @@ __all__ = [
     "linen_layers",
     "nnx_tap",
     "equinox_tap",
+    "equinox_layers",
     "activations_and_grads",
     "Grads",
     "TargetSpec",

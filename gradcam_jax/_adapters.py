@@ -8,6 +8,7 @@ layout, e.g. ``"NCHW"``) and ends with :func:`~gradcam_jax._tap.adapt_tap`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from ._callables import ByIdentity, KeyedFunction, hashable
-from ._layerset import LayerSet, Recorder, layer_set
+from ._layerset import LayerSet, Recorder, glob_regex, is_pattern, layer_set
 from ._layout import Layout
 from ._nnx import nnx_layers as nnx_layers
 from ._nnx import nnx_tap as nnx_tap
 from ._tap import Edit, Tap, adapt_tap, map_layers
 
-__all__ = ["linen_tap", "equinox_tap", "linen_layers", "nnx_tap", "nnx_layers", "Output"]
+__all__ = ["linen_tap", "equinox_tap", "equinox_layers", "linen_layers", "nnx_tap", "nnx_layers", "Output"]
 
 #: What ``output=`` takes: a field or key name, an index, a callable ``output -> scores``, or ``None``.
 Output = str | int | Callable | None
@@ -231,8 +232,10 @@ def equinox_tap(
       model: an ``eqx.Module``; called on one example unless ``batched=True``.
       where: picks the submodule, e.g. ``lambda m: m.layers[-3]``.
       layers: instead of ``where``, several submodules from one forward pass: a list of such
-        callables (each layer named by its path in the model's pytree, e.g. ``"blocks.1"``) or
-        a dict ``{name: where}``. The tap returns ``(scores, {name: A})`` in call order;
+        callables (each layer named by its path in the model's pytree, e.g. ``"blocks.1"``),
+        of those paths and glob patterns over them (``"blocks.*"``: ``*`` stays within a
+        ``.`` segment, ``**`` crosses them; :func:`equinox_layers` lists the paths), or a dict
+        ``{name: where}``. The tap returns ``(scores, {name: A})`` in call order;
         ``tap.select(name)`` is a single-layer tap on one of them.
       call: which call to tap when the submodule is called more than once (0 is the first; with
         ``layers``, the same call of every submodule). By default that is an error.
@@ -261,16 +264,18 @@ def equinox_tap(
             raise TypeError(
                 "equinox_tap: where must be a callable picking the submodule, e.g. lambda m: m.layers[2]."
             )
+        entries: tuple[str, ...] = ()
         wheres = {_module_path(model, where) or "picked by where": where}
     elif where is not None:
         raise TypeError("equinox_tap: give where= (one submodule) or layers=[...] (several), not both.")
     else:
-        wheres = _equinox_layers(model, layers)
+        wheres, entries = _equinox_layers(model, layers)
     multi = layers is not None
+    layer: str | LayerSet = LayerSet(entries, ".") if multi else next(iter(wheres))
     axes = _ChannelAxis(batched, channels_first, activations=activation_layout is None)
     # Deepest first, so a submodule inside another tapped one is wrapped before its parent.
     depth = {name: len(_key_path(model, w) or ()) for name, w in wheres.items()}
-    one = _equinox_one(dict(sorted(wheres.items(), key=lambda item: -depth[item[0]])), axes, call, multi)
+    one = _equinox_one(dict(sorted(wheres.items(), key=lambda item: -depth[item[0]])), axes, call, layer)
     # Only the arrays are the tap's parameters (traced by jit); activations functions, flags and
     # other static fields of the model stay Python values.
     params, static = eqx.partition(model, eqx.is_array)
@@ -289,14 +294,18 @@ def equinox_tap(
         "equinox",
         ByIdentity(model),
         chosen,
-        multi,
+        layer,
         call,
         batched,
         channels_first,
         activation_layout is None,
     )
-    entries = tuple(wheres) if multi else None
-    tap = Tap(KeyedFunction(apply, key), params, ", ".join(entries) if entries else "equinox", entries)
+    tap = Tap(
+        KeyedFunction(apply, key),
+        params,
+        ", ".join(entries) if multi else "equinox",
+        entries if multi else None,
+    )
     return adapt_tap(tap, output=output, activation_layout=activation_layout)
 
 
@@ -313,28 +322,93 @@ def _module_path(model, where: Callable) -> str | None:
     return None if path is None else jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def _equinox_layers(model, layers) -> dict[str, Callable]:
-    """``layers=`` of :func:`equinox_tap` as ``{name: where}``."""
+def equinox_layers(model) -> list[str]:
+    """The paths of every Equinox submodule of ``model`` in its pytree, parents first
+    (``"blocks.1"``, ``"blocks.1.conv"``): the names :func:`equinox_tap`'s ``layers=`` matches.
+
+    Examples:
+      >>> import equinox as eqx, jax, gradcam_jax as gcj
+      >>> mlp = eqx.nn.MLP(3, 2, width_size=4, depth=1, key=jax.random.key(0))
+      >>> gcj.equinox_layers(mlp)
+      ['layers.0', 'layers.1']
+    """
+    return [path for path, _ in _equinox_submodules(model)]
+
+
+def _equinox_submodules(model) -> list[tuple[str, _KeyPathGetter]]:
+    import equinox as eqx
+
+    found: list[tuple[str, _KeyPathGetter]] = []
+
+    def walk(node, prefix: tuple) -> None:
+        inner = lambda n: n is not node and isinstance(n, eqx.Module)  # noqa: E731
+        for path, leaf in jax.tree_util.tree_flatten_with_path(node, is_leaf=inner)[0]:
+            if inner(leaf):
+                full = prefix + tuple(path)
+                found.append((jax.tree_util.keystr(full, simple=True, separator="."), _KeyPathGetter(full)))
+                walk(leaf, full)
+
+    walk(model, ())
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeyPathGetter:
+    """``where`` for a submodule found by its key path (hashable: taps built alike share kernels)."""
+
+    path: tuple
+
+    def __call__(self, model):
+        for key in self.path:
+            if isinstance(key, jax.tree_util.GetAttrKey):
+                model = getattr(model, key.name)
+            elif isinstance(key, jax.tree_util.SequenceKey):
+                model = model[key.idx]
+            else:
+                model = model[key.key]
+        return model
+
+
+def _equinox_layers(model, layers) -> tuple[dict[str, Callable], tuple[str, ...]]:
+    """``layers=`` of :func:`equinox_tap`: ``{name: where}`` and the entries as given."""
     if isinstance(layers, Mapping):
         items = [(str(k), v) for k, v in layers.items()]
-    elif isinstance(layers, Sequence) and not isinstance(layers, str):
-        paths = [_module_path(model, w) if callable(w) else None for w in layers]
-        items = [(path or f"where{i}", w) for i, (path, w) in enumerate(zip(paths, layers, strict=True))]
+        entries = [name for name, _ in items]
+    elif isinstance(layers, (str, Sequence)) and layers:
+        items, entries = [], []
+        for i, entry in enumerate([layers] if isinstance(layers, str) else layers):
+            if not isinstance(entry, str):
+                name = _module_path(model, entry) if callable(entry) else None
+                items.append((name or f"where{i}", entry))
+                entries.append(name or f"where{i}")
+                continue
+            rx = glob_regex(entry, ".") if is_pattern(entry) else None
+            hits = [(p, g) for p, g in _equinox_submodules(model) if (rx.match(p) if rx else p == entry)]
+            if not hits:
+                raise ValueError(
+                    f"equinox_tap: {'pattern' if rx else 'layer'} {entry!r} matches no submodule. The "
+                    f"model's submodules: {_list_layers(equinox_layers(model))}."
+                )
+            items.extend(hits)
+            entries.append(entry)
     else:
         items = []
     if not items or not all(callable(w) for _, w in items):
         raise TypeError(
             "equinox_tap: layers must be a non-empty list of callables picking submodules "
-            f"([lambda m: m.blocks[1], lambda m: m.blocks[2]]) or a dict {{name: callable}}; got {layers!r}."
+            "([lambda m: m.blocks[1], lambda m: m.blocks[2]]), submodule paths or glob patterns "
+            f"('blocks.*'; gcj.equinox_layers lists them), or a dict {{name: callable}}; got {layers!r}."
         )
-    return dict(items)
+    return dict(items), tuple(dict.fromkeys(entries))
 
 
 def _check_eqx_output(name: str, out) -> None:
     _check_array_output(out, f"{name!r}" if name != "picked by where" else "picked by where")
 
 
-def _equinox_one(wheres: dict[str, Callable], axes: _ChannelAxis, call: int | None, multi: bool) -> Callable:
+def _equinox_one(
+    wheres: dict[str, Callable], axes: _ChannelAxis, call: int | None, layer: str | LayerSet
+) -> Callable:
     """``one(model, x, edit) -> (scores, A)``: the model on what it takes (one example, or a batch)."""
     import equinox as eqx
 
@@ -347,7 +421,7 @@ def _equinox_one(wheres: dict[str, Callable], axes: _ChannelAxis, call: int | No
             self.rec.enter(self.name)
             return self.rec.output(self.name, self.inner(*args, **kwargs))
 
-    layer: str | LayerSet = LayerSet(tuple(wheres), ".") if multi else next(iter(wheres))
+    multi = isinstance(layer, LayerSet)
     not_called = (
         None if multi else "equinox_tap: the submodule picked by `where` was not called by the model."
     )
@@ -361,7 +435,7 @@ def _equinox_one(wheres: dict[str, Callable], axes: _ChannelAxis, call: int | No
                 wheres[name], model, replace_fn=lambda sub, name=name: _EqxRecorder(sub, name, rec)
             )
         scores = model(axes.to_model(x))
-        acts = rec.activations("Only submodules the model calls can be tapped.", not_called)
+        acts = rec.activations(f"The model's submodules: {_list_layers(equinox_layers(model))}.", not_called)
         return scores, map_layers(axes.to_library, acts)
 
     return one

@@ -252,7 +252,7 @@ def adapter_taps(w, kind):
         return gcj.nnx_tap(model, layers=picks), list(BLOCKS), gcj.nnx_tap(model, lambda m: m.block2)
     if kind == "equinox":
         model = nets.equinox_model(w)
-        picks = [lambda m, i=i: m.blocks[i] for i in (2, 0, 1)]  # any order: keys come in call order
+        picks = ["blocks.[12]", lambda m: m.blocks[0]]  # any order: keys come in call order
         names = ["blocks.0", "blocks.1", "blocks.2"]
         return gcj.equinox_tap(model, layers=picks), names, gcj.equinox_tap(model, lambda m: m.blocks[1])
     if kind == "haiku":
@@ -297,6 +297,11 @@ def test_adapter_errors_list_the_layers(w):
         gcj.keras_tap(keras_model, "block1", layers=["block2"])
     with pytest.raises(TypeError, match=r"non-empty list of callables"):
         gcj.equinox_tap(nets.equinox_model(w), layers=[])
+    with pytest.raises(
+        ValueError, match=r"pattern 'block\*' matches no submodule.*blocks\.0, blocks\.0\.conv, blocks\.1"
+    ):
+        gcj.equinox_tap(nets.equinox_model(w), layers=["block*"])
+    assert gcj.equinox_layers(nets.equinox_model(w))[:3] == ["blocks.0", "blocks.0.conv", "blocks.1"]
     with pytest.raises(TypeError, match="not both"):
         gcj.equinox_tap(nets.equinox_model(w), lambda m: m.blocks[0], layers=[lambda m: m.blocks[1]])
 
