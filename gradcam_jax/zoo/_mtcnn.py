@@ -30,7 +30,15 @@ from ..models.efficientnet_lite import random_variables
 from ..models.mtcnn import NETS, torch_state_dict_to_flax
 from ..targets import box_score
 
-__all__ = ["FaceDetector", "Detections", "nms", "area_resize", "pnet_decode", "normalize_faces"]
+__all__ = [
+    "FaceDetector",
+    "Detections",
+    "nms",
+    "area_resize",
+    "pnet_decode",
+    "normalize_faces",
+    "face_probability",
+]
 
 STRIDE, CELL = 2, 12
 
@@ -120,6 +128,12 @@ def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
         if ey[k] > y[k] - 1 and ex[k] > x[k] - 1:
             out[k] = area_resize(image[y[k] - 1 : ey[k], x[k] - 1 : ex[k]], (size, size))
     return normalize_faces(out)
+
+
+def face_probability(logits) -> np.ndarray:
+    """The softmax's face probability from ``(..., 2)`` logits, on the host (no compilation per shape)."""
+    logits = np.asarray(logits, np.float32)
+    return 1.0 / (1.0 + np.exp(logits[..., 0] - logits[..., 1]))
 
 
 def pnet_decode(scale, output):
@@ -224,7 +238,7 @@ class FaceDetector:
         height, width = image.shape[:2]
         for scale in self.scales(height, width, min_face_size, factor):
             reg, logits = self.net("pnet", self.pnet_input(image, scale))
-            prob = np.asarray(jax.nn.softmax(logits, axis=-1))[0, ..., 1]
+            prob = face_probability(logits)[0]
             ys, xs = np.nonzero(prob >= threshold)
             if not len(ys):
                 continue
@@ -272,7 +286,7 @@ class FaceDetector:
         boxes = self._proposals(image, min_face_size, factor, thresholds[0])
         if len(boxes):
             reg, logits = self._batched("rnet", _crops(image, boxes, 24))
-            score = np.asarray(jax.nn.softmax(logits, axis=-1))[:, 1]
+            score = face_probability(logits)
             ok = score > thresholds[1]
             boxes = np.concatenate([boxes[ok, :4], score[ok, None]], axis=1)
             keep = nms(boxes[:, :4], boxes[:, 4], 0.7)
@@ -280,7 +294,7 @@ class FaceDetector:
         points = np.zeros((0, 5, 2), np.float32)
         if len(boxes):
             reg, marks, logits = self._batched("onet", _crops(image, boxes, 48))
-            score = np.asarray(jax.nn.softmax(logits, axis=-1))[:, 1]
+            score = face_probability(logits)
             ok = score > thresholds[2]
             boxes = np.concatenate([boxes[ok, :4], score[ok, None]], axis=1)
             w, h = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
