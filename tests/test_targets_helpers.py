@@ -86,6 +86,9 @@ def test_regression_value_and_column():
     np.testing.assert_allclose(targets.regression()(out[:, :1]), out[:, 0], rtol=1e-6)
     with pytest.raises(ValueError, match=r"regression\(i\)"):
         targets.regression()(jnp.asarray(out))
+    tap = gcj.split_tap(relu_features, pooled_head)
+    g = np.broadcast_to(WEIGHTS[:, 2] / (H * W), A.shape)
+    np.testing.assert_allclose(raw_cam(tap, targets.regression(2)), np_grad_cam(A, g), rtol=1e-5, atol=1e-6)
 
 
 def test_segmentation_against_numpy_and_analytic_grad_cam():
@@ -137,6 +140,11 @@ def test_token_against_numpy():
     )
     assert np.isnan(np.asarray(targets.token(5, 0)(seq))).all()
     assert np.isnan(np.asarray(targets.token(0, 7)(seq))).all()
+    # A sequence model: row h of the feature map is token h; logits (B, H, K) = A.sum(W) @ WEIGHTS.
+    tap = gcj.split_tap(relu_features, lambda a: a.sum(axis=2) @ WEIGHTS)
+    g = np.zeros(A.shape, np.float32)
+    g[:, 4, :, :] = WEIGHTS[:, 1]  # d logits[:, 4, 1] / dA: W[:, 1] on every position of row 4
+    np.testing.assert_allclose(raw_cam(tap, targets.token(4, 1)), np_grad_cam(A, g), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ box_score
