@@ -154,8 +154,8 @@ def score(fn, data, maps, n_steps: int) -> list[str]:
     dele = float(
         jnp.mean(metrics.deletion(fn, data.images, maps, data.labels, n_steps=n_steps, baseline=0.3).auc)
     )
-    ins = metrics.insertion(fn, data.images, maps, data.labels, n_steps=n_steps, canvas=0.3).auc
-    ins = float(jnp.mean(ins))
+    inserted = metrics.insertion(fn, data.images, maps, data.labels, n_steps=n_steps, canvas=0.3).auc
+    ins = float(jnp.mean(inserted))
     return [f"{pointing:.3f}", f"{iou:.3f}", f"{dele:.3f}", f"{ins:.3f}"]
 
 
