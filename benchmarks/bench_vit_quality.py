@@ -139,8 +139,8 @@ def explain_all(module, variables, data) -> dict[str, jax.Array]:
     return {
         "attention_rollout": gcj.attention_rollout(fn, x),
         "generic_attention": gcj.generic_attention(fn, x, y),
-        "legrad": gcj.legrad(fn, x, y, head=head),
-        "legrad (last 2 blocks)": gcj.legrad(fn, x, y, head=head, attention=[-2, -1]),
+        "legrad": gcj.legrad(fn, x, y, head=head),  # the last two blocks, the authors' default
+        "legrad (all blocks)": gcj.legrad(fn, x, y, head=head, attention=lambda site: True),
         "token grad_cam": gcj.grad_cam(tap, x, y, drop_tokens=1),
         "random": gcj.postprocess.normalize_maps(
             jax.image.resize(noise, (x.shape[0], SIZE, SIZE), "bilinear")

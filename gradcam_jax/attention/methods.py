@@ -317,7 +317,12 @@ def legrad(
         model's scores, and that class is explained at every layer.
       head: ``tokens (B, N, D) -> scores``: the model's final norm and classifier (for CLIP, the
         post-norm, projection and the similarity to the text embedding).
-      attention, drop_tokens, grid, upsample, normalize, interpolation, layout, input: as in
+      attention: which blocks to read, as in :func:`attention_rollout`. The default (``None``) is
+        the last two blocks, the default of the authors' implementation (``layer_index=-2``):
+        early blocks' tokens are poor inputs to the final head, and their positive gradients fall
+        on the background (``benchmarks/bench_vit_quality.py``). ``attention=lambda site: True``
+        reads every block.
+      drop_tokens, grid, upsample, normalize, interpolation, layout, input: as in
         :func:`attention_rollout`.
 
     Returns:
@@ -331,6 +336,8 @@ def legrad(
         raise TypeError(
             f"legrad: head must be a callable tokens (B, N, D) -> scores; got {type(head).__name__}."
         )
+    if attention is None:
+        attention = [-2, -1]  # the last two blocks (one block: that block)
     options = _options(
         fn, x, "legrad", attention=attention, token=0, drop_tokens=drop_tokens, grid=grid,
         upsample=upsample, normalize=normalize, interpolation=interpolation, layout=layout, input=input,
