@@ -17,6 +17,7 @@ in proportion). The relevance starts at the target's score on both sides (zennit
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
@@ -72,8 +73,13 @@ def resnet_pair(torch, torchvision, depth: int, seed: int):
     randomize_bn(net, seed=seed)
     net = net.double().eval()
     module = resnet_for_torch(net, dtype=jnp.float64)
-    variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), torch_state_dict_to_flax(net))
-    return net, (lambda x: module.apply(variables, x)), [ResNetCanonizer()]
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), torch_state_dict_to_flax(net))
+    # A partial, not a closure: the weights are traced, not constants for XLA to fold.
+    return net, functools.partial(apply_flax, module, variables), [ResNetCanonizer()]
+
+
+def apply_flax(module, variables, x):
+    return module.apply(variables, x)
 
 
 def zennit_lrp(torch, net, x_nhwc, target, composite):

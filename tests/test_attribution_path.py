@@ -47,11 +47,11 @@ def test_integrated_gradients_matches_captum(method):
     baseline = 0.1 * np.ones_like(X)
     ig = captum_attr.IntegratedGradients(TORCH_NET)
     expected, delta = ig.attribute(
-        nchw(X), nchw(baseline), target=torch.as_tensor(T), n_steps=12, method=method,
+        nchw(X), nchw(baseline), target=torch.as_tensor(T), n_steps=6, method=method,
         return_convergence_delta=True,
     )  # fmt: skip
     got, got_delta = gcj.integrated_gradients(
-        jax_net, X, T, baseline=baseline, steps=12, method=method, return_delta=True, chunk_size=10
+        jax_net, X, T, baseline=baseline, steps=6, method=method, return_delta=True, chunk_size=6
     )
     close(got, nhwc(expected))
     outputs = TORCH_NET(nchw(X))[np.arange(2), T].detach().numpy()
@@ -108,7 +108,7 @@ def _captum_noise(monkeypatch, key, n, stdev):
 
 @pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_noise_tunnel_over_saliency_matches_captum(monkeypatch, kind):
-    key, n, stdev = jax.random.key(1), 5, 0.3
+    key, n, stdev = jax.random.key(1), 3, 0.3
     got = gcj.noise_tunnel(
         gcj.gradients, jax_net, X, T, key=key, n_samples=n, stdev=stdev, relative=False, kind=kind
     )
@@ -121,19 +121,19 @@ def test_noise_tunnel_over_saliency_matches_captum(monkeypatch, kind):
 
 
 def test_noise_tunnel_over_integrated_gradients_matches_captum(monkeypatch):
-    key, n, stdev = jax.random.key(2), 3, 0.2
+    key, n, stdev = jax.random.key(2), 2, 0.2
     got = gcj.noise_tunnel(
         gcj.integrated_gradients, jax_net, X, T, key=key, n_samples=n, stdev=stdev, relative=False,
-        chunk_size=2, steps=8,
+        chunk_size=1, steps=4,
     )  # fmt: skip
     _captum_noise(monkeypatch, key, n, stdev)
     nt = captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(TORCH_NET))
-    expected = nt.attribute(nchw(X), nt_samples=n, stdevs=stdev, target=torch.as_tensor(T), n_steps=8)
+    expected = nt.attribute(nchw(X), nt_samples=n, stdevs=stdev, target=torch.as_tensor(T), n_steps=4)
     close(got, nhwc(expected))
 
 
 def test_noise_tunnel_over_layer_grad_cam_matches_captum(monkeypatch):
-    key, n, stdev = jax.random.key(3), 4, 0.25
+    key, n, stdev = jax.random.key(3), 3, 0.25
     tap = gcj.split_tap(*nets.split_functions(W))
     got = gcj.noise_tunnel(
         gcj.grad_cam, tap, X, T, key=key, n_samples=n, stdev=stdev, relative=False, kind="vargrad",
