@@ -161,13 +161,12 @@ def test_random_cam_weights_are_uniform_draws_from_the_key():
 
 
 def masked_scores_loop(tap, x, cls, masks):
-    """y_c(x ⊙ m) for each (channel, mask) by plain model calls: (C, n, B)."""
-    out = np.zeros(masks.shape[:3])
-    for k in range(masks.shape[0]):
-        for i in range(masks.shape[1]):
-            s = np.asarray(tap(x * masks[k, i][..., None])[0])
-            out[k, i] = s[np.arange(B), cls]
-    return out
+    """y_c(x ⊙ m) for each (channel, sample) mask ``(C, n, B, H, W)``: ``(C, n, B)``, every masked
+    image through one plain model call."""
+    k, n = masks.shape[:2]
+    masked = (x[None, None] * masks[..., None]).reshape((-1,) + x.shape[1:])
+    s = np.asarray(tap(masked.astype(np.float32))[0]).reshape(k, n, B, -1)
+    return np.take_along_axis(s, cls[None, None, :, None], axis=-1)[..., 0]
 
 
 def score_masks(tap, x):
@@ -206,15 +205,8 @@ def test_ss_cam_matches_the_noisy_loop_with_the_documented_noise():
     cls = np.asarray(tap(x)[0]).argmax(-1)
     a, m = score_masks(tap, x)
     n, std, key = 3, 0.3, jax.random.key(2)
-    noise = np.stack(
-        [
-            [
-                std * np.asarray(jax.random.normal(jax.random.fold_in(key, k * n + i), (B, H, W)))
-                for i in range(n)
-            ]
-            for k in range(C)
-        ]
-    )
+    draw = jax.vmap(lambda item: jax.random.normal(jax.random.fold_in(key, item), (B, H, W)))
+    noise = std * np.asarray(draw(jnp.arange(C * n))).reshape(C, n, B, H, W)  # the documented draw
     scores = masked_scores_loop(tap, x, cls, m[:, None] + noise).mean(1)
     got = gcj.cam(tap, x, None, "ss_cam", key=key, n_noise=n, noise_std=std, upsample=False, chunk_size=7)
     np.testing.assert_allclose(np.asarray(got), score_weighted(a, scores), rtol=1e-4, atol=1e-5)
