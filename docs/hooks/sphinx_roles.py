@@ -47,16 +47,7 @@ log = logging.getLogger("mkdocs.hooks.sphinx_roles")
 
 # Docstrings that do not parse as Google style, made to (object path -> (text, replacement)).
 # Each is reported to its owner; the fix belongs in the docstring, and then the entry goes.
-TOLERATED = {
-    # A paragraph inside ``Raises:`` (griffe reads each line as ``Exception: description``):
-    # moved after the section.
-    "gradcam_jax.dataset.run.explain_dataset": (
-        "\n  These are :class:`~gradcam_jax.dataset.lock.OutputError`\\ s; the last three are also a\n"
-        "  ``PermissionError``",
-        "\n\nThese are :class:`~gradcam_jax.dataset.lock.OutputError`\\ s; the last three are also a\n"
-        "``PermissionError``",
-    ),
-}
+TOLERATED: dict[str, tuple[str, str]] = {}
 
 
 def member(obj, name: str):

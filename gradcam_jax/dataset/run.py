@@ -158,11 +158,14 @@ def explain_dataset(
 
     Raises:
       StoreLocked: another run holds ``out`` (nothing was touched).
-      OutputNotWritable: ``out`` (or the folder it goes in) cannot be written.
-      NotAStore: ``out`` is a file or a folder with other contents (left as it is).
-      OtherJob: ``out`` holds a store of another job (``resume=False`` starts over).
-      These are :class:`~gradcam_jax.dataset.lock.OutputError`\\ s; the last three are also a
-      ``PermissionError``, a ``FileExistsError`` and a ``ValueError``.
+      OutputNotWritable: ``out`` (or the folder it goes in) cannot be written; also a
+        ``PermissionError``.
+      NotAStore: ``out`` is a file or a folder with other contents (left as it is); also a
+        ``FileExistsError``.
+      OtherJob: ``out`` holds a store of another job (``resume=False`` starts over); also a
+        ``ValueError``.
+
+    All four are :class:`~gradcam_jax.dataset.lock.OutputError` subclasses.
     """
     # long-function: the public signature (26 keywords) and its docstring are most of it; the body is short.
     args = Arguments(**locals())  # the parameters, as given: keep this the first statement
