@@ -1,4 +1,4 @@
-"""Concept overlays for Deep Feature Factorization (see :func:`gradcam_jax.dff.deep_feature_factorization`)."""
+"""Concept overlays for Deep Feature Factorization (:func:`gradcam_jax.dff.deep_feature_factorization`)."""
 
 from __future__ import annotations
 
