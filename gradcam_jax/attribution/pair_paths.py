@@ -154,7 +154,10 @@ def _guided_step(x, grad, x_in, x_base, alpha, options: GuidedOptions, l1_total)
         moved = jnp.where(gamma > 1.0, x_max, x + (x_max - x) * jnp.minimum(gamma, 1.0))
         x_new = jnp.where(reached, x, jnp.where(s, moved, x))
         gamma = jnp.where(reached, 0.0, gamma)
-        return x_new, attr + (x_new - x_old) * grad, g, gamma, reached, it + 1
+        # Nothing left to move (every feature at x_max): done. PAIR relies on float64 reaching the
+        # L1 target exactly here; in float32 the sums differ by rounding and it would loop forever.
+        done = reached | (l1_s <= 0)
+        return x_new, attr + (x_new - x_old) * grad, g, gamma, done, it + 1
 
     init = (x, jnp.zeros_like(x), grad, jnp.asarray(jnp.inf, x.dtype), jnp.asarray(False), 0)
     x, attr, _, _, _, _ = jax.lax.while_loop(cond, body, init)
