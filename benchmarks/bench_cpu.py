@@ -207,22 +207,20 @@ HEAD = [
 def run_model(key, args, peers, results):
     pair = MODELS[key]("float32", peers, "cpu", args.seed)
     forward = jax.jit(pair.module.apply)
-    for size in args.sizes:
-        for batch in args.batches:
-            grid = [(m, size, batch) for m in args.methods]
-            if size == args.slow_size and batch == args.slow_batch and key in args.slow_models:
-                grid += [(m, size, batch) for m in SLOW]
-            for method, size, batch in grid:
-                x32 = pair.preprocess(make_images(batch, size, args.seed))
-                x = jax.device_put(jnp.asarray(x32))
-                xt = None
-                if peers.torch is not None:
-                    xt = peers.torch.from_numpy(np.ascontiguousarray(x32.transpose(0, 3, 1, 2)))
-                t = jnp.asarray(np.asarray(forward(pair.variables, x)).argmax(-1).astype(np.int32))
-                res = measure(method, pair, x, xt, t, peers, args)
-                row = row_cells(pair.label, size, batch, method, res)
-                results.append({"row": row, **res, "load": os.getloadavg()})
-                print(" | ".join(map(str, row)), f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    grid = [(m, size, batch) for size in args.sizes for batch in args.batches for m in args.methods]
+    if key in args.slow_models:
+        grid += [(m, args.slow_size, args.slow_batch) for m in SLOW]
+    for method, size, batch in grid:
+        x32 = pair.preprocess(make_images(batch, size, args.seed))
+        x = jax.device_put(jnp.asarray(x32))
+        xt = None
+        if peers.torch is not None:
+            xt = peers.torch.from_numpy(np.ascontiguousarray(x32.transpose(0, 3, 1, 2)))
+        t = jnp.asarray(np.asarray(forward(pair.variables, x)).argmax(-1).astype(np.int32))
+        res = measure(method, pair, x, xt, t, peers, args)
+        row = row_cells(pair.label, size, batch, method, res)
+        results.append({"row": row, **res, "load": os.getloadavg()})
+        print(" | ".join(map(str, row)), f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def sweep(args, peers):
@@ -268,7 +266,9 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and PJRT_NPROC")
     p.add_argument("--chunk", type=int, default=64, help="Score-/Ablation-CAM chunk = pgc batch_size")
-    p.add_argument("--slow-models", type=names, default=["efficientnet_lite0"], help="Score-, Ablation-CAM")
+    p.add_argument(
+        "--slow-models", type=names, default=["efficientnet_lite0"], help="Score-, Ablation-CAM; '' for none"
+    )
     p.add_argument("--slow-size", type=int, default=96)
     p.add_argument("--slow-batch", type=int, default=2)
     p.add_argument("--sweep", type=ints, default=[], help="sizes for the per-pixel forward sweep")
