@@ -57,6 +57,7 @@ MATCHED_NOTES = (
     "fullgrad",
     "kpca_matched",
     "eigen_matched",
+    "eigen_eps",
     "dff_mu",
 )
 
