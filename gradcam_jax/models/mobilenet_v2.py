@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._convs import conv_general_dilated
 from .torch_names import TorchNames
 
 __all__ = ["MobileNetV2", "ConvBNReLU6", "InvertedResidual", "SETTINGS", "torch_state_dict_to_flax"]
@@ -68,6 +69,8 @@ class ConvBNReLU6(nn.Module):
             padding=[(pad, pad), (pad, pad)],
             use_bias=False,
             feature_group_count=x.shape[-1] if self.depthwise else 1,
+            # the CPU rewrite of depthwise convolutions (models/_convs.py), as EfficientNet-Lite
+            conv_general_dilated=conv_general_dilated,
             name="conv",
         )(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON, name="bn")(x)
