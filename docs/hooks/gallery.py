@@ -120,12 +120,6 @@ NOT_DRAWN: dict[str, str] = {
     name: "it reads a transformer's attention; see [Vision transformers](how-to/vits.md)."
     for name in ("attention_rollout", "attention_sites", "generic_attention", "legrad")
 }
-# Known gaps between two features of the package (reported; remove the entry once fixed).
-NOT_DRAWN["lrp"] = (
-    "on CPU, EfficientNet-Lite0's convolutions are rewritten under `lax.platform_dependent`, "
-    "whose `cond` LRP has no rule for (`NotImplementedError` naming it); see "
-    "[Attributions](how-to/attributions.md)."
-)
 
 # name -> (paper, passes per image, when to use it). Links are the papers' arXiv pages.
 ABOUT = {
