@@ -20,15 +20,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import cams, fullgrad, methods, perturbation, score_variants
 from ._callables import StableFunction
-from ._grads import check_tap_target, grads_for_spec, zero_gradients
+from ._grads import check_dead, check_tap_target, grads_for_spec, zero_gradients
 from ._maps import MapOptions, check_cam_input, kernel, map_geometry, maps_from_grads
 from ._smoothing import augmented_maps, check_aug_smooth, check_fuse, fuse_maps
 from ._tap import Tap, as_tap
-from ._targets import Target, TargetSpec, batch_size, is_concrete, target_spec
+from ._targets import Target, TargetSpec, batch_size, target_spec
 
 __all__ = [
     "Method",
@@ -183,25 +182,6 @@ def gradient_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: GradientCam
         return gradient_maps(tap, x, target, options)
     maps, dead = augmented_maps(lambda xa: gradient_maps(tap, xa, target, options), x, options.maps, "cam")
     return maps, jnp.any(dead, axis=0)
-
-
-def check_dead(dead, method) -> None:
-    """Refuse maps built from an all-zero ``dA`` (a concrete ``dead`` only: under an outer
-    ``jit`` the all-zero maps are returned, as documented in :func:`cam`)."""
-    if not is_concrete(dead):
-        return
-    dead = np.asarray(dead)
-    if not dead.any():
-        return
-    rows = sorted({int(i) for i in np.argwhere(dead)[:, 0]})
-    raise ValueError(
-        f"{method}: the gradient of the explained score with respect to the tapped layer is exactly zero "
-        f"everywhere for example(s) {rows[:10]}: the score does not depend on this layer's output, so the "
-        f"map would be all zeros. Likely causes: a transformer whose head reads only the class token, "
-        f"tapped at the last block's output (tap the last block's input or its first LayerNorm instead, "
-        f"with drop_tokens=1); a head whose weights are zero (e.g. a zero-initialised classifier); a "
-        f"callable target that does not depend on the model's output."
-    )
 
 
 def cam(

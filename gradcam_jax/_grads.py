@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._callables import as_pytree
 from ._inputs import check_batch
@@ -38,6 +39,7 @@ from ._targets import (
     TargetSpec,
     batch_size,
     check_target_against,
+    is_concrete,
     pull_back,
     select_scores,
     target_spec,
@@ -52,6 +54,7 @@ __all__ = [
     "scores_shapes",
     "check_fn_target",
     "zero_gradients",
+    "check_dead",
 ]
 
 
@@ -206,3 +209,22 @@ def zero_gradients(out: Grads, drop_tokens: int = 0) -> jax.Array:
     dead = jnp.all(g.reshape(g.shape[0], g.shape[1], -1) == 0, axis=-1)  # (K, B)
     dead = dead[0] if out.selected.ndim == 1 else dead.T
     return dead & ~jnp.isnan(out.selected)
+
+
+def check_dead(dead, method) -> None:
+    """Refuse maps built from an all-zero ``dA`` (a concrete ``dead`` only: under an outer
+    ``jit`` the all-zero maps are returned, as documented in :func:`gradcam_jax.cam`)."""
+    if not is_concrete(dead):
+        return
+    dead = np.asarray(dead)
+    if not dead.any():
+        return
+    rows = sorted({int(i) for i in np.argwhere(dead)[:, 0]})
+    raise ValueError(
+        f"{method}: the gradient of the explained score with respect to the tapped layer is exactly zero "
+        f"everywhere for example(s) {rows[:10]}: the score does not depend on this layer's output, so the "
+        f"map would be all zeros. Likely causes: a transformer whose head reads only the class token, "
+        f"tapped at the last block's output (tap the last block's input or its first LayerNorm instead, "
+        f"with drop_tokens=1); a head whose weights are zero (e.g. a zero-initialised classifier); a "
+        f"callable target that does not depend on the model's output."
+    )

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from . import methods
-from ._grads import Grads, check_tap_target, grads_for_spec, tap_shapes, zero_gradients
+from ._grads import Grads, check_dead, check_tap_target, grads_for_spec, tap_shapes, zero_gradients
 from ._maps import MapOptions, check_cam_input, kernel, map_geometry, maps_from_grads
 from ._smoothing import augmented_maps, check_aug_smooth
 from ._tap import Tap, as_tap
@@ -169,11 +169,8 @@ def run_explainer(
             f"a class with the classes scored nearest to it. For a callable target use another method."
         )
     maps, dead = explainer_kernel(tap, x, spec, key, options=options)
-    if options.kind != "random" and not isinstance(dead, jax.core.Tracer) and bool(jnp.any(dead)):
-        raise ValueError(
-            f"{who}: the gradient of the explained score with respect to the tapped layer is exactly zero "
-            f"for some example: the score does not depend on this layer's output (see gcj.cam)."
-        )
+    if options.kind != "random":
+        check_dead(dead, who)
     return maps
 
 
