@@ -197,10 +197,7 @@ def _record(tape: Tape, closed, arg_ids: list[int]) -> list[int]:
             if eqn.primitive.name == "platform_index":
                 tape.platform.update(outs)
         elif eqn.primitive.name == "cond" and ins[0] in tape.platform:
-            # lax.platform_dependent: every branch computes the same function; read the plainest
-            # one (fewest equations: conv_general_dilated rather than its unrolled taps).
-            branch = min(eqn.params["branches"], key=lambda b: len(closed_parts(b)[0].eqns))
-            outs = _record(tape, branch, ins[1:])
+            outs = _record_platform(tape, eqn, ins, active, invals)
         elif sub is not None and _is_activation_call(sub, eqn, active):
             fn = _closed_fn(*closed_parts(sub))
             outs = [tape.new(fn(*invals), True)]
@@ -218,6 +215,36 @@ def _record(tape: Tape, closed, arg_ids: list[int]) -> list[int]:
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _record_platform(tape: Tape, eqn, ins, active, invals) -> list[int]:
+    """``lax.platform_dependent``: every branch computes the same function; read the plainest one.
+
+    The plainest branch has the fewest equations (``conv_general_dilated`` rather than its
+    unrolled taps). When it is one linear equation of the branch's operands, the node keeps that
+    primitive's kind and rule, but evaluates (with modified weights too) through the whole
+    ``platform_dependent`` call, so the platform's fast implementation runs (on CPU: ``im2col``
+    for kernels larger than the map, the depthwise taps).
+    """
+    branch = min(eqn.params["branches"], key=lambda b: len(closed_parts(b)[0].eqns))
+    jaxpr, _ = closed_parts(branch)
+    only = jaxpr.eqns[0] if len(jaxpr.eqns) == 1 else None
+    if (
+        only is None
+        or only.primitive.name not in _LINEAR
+        or list(only.invars) != list(jaxpr.invars)
+        or list(only.outvars) != list(jaxpr.outvars)
+    ):
+        return _record(tape, branch, ins[1:])
+    index = invals[0]
+
+    def call(*operands):
+        with eqn.ctx.manager:
+            return bind(eqn.primitive, eqn.params, [index, *operands])[0]
+
+    outs = [tape.new(call(*invals[1:]), True)]
+    tape.nodes.append(Node(only.primitive, only.params, ins[1:], outs, _kind(only, active[1:]), call))
+    return outs
 
 
 def _record_cond(tape: Tape, eqn, ins, active, invals) -> list[int]:
