@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 from .._relu_sites import CALLS, closed_parts, sub_closed
@@ -38,6 +39,7 @@ __all__ = [
     "on_path",
     "bind",
     "node_vjp",
+    "fold",
     "UNARY",
     "STRUCTURAL",
 ]
@@ -76,10 +78,11 @@ def bind(prim, params, invals):
 class Node:
     """One image-dependent equation: its primitive, inputs / outputs (ids into ``Tape.vals``), kind."""
 
-    __slots__ = ("prim", "params", "ins", "outs", "kind", "fn", "layer", "branches")
+    __slots__ = ("prim", "params", "ins", "outs", "kind", "fn", "layer", "branches", "relu")
 
     def __init__(self, prim, params, ins, outs, kind, fn=None):
         self.prim, self.params, self.ins, self.outs, self.kind, self.fn = prim, params, ins, outs, kind, fn
+        self.relu = False  # an activation call that is max(x, c), c >= 0
         self.layer: Layer | None = None
         self.branches: list[Tape] = []  # a cond's branches, each its own tape
 
@@ -97,14 +100,17 @@ class Layer:
     """``z = A * L(x; W) + C``: a linear node and the affine nodes it feeds, as one LRP layer.
 
     ``x_id`` / ``z_id`` are the ids of the layer's input and output; ``weight`` the constant
-    operand (``None`` for a weightless reduction); ``A`` and ``C`` are arrays shaped like ``z``.
+    operand (``None`` for a weightless reduction); ``A`` and ``C`` are arrays broadcastable to
+    ``z``'s shape (usually one value per output feature, ``(1, 1, 1, C)``).
     """
 
-    __slots__ = ("node", "x_pos", "z_id", "A", "C", "weight", "first")
+    __slots__ = ("node", "x_pos", "z_id", "A", "C", "weight", "first", "folded", "nonneg")
 
     def __init__(self, node, x_pos, z_id, A, C, weight):
         self.node, self.x_pos, self.z_id, self.A, self.C, self.weight = node, x_pos, z_id, A, C, weight
         self.first = False
+        self.folded = None  # A W when A scales whole output features (bias, batch norm), else None
+        self.nonneg = False  # the input is known >= 0 (a ReLU's output, its pooling): x- = 0
 
     def linear(self, x, weight=None):
         """``L(x; weight)`` (the node's primitive with ``weight`` for its constant operand)."""
@@ -202,6 +208,7 @@ def _record(tape: Tape, closed, arg_ids: list[int]) -> list[int]:
             fn = _closed_fn(*closed_parts(sub))
             outs = [tape.new(fn(*invals), True)]
             tape.nodes.append(Node(None, None, ins, outs, "activation", fn))
+            tape.nodes[-1].relu = _is_relu_call(sub)
         elif eqn.primitive.name == "cond" and not active[0]:
             outs = _record_cond(tape, eqn, ins, active, invals)
         elif sub is not None:
@@ -316,23 +323,101 @@ def _find_layers(tape: Tape, first: bool = True) -> None:
     """Group each linear node with the affine nodes that follow it (each the only consumer);
     with ``first``, mark the first conv / dense layer."""
     users = _consumers(tape)
+    nonneg = _nonnegative(tape)
     for node in tape.nodes:
         if node.kind not in ("conv", "dense", "sum"):
             continue
         x_pos = 0 if tape.active[node.ins[0]] else 1
         weight = None if node.kind == "sum" else tape.vals[node.ins[1 - x_pos]]
         z = node.outs[0]
-        A = jnp.ones_like(tape.vals[z])
-        C = jnp.zeros_like(tape.vals[z])
+        dtype = tape.vals[z].dtype
+        A, C = jnp.ones((), dtype), jnp.zeros((), dtype)
         while len(users.get(z, [])) == 1 and users[z][0].kind == "affine" and z not in tape.outputs:
             nxt = users[z][0]
             A, C = _affine_step(nxt, tape, A, C)
-            A, C = (jnp.broadcast_to(v, tape.vals[nxt.outs[0]].shape) for v in (A, C))
             nxt.kind = "absorbed"  # part of this layer: no rule of its own
             z = nxt.outs[0]
-        node.layer = Layer(node, x_pos, z, A, C, weight)
+        node.layer = layer = Layer(node, x_pos, z, A, C, weight)
+        layer.nonneg = node.ins[x_pos] in nonneg
+        if tape.vals[z].shape == tape.vals[node.outs[0]].shape:
+            layer.folded = fold(node, x_pos, weight, A, tape.vals[z].shape)
         if node.kind != "sum" and first:
-            node.layer.first, first = True, False
+            layer.first, first = True, False
+
+
+def fold(node: Node, x_pos: int, weight, A, z_shape):
+    """``A W``: the layer's weights with the scale ``A`` folded in, when ``A`` is one number per
+    output feature (a bias-free scale: a folded batch norm, the ``1/n`` of a mean); else ``None``.
+
+    Then ``A * L(x; W) = L(x; A W)`` and every modified copy (``(A W)+``, ``A W + gamma (A W)+``)
+    is one convolution / matrix product instead of ``A+ L(x; W+) + A- L(x; W-)``.
+    """
+    if weight is None:
+        return None
+    a_shape = (1,) * (len(z_shape) - A.ndim) + A.shape
+    if node.kind == "conv":
+        dn = node.params["dimension_numbers"]
+        if node.params.get("batch_group_count", 1) != 1 or x_pos != 0:
+            return None
+        z_axis, w_axis = dn.out_spec[1], dn.rhs_spec[0]
+    else:
+        (_, rc), (lb, _) = node.params["dimension_numbers"]
+        free = [d for d in range(weight.ndim) if d not in rc]
+        if x_pos != 0 or lb or len(free) != 1:
+            return None
+        z_axis, w_axis = len(z_shape) - 1, free[0]
+    if any(n != 1 for d, n in enumerate(a_shape) if d != z_axis):
+        return None
+    a = jnp.broadcast_to(A.reshape(a_shape[z_axis]), (weight.shape[w_axis],))
+    shape = [1] * weight.ndim
+    shape[w_axis] = weight.shape[w_axis]
+    return weight * a.reshape(shape).astype(weight.dtype)
+
+
+def _is_relu_call(sub) -> bool:
+    """Whether a call's output is ``max(v, c)`` with a constant ``c >= 0`` (``jax.nn.relu``)."""
+    jaxpr, consts = closed_parts(sub)
+    out = jaxpr.outvars[0]
+    for eqn in jaxpr.eqns:
+        if out not in eqn.outvars:
+            continue
+        inner = sub_closed(eqn) if eqn.primitive.name in CALLS else None
+        if inner is not None:
+            return _is_relu_call(inner)
+        if eqn.primitive.name == "max":
+            return any(isinstance(v, jcore.Literal) and _known_nonneg(v.val) for v in eqn.invars)
+    return False
+
+
+def _known_nonneg(val) -> bool:
+    """A concrete (not traced) value whose entries are all >= 0."""
+    try:
+        return bool(np.all(np.asarray(val) >= 0))
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+
+
+_MONOTONE = {"add": ("add", "add_any"), "affine": ("mul", "div", "add")}  # >= 0 in, >= 0 constants: >= 0 out
+
+
+def _nonnegative(tape: Tape) -> set[int]:
+    """Ids of values known to be >= 0 from the program alone: ReLU outputs and their max / sum
+    pooling, reshapes and sums (so the z+ rules can skip the ``x-`` half of a layer)."""
+    known: set[int] = set()
+    for node in tape.nodes:
+        active = [i for i in node.ins if tape.active[i]]
+        const = [tape.vals[i] for i in node.ins if not tape.active[i]]
+        if node.kind == "activation" and node.relu:
+            ok = True
+        elif node.kind == "activation" and node.name == "max":
+            ok = any(_known_nonneg(c) for c in const)
+        elif node.kind in ("max", "sum", "structural") or node.name in _MONOTONE.get(node.kind, ()):
+            ok = all(i in known for i in active) and all(_known_nonneg(c) for c in const)
+        else:
+            ok = False
+        if ok:
+            known.update(node.outs)
+    return known
 
 
 def node_vjp(node: Node, tape: Tape, cotangents, vals=None):

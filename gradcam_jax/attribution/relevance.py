@@ -114,7 +114,7 @@ def _lrp_node(node, tape: Tape, rules: dict[str, Any], r_out):
         rule: Any = rules["first"] if layer.first and "first" in rules else rules.get(kind, Epsilon(1e-6))
         x = vals[node.ins[layer.x_pos]]
         out: list[Any] = [None] * len(node.ins)
-        out[layer.x_pos] = rule(LayerOps(layer), x, r_out[0])
+        out[layer.x_pos] = rule(LayerOps(layer, z=vals[layer.z_id]), x, r_out[0])
         return out
     if kind == "add":
         a, b = (vals[i] for i in node.ins)

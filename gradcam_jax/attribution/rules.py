@@ -66,8 +66,12 @@ class LayerOps:
     same on ``C`` plus ``"zero"``.
     """
 
-    def __init__(self, layer: Layer, gamma: float = 0.0):
-        self.layer, self.gamma = layer, gamma
+    def __init__(self, layer: Layer, gamma: float = 0.0, z=None):
+        self.layer, self.gamma, self.z = layer, gamma, z
+
+    def forward(self, x):
+        """The layer's output ``z = A L(x; W) + C`` (the recorded one when the tape gave it)."""
+        return self.out(x, "id", "id") if self.z is None else self.z
 
     def _lin(self, x, which: str):
         layer = self.layer
@@ -78,11 +82,16 @@ class LayerOps:
         return layer.linear(x, w)
 
     def weights(self, x, mode: str):
-        A = self.layer.A
+        A, folded = self.layer.A, self.layer.folded
         if mode == "ones":
             return self._lin(x, "1")
         if mode == "id":
             return A * self._lin(x, "W")
+        if folded is not None:  # A scales whole output features: one product per modified copy
+            w = {"pos": _pos(folded), "neg": _neg(folded)}.get(mode)
+            if w is None:
+                w = folded + self.gamma * (_pos(folded) if mode == "gpos" else _neg(folded))
+            return self.layer.linear(x, w)
         pos = _pos(A) * self._lin(x, "W+") + _neg(A) * self._lin(x, "W-")
         neg = _pos(A) * self._lin(x, "W-") + _neg(A) * self._lin(x, "W+")
         if mode in ("pos", "neg"):
@@ -116,7 +125,7 @@ class Epsilon:
     epsilon: float = 1e-6
 
     def __call__(self, ops: LayerOps, x, r):
-        s = r / stabilize(ops.out(x, "id", "id"), self.epsilon)
+        s = r / stabilize(ops.forward(x), self.epsilon)
         return x * ops.back(x, "id", s)
 
 
@@ -132,6 +141,9 @@ class ZPlus:
     stabilizer: float = 1e-6
 
     def __call__(self, ops: LayerOps, x, r):
+        if ops.layer.nonneg:  # x- = 0: one modified copy
+            s = r / stabilize(ops.out(x, "pos", "pos"), self.stabilizer)
+            return x * ops.back(x, "pos", s)
         xp, xn = _pos(x), _neg(x)
         z = ops.out(xp, "pos", "pos") + ops.out(xn, "neg", "zero")
         s = r / stabilize(z, self.stabilizer)
@@ -153,6 +165,10 @@ class AlphaBeta:
             )
 
     def __call__(self, ops: LayerOps, x, r):
+        if ops.layer.nonneg:  # x- = 0
+            sa = r / stabilize(ops.out(x, "pos", "pos"), self.stabilizer)
+            sb = r / stabilize(ops.out(x, "neg", "neg"), self.stabilizer)
+            return x * (self.alpha * ops.back(x, "pos", sa) - self.beta * ops.back(x, "neg", sb))
         xp, xn = _pos(x), _neg(x)
         sa = r / stabilize(ops.out(xp, "pos", "pos") + ops.out(xn, "neg", "zero"), self.stabilizer)
         sb = r / stabilize(ops.out(xp, "neg", "neg") + ops.out(xn, "pos", "zero"), self.stabilizer)
@@ -170,9 +186,13 @@ class Gamma:
     stabilizer: float = 1e-6
 
     def __call__(self, ops: LayerOps, x, r):
-        ops = LayerOps(ops.layer, self.gamma)
+        ops = LayerOps(ops.layer, self.gamma, ops.z)
+        y = ops.forward(x)
+        if ops.layer.nonneg:  # x- = 0
+            s_up = jnp.where(y > 0, r, 0) / stabilize(ops.out(x, "gpos", "gpos"), self.stabilizer)
+            s_down = jnp.where(y < 0, r, 0) / stabilize(ops.out(x, "gneg", "gneg"), self.stabilizer)
+            return x * (ops.back(x, "gpos", s_up) + ops.back(x, "gneg", s_down))
         xp, xn = _pos(x), _neg(x)
-        y = ops.out(x, "id", "id")
         z_up = ops.out(xp, "gpos", "gpos") + ops.out(xn, "gneg", "zero")
         z_down = ops.out(xp, "gneg", "gneg") + ops.out(xn, "gpos", "zero")
         s_up = jnp.where(y > 0, r, 0) / stabilize(z_up, self.stabilizer)
@@ -208,7 +228,7 @@ class ZBox:
     def __call__(self, ops: LayerOps, x, r):
         lo = jnp.broadcast_to(jnp.asarray(self.low, x.dtype), x.shape)
         hi = jnp.broadcast_to(jnp.asarray(self.high, x.dtype), x.shape)
-        z = ops.out(x, "id", "id") - ops.out(lo, "pos", "pos") - ops.out(hi, "neg", "neg")
+        z = ops.forward(x) - ops.out(lo, "pos", "pos") - ops.out(hi, "neg", "neg")
         s = r / stabilize(z, self.stabilizer)
         return x * ops.back(x, "id", s) - lo * ops.back(lo, "pos", s) - hi * ops.back(hi, "neg", s)
 
