@@ -63,9 +63,39 @@ def vgg_pair(torch, seed: int):
     return net, fn, []
 
 
-def resnet_pair(torch, torchvision, depth: int, seed: int):
-    from zennit.torchvision import ResNetCanonizer
+def exact_resnet_canonizer():
+    """zennit's ``ResNetCanonizer`` with each merged batch norm an exact identity.
 
+    zennit 0.5.1's ``MergeBatchNorm`` folds a batch norm into the convolution before it and then
+    means to leave the batch norm as the identity, but it only resets ``running_var`` to 1 and
+    keeps ``eps``: the batch norm still divides by ``sqrt(1 + eps)`` (1 - 5e-6 for eps = 1e-5).
+    The scale compounds over a ResNet's 20-53 batch norms and the relevance maps move by 3e-4 -
+    6e-4 of their largest value. zennit's fix (chr5tphr/zennit pull request 240) sets the
+    variance and ``eps`` to 0.5 each, so the batch norm is ``x / sqrt(1)``: done here.
+    """
+    from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+
+    class ExactMergeBatchNorm(SequentialMergeBatchNorm):
+        def register(self, linears, batch_norm):
+            self.eps = batch_norm.eps
+            super().register(linears, batch_norm)
+            batch_norm.running_var.data = torch_full_like(batch_norm.running_var.data, 0.5)
+            batch_norm.eps = 0.5
+
+        def remove(self):
+            super().remove()
+            self.batch_norm.eps = self.eps
+
+    def torch_full_like(t, v):
+        return t.new_full(t.shape, v)
+
+    return CompositeCanonizer(
+        (ExactMergeBatchNorm(), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer())
+    )
+
+
+def resnet_pair(torch, torchvision, depth: int, seed: int):
     from .peers.torch_resnet import randomize_bn
 
     torch.manual_seed(seed)
@@ -75,7 +105,7 @@ def resnet_pair(torch, torchvision, depth: int, seed: int):
     module = resnet_for_torch(net, dtype=jnp.float64)
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), torch_state_dict_to_flax(net))
     # A partial, not a closure: the weights are traced, not constants for XLA to fold.
-    return net, functools.partial(apply_flax, module, variables), [ResNetCanonizer()]
+    return net, functools.partial(apply_flax, module, variables), [exact_resnet_canonizer()]
 
 
 def apply_flax(module, variables, x):

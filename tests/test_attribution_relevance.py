@@ -12,6 +12,8 @@ import torch
 
 import gradcam_jax as gcj
 from gradcam_jax.attribution.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
+from gradcam_jax.models._convs import NHWC as CPU_NHWC
+from gradcam_jax.models._convs import conv_general_dilated as cpu_conv
 
 W = nets.weights(4, c2=8)
 X = np.random.default_rng(12).normal(size=(2, 8, 8, 3)).astype(np.float32)
@@ -206,3 +208,40 @@ def test_unsupported_operations_are_listed():
         gcj.lrp(jax_net, X, 0, rules="epsilon_gamma_box")
     with pytest.raises(ValueError, match="unknown rule keys"):
         gcj.lrp(jax_net, X, 0, rules={"last": Epsilon()})
+
+
+def test_platform_dependent_convolutions_match_captum_lrp():
+    # A 2x2 map under 3x3 kernels: the zoo's CPU convolution is an im2col inside
+    # lax.platform_dependent; lrp keeps it (the fast path) and still gives Captum's relevance.
+    x2 = X[:, :2, :2]
+
+    def platform_net(x):
+        h = x
+        for name in ("block1", "block2", "block3"):
+            k, b = W[name]
+            h = jax.nn.relu(cpu_conv(h, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=CPU_NHWC) + b)
+        return h.mean((1, 2)) @ W["fc"][0] + W["fc"][1]
+
+    assert "platform_index" in str(jax.make_jaxpr(platform_net)(x2))
+    expected = captum_attr.LRP(torch_pooled_net()).attribute(nchw(x2), target=torch.as_tensor(T))
+    close(gcj.lrp(platform_net, x2, T, rules="epsilon"), nhwc(expected))
+
+
+@pytest.mark.parametrize("rule", ["zplus", "alphabeta", "gamma"])
+def test_rules_after_a_relu_with_a_folded_scale_match_numpy(rule):
+    # The second layer's input is a ReLU's output (x >= 0: lrp skips the x- half) and its
+    # output is scaled per feature, a negative scale included (folded into the weights).
+    a = np.array([1.5, -0.7, 0.4])
+    c = np.array([0.2, -0.1, 0.3])
+
+    def scaled(x):
+        h = jax.nn.relu(x @ jnp.asarray(W1, x.dtype) + jnp.asarray(B1, x.dtype))
+        return (h @ jnp.asarray(W2, x.dtype)) * jnp.asarray(a, x.dtype) + jnp.asarray(c, x.dtype)
+
+    h = np.maximum(XM @ W1 + B1, 0)
+    y = (h @ W2) * a + c
+    r_top = np.zeros_like(y)
+    r_top[np.arange(4), 1] = y[np.arange(4), 1]
+    expected = np_layer("epsilon", XM, W1, B1, np_layer(rule, h, W2 * a, c, r_top))
+    rules = {"first": Epsilon(0.25), "dense": RULES[rule]}
+    close(gcj.lrp(scaled, jnp.asarray(XM, jnp.float32), 1, rules=rules), expected, 2e-4)
