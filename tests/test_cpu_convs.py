@@ -4,6 +4,8 @@ Expected values come from a NumPy convolution written out below (a loop over the
 from ``jax.lax.conv_general_dilated`` (what the models called before) and from PyTorch.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,8 @@ import gradcam_jax as gcj
 from gradcam_jax import zoo
 from gradcam_jax.models import efficientnet_lite, resnet
 from gradcam_jax.models._convs import NHWC, conv_general_dilated, depthwise_taps, im2col_conv
-from gradcam_jax.models.efficientnet_lite import EfficientNetLite, random_variables
+from gradcam_jax.models._depthwise import tap_sum
+from gradcam_jax.models.efficientnet_lite import EfficientNetLite, random_variables, same_padding
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +116,91 @@ def test_conv_general_dilated_values_and_gradients(size, wshape, groups, stride,
     assert "convolution" in export.export(jax.jit(ours), platforms=["cuda"])(x, w).mlir_module()
 
 
+def lax_depthwise(x, w, stride, pads):
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), pads, dimension_numbers=NHWC, feature_group_count=x.shape[-1]
+    )
+
+
+def pads_of(kind, h, w, k, stride):
+    """TensorFlow "SAME" (EfficientNet-Lite: (0, 1) at stride 2 on even sizes) or symmetric (MobileNetV2)."""
+    if kind == "tf":
+        return (same_padding(h, k, stride), same_padding(w, k, stride))
+    return (((k - 1) // 2,) * 2,) * 2
+
+
+# 8 x 7 inputs: an even and an odd side, so TF "SAME" pads differ between the two axes at stride 2
+# (at stride 1 both kinds pad (k - 1) / 2 on each side).
+GRAD_CASES = [(3, 1, "tf"), (5, 1, "tf"), *((k, 2, kind) for k in (3, 5) for kind in ("tf", "symmetric"))]
+
+
+@pytest.mark.parametrize("k, stride, kind", GRAD_CASES)
+def test_depthwise_gradients_equal_lax(k, stride, kind):
+    # depthwise_taps' own derivative rule (a polyphase tap sum for the input gradient) against
+    # the gradients of lax.conv_general_dilated, in the input and the kernel, batch 1 and 8,
+    # under jit and under vmap (per-example gradients).
+    rng = np.random.default_rng(k * 10 + stride)
+    pads = pads_of(kind, 8, 7, k, stride)
+    w = jnp.asarray(rng.standard_normal((k, k, 1, 3)).astype(np.float32))
+    for batch in (1, 8):
+        x = jnp.asarray(rng.standard_normal((batch, 8, 7, 3)).astype(np.float32))
+        ct = jnp.asarray(rng.standard_normal(lax_depthwise(x, w, stride, pads).shape).astype(np.float32))
+
+        def loss(conv, x, w, ct=ct):
+            return jnp.sum(conv(x, w, (stride, stride), pads) * ct)
+
+        ours = jax.jit(jax.grad(lambda x, w: loss(depthwise_taps, x, w), argnums=(0, 1)))(x, w)
+        ref = jax.jit(
+            jax.grad(lambda x, w: loss(lambda x, w, s, p: lax_depthwise(x, w, s[0], p), x, w), (0, 1))
+        )(x, w)
+        for a, b in zip(ours, ref, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    per_example = jax.jit(
+        jax.vmap(
+            jax.grad(lambda x, w, ct: loss(depthwise_taps, x[None], w, ct[None]), argnums=(0, 1)),
+            in_axes=(0, None, 0),
+        )
+    )(x, w, ct)
+    np.testing.assert_allclose(np.asarray(per_example[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(per_example[1].sum(0)), np.asarray(ref[1]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k, stride", [(5, 2), (3, 1)])
+def test_depthwise_higher_order_derivatives_equal_lax(k, stride):
+    # Forward mode, forward over reverse (a Hessian-vector product, as ShapleyCAM takes) and
+    # reverse over reverse (a gradient penalty, as the explanation losses take).
+    rng = np.random.default_rng(7)
+    pads = pads_of("tf", 8, 7, k, stride)
+    x, xd = (jnp.asarray(rng.standard_normal((2, 8, 7, 3)).astype(np.float32)) for _ in range(2))
+    w, wd = (jnp.asarray(rng.standard_normal((k, k, 1, 3)).astype(np.float32)) for _ in range(2))
+    convs = {"ours": lambda x, w: depthwise_taps(x, w, (stride, stride), pads)}
+    convs["lax"] = lambda x, w: lax_depthwise(x, w, stride, pads)
+
+    def derivatives(conv, x, w, xd, wd):
+        input_grad = jax.grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w))), argnums=0)
+        return [
+            jax.jvp(conv, (x, w), (xd, wd))[1],
+            jax.jvp(lambda x: input_grad(x, w), (x,), (xd,))[1],
+            *jax.grad(lambda x, w: jnp.sum(input_grad(x, w) ** 2), (0, 1))(x, w),
+        ]
+
+    got = {name: jax.jit(functools.partial(derivatives, conv))(x, w, xd, wd) for name, conv in convs.items()}
+    for a, b in zip(got["ours"], got["lax"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_reverse_mode_is_the_tap_sum_rule():
+    # The input gradient jax.grad builds is the polyphase tap sum: no interior padding (the
+    # zero-interleaved cotangent of the plain transpose) in the stride-2 program.
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((5, 5, 1, 4))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(depthwise_taps(x, w, (2, 2), ((1, 2), (1, 2))) ** 2)))
+    text = grad.lower(x).as_text()
+    assert "interior = [0, 1, 1, 0]" not in text and "stablehlo.slice" in text
+    plain = jax.jit(jax.grad(lambda x: jnp.sum(tap_sum(x, w, (2, 2), ((1, 2), (1, 2))) ** 2)))
+    assert "interior = [0, 1, 1, 0]" in plain.lower(x).as_text()
+
+
 def test_other_arguments_go_to_lax_unchanged():
     x = jnp.ones((1, 5, 5, 4))
     w = jnp.ones((3, 3, 1, 4))
@@ -151,6 +239,27 @@ def test_guided_backprop_through_the_rewritten_model(monkeypatch):
     gb_lax = gcj.guided_backprop(lambda x: module.apply(variables, x), x, target=3)
     assert float(jnp.abs(gb).max()) > 0
     np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_lax), rtol=1e-4, atol=1e-6)
+
+
+def test_training_gradients_through_the_rewritten_model(monkeypatch):
+    # Parameter and input gradients of a small EfficientNet-Lite (3x3 stride 1, 5x5 stride 2
+    # depthwise layers) with the CPU rewrite equal those of the model on lax's convolution.
+    module, variables = _small_lite()
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    ct = jax.random.normal(jax.random.key(2), (2, 10))
+
+    def loss(params, x):
+        return jnp.sum(module.apply({**variables, "params": params}, x) * ct)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    jax.clear_caches()  # the trace of the model is cached by its structure
+    expected = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    flat, flat_expected = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)
+    assert len(flat) == len(flat_expected) and float(jnp.abs(grads[1]).max()) > 0
+    for a, b in zip(flat, flat_expected, strict=True):
+        scale = float(jnp.abs(b).max()) + 1e-6
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

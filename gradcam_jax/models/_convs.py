@@ -17,8 +17,12 @@ to ``flax.linen.Conv(conv_general_dilated=...)`` by the zoo's architectures. On 
   shifted slices concatenated on the channel axis, then one matrix product with the kernel
   reshaped to ``(k k C_in, C_out)``.
 
-Both are exact rewrites of the same sum (only float rounding order differs) and both are plain
-``jax.numpy`` ops, so gradients, ``vmap`` and the guided-backprop rewrite see ordinary primitives.
+Both are exact rewrites of the same sum (only float rounding order differs), made of plain
+``jax.numpy`` ops, so ``vmap`` and the guided-backprop rewrite see ordinary primitives. The
+depthwise one (:mod:`._depthwise`) has its own reverse-mode rule, a tap sum too, because
+XLA:CPU runs the automatic transpose of the taps several times slower than the forward pass;
+so on CPU the zoo's models support ``jax.grad`` / ``jax.vjp`` (and forward over reverse), not
+``jax.jvp`` of the model itself.
 """
 
 from __future__ import annotations
@@ -28,19 +32,12 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jax import lax
 
+from ._depthwise import depthwise_taps, strided_taps
+
 __all__ = ["conv_general_dilated", "depthwise_taps", "im2col_conv"]
 
 # flax.linen.Conv's dimension numbers for channels-last 2-D convolutions (NHWC, HWIO -> NHWC).
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-
-
-def _strided_taps(x, kernel_hw: tuple[int, int], strides: Sequence[int], out_hw: tuple[int, int]):
-    """Every ``(p, q)`` tap of a padded NHWC input: the slice ``x[:, p::s, q::s, :]`` of the output's size."""
-    (kh, kw), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
-    for p in range(kh):
-        for q in range(kw):
-            limit = (x.shape[0], p + (oh - 1) * sh + 1, q + (ow - 1) * sw + 1, x.shape[3])
-            yield p, q, lax.slice(x, (0, p, q, 0), limit, (1, sh, sw, 1))
 
 
 def _pad_and_out(x, kernel_hw, strides, padding):
@@ -48,35 +45,6 @@ def _pad_and_out(x, kernel_hw, strides, padding):
     x = jnp.pad(x, pads)
     out_hw = tuple((x.shape[1 + d] - kernel_hw[d]) // strides[d] + 1 for d in range(2))
     return x, out_hw
-
-
-def depthwise_taps(x, kernel, strides: Sequence[int], padding: Sequence[tuple[int, int]]):
-    """Depthwise convolution as a sum over the kernel's taps.
-
-    Args:
-      x: ``(B, H, W, C)`` input.
-      kernel: ``(kh, kw, 1, C)`` weights (flax's layout for ``feature_group_count=C``).
-      strides: ``(sh, sw)``.
-      padding: ``((top, bottom), (left, right))``.
-
-    Returns:
-      ``(B, H', W', C)``: ``y[b, i, j, c] = sum_{p, q} x_pad[b, sh i + p, sw j + q, c] kernel[p, q, 0, c]``,
-      equal to ``lax.conv_general_dilated(..., feature_group_count=C)``.
-
-    >>> x = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 5, 3) / 10
-    >>> w = jnp.linspace(-1, 1, 3 * 3 * 3).reshape(3, 3, 1, 3)
-    >>> ref = lax.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=NHWC,
-    ...                                feature_group_count=3)
-    >>> bool(jnp.allclose(depthwise_taps(x, w, (2, 2), [(1, 1), (1, 1)]), ref, atol=1e-5))
-    True
-    """
-    kernel_hw = (kernel.shape[0], kernel.shape[1])
-    x, out_hw = _pad_and_out(x, kernel_hw, strides, padding)
-    out = None
-    for p, q, tap in _strided_taps(x, kernel_hw, strides, out_hw):
-        term = tap * kernel[p, q, 0]
-        out = term if out is None else out + term
-    return out
 
 
 def im2col_conv(x, kernel, strides: Sequence[int], padding: Sequence[tuple[int, int]], precision=None):
@@ -102,7 +70,7 @@ def im2col_conv(x, kernel, strides: Sequence[int], padding: Sequence[tuple[int, 
     kh, kw, c_in, c_out = kernel.shape
     x, out_hw = _pad_and_out(x, (kh, kw), strides, padding)
     # Taps in (p, q) order, channels last: the row order of kernel.reshape(kh * kw * c_in, c_out).
-    cols = jnp.concatenate([tap for _, _, tap in _strided_taps(x, (kh, kw), strides, out_hw)], axis=-1)
+    cols = jnp.concatenate([tap for _, _, tap in strided_taps(x, (kh, kw), strides, out_hw)], axis=-1)
     return jnp.dot(cols, kernel.reshape(kh * kw * c_in, c_out), precision=precision)
 
 
