@@ -245,3 +245,42 @@ def test_rules_after_a_relu_with_a_folded_scale_match_numpy(rule):
     expected = np_layer("epsilon", XM, W1, B1, np_layer(rule, h, W2 * a, c, r_top))
     rules = {"first": Epsilon(0.25), "dense": RULES[rule]}
     close(gcj.lrp(scaled, jnp.asarray(XM, jnp.float32), 1, rules=rules), expected, 2e-4)
+
+
+def test_deeplift_through_max_pooling_matches_captum():
+    # conv-relu, 2x2 max pool, conv-relu, global mean, dense. Captum 0.9's DeepLift calls its
+    # maxpool hook here, yet its result is the gradient through the pool (so it does not sum to
+    # the score's delta exactly); gcj.deeplift takes the gradient there too and must agree.
+    rng = np.random.default_rng(5)
+    k1, k2 = rng.normal(size=(3, 3, 3, 6)) * 0.5, rng.normal(size=(3, 3, 6, 6)) * 0.3
+    b1, b2, fc, bf = (
+        rng.normal(size=6) * 0.1,
+        rng.normal(size=6) * 0.1,
+        rng.normal(size=(6, 4)),
+        rng.normal(size=4),
+    )
+
+    def net(x):
+        def conv(h, k, b):
+            return jax.nn.relu(jax.lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=NHWC) + b)
+
+        h = jax.lax.reduce_window(conv(x, k1, b1), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return conv(h, k2, b2).mean((1, 2)) @ fc + bf
+
+    tnet = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(6, 4),
+    ).double().eval()  # fmt: skip
+    with torch.no_grad():
+        for i, (k, b) in {0: (k1, b1), 3: (k2, b2)}.items():
+            tnet[i].weight.copy_(torch.from_numpy(k.transpose(3, 2, 0, 1).copy()))
+            tnet[i].bias.copy_(torch.from_numpy(b))
+        tnet[7].weight.copy_(torch.from_numpy(fc.T.copy()))
+        tnet[7].bias.copy_(torch.from_numpy(bf))
+    x = rng.normal(size=(2, 8, 8, 3))
+    baseline = rng.normal(size=(2, 8, 8, 3)) * 0.5
+    target = np.array([1, 3])
+    expected = captum_attr.DeepLift(tnet).attribute(nchw(x), nchw(baseline), target=torch.as_tensor(target))
+    got = gcj.deeplift(net, jnp.asarray(x, jnp.float32), target, baseline=jnp.asarray(baseline, jnp.float32))
+    close(got, nhwc(expected))
