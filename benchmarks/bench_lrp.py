@@ -68,7 +68,7 @@ def zennit_call(torch, net, x, target, name: str, box):
     return call
 
 
-def rows(torch, net, fn, x, target, composites, rounds: int, with_zennit: bool):
+def rows(torch, net, fn, x, target, composites, rounds: int, zennit: list[str]):
     xs = jnp.asarray(x)
     box = (float(x.min()), float(x.max()))
     grad = jax.jit(jax.grad(lambda v: jnp.sum(fn(v)[jnp.arange(len(target)), target])))
@@ -79,7 +79,7 @@ def rows(torch, net, fn, x, target, composites, rounds: int, with_zennit: bool):
         calls.append(lambda lrp=lrp: lrp(xs))
         labels.append(("gcj.lrp", name))
         counts.append(hlo_products(lrp, xs))
-        theirs = zennit_call(torch, net, x, target, name, box) if with_zennit else None
+        theirs = zennit_call(torch, net, x, target, name, box) if name in zennit else None
         if theirs is not None:
             calls.append(theirs)
             labels.append(("zennit", name))
@@ -100,7 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=COMPOSITES)
-    ap.add_argument("--no-zennit", action="store_true", help="time gcj.lrp and jax.grad only")
+    ap.add_argument(
+        "--zennit", nargs="*", default=None, choices=COMPOSITES, help="composites zennit runs (default: all)"
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
         f"CPU (noisy); ratios = time / jax.grad's, paired within rounds"
     )
     head = ["method", "composite", "seconds", "ratio", "convs + dots (HLO)"]
-    table = rows(torch, net, fn, x, target, args.composites, args.rounds, not args.no_zennit)
+    zennit = list(COMPOSITES) if args.zennit is None else args.zennit
+    table = rows(torch, net, fn, x, target, args.composites, args.rounds, zennit)
     print(harness.table(head, table, markdown=True))
     return 0
 
