@@ -20,8 +20,11 @@ Times are medians of ``--rounds`` interleaved rounds on a shared CPU: noisy, so 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,15 +71,21 @@ def zennit_call(torch, net, x, target, name: str, box):
     return call
 
 
+def run_lrp(fn, target, name: str, box, v):
+    return gcj.lrp(fn, v, target, rules=name, box=box)
+
+
 def rows(torch, net, fn, x, target, composites, rounds: int, zennit: list[str]):
     xs = jnp.asarray(x)
     box = (float(x.min()), float(x.max()))
     grad = jax.jit(jax.grad(lambda v: jnp.sum(fn(v)[jnp.arange(len(target)), target])))
-    calls, labels, counts = [lambda: grad(xs)], [("jax.grad (one fwd+bwd)", "")], [hlo_products(grad, xs)]
+    calls: list[Callable[[], Any]] = [lambda: grad(xs)]
+    labels = [("jax.grad (one fwd+bwd)", "")]
+    counts: list[int | None] = [hlo_products(grad, xs)]
     for name in composites:
-        lrp = jax.jit(lambda v, name=name: gcj.lrp(fn, v, target, rules=name, box=box))
+        lrp = jax.jit(functools.partial(run_lrp, fn, target, name, box))
         jax.block_until_ready(lrp(xs))
-        calls.append(lambda lrp=lrp: lrp(xs))
+        calls.append(functools.partial(lrp, xs))
         labels.append(("gcj.lrp", name))
         counts.append(hlo_products(lrp, xs))
         theirs = zennit_call(torch, net, x, target, name, box) if name in zennit else None
