@@ -140,15 +140,18 @@ def time_rounds(calls: dict, repeats: int, cpu: dict | None = None, settle: floa
 def measure(method, pair, x, xt, t, peers, args) -> dict:
     """One row: compile before and after, warm every call up, then time them in rounds."""
     chunk = args.chunk
-    with before_rewrites():
-        before = ours(method, pair, x, t, chunk)
+    before = None
+    if not args.no_before:
+        with before_rewrites():
+            before = ours(method, pair, x, t, chunk)
     after = ours(method, pair, x, t, chunk)
     targets = np.asarray(t)
     peer = peer_calls(method, pair, xt, targets, chunk, peers)
     for impl in peer.values():
         if impl.setup:
             impl.setup()
-    calls = {"before": before.run, "after": after.run, **{n: impl.run for n, impl in peer.items()}}
+    calls = {**({"before": before.run} if before else {}), "after": after.run}
+    calls.update({n: impl.run for n, impl in peer.items()})
     slow = method in SLOW
     try:
         for call in calls.values():  # warm-up (for slow methods: skipped, one timed call each)
@@ -160,7 +163,7 @@ def measure(method, pair, x, xt, t, peers, args) -> dict:
         for impl in peer.values():
             if impl.teardown:
                 impl.teardown()
-    return {"compile_s": [before.compile_s, after.compile_s], "times": times, "cpu": cpu}
+    return {"compile_s": [before.compile_s if before else None, after.compile_s], "times": times, "cpu": cpu}
 
 
 def row_cells(model, size, batch, method, res):
@@ -177,9 +180,9 @@ def row_cells(model, size, batch, method, res):
         size,
         batch,
         LABELS[method],
-        f"{med['before']:.1f}",
+        f"{med['before']:.1f}" if "before" in med else "-",
         f"{med['after']:.1f}",
-        f"{paired('before'):.2f}x",
+        f"{paired('before'):.2f}x" if "before" in med else "-",
         f"{med[PGC]:.1f}" if PGC in med else "-",
         f"{med[CAPTUM]:.1f}" if CAPTUM in med else ("-" if method != "forward" else f"{med['torch']:.1f}"),
         f"{paired(best):.2f}x ({best})" if best else "-",
@@ -231,10 +234,11 @@ def sweep(args, peers):
         per_px = {}
         for size in args.sweep:
             x = jax.device_put(jnp.asarray(pair.preprocess(make_images(args.sweep_batch, size, args.seed))))
-            with before_rewrites():
-                b = ours("forward", pair, x, None, args.chunk)
-            a = ours("forward", pair, x, None, args.chunk)
-            calls = {"before": b.run, "after": a.run}
+            calls = {}
+            if not args.no_before:
+                with before_rewrites():
+                    calls["before"] = ours("forward", pair, x, None, args.chunk).run
+            calls["after"] = ours("forward", pair, x, None, args.chunk).run
             xt = None
             if peers.torch is not None:
                 xt = peers.torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
@@ -274,6 +278,7 @@ def parse(argv):
     p.add_argument("--sweep", type=ints, default=[], help="sizes for the per-pixel forward sweep")
     p.add_argument("--sweep-batch", type=int, default=1)
     p.add_argument("--settle", type=float, default=0.3, help="seconds of sleep before each timed call")
+    p.add_argument("--no-before", action="store_true", help="skip the 'before' column: saves CPU time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--json", help="write every time here")

@@ -9,6 +9,12 @@ gives the median milliseconds and GFLOP/s (2 multiply-adds per weight per output
 multiplied by how often the shape occurs, each kind's share of the forward pass.
 
     /work/bench-venv/bin/python -m benchmarks.bench_cpu_ops --model efficientnet_lite0 --size 224 --batch 8
+
+``--backward`` times the depthwise convolutions' input gradients instead (what Guided Backprop
+and every gradient method pull through the model): the rewrite's forward pass, its input
+gradient as ``jax.grad`` transposes the plain tap sum (``_depthwise.tap_sum``, the code before
+``depthwise_taps`` had its own rule), the same with the rule (the polyphase tap sum), and
+torch's forward and ``autograd.grad`` input gradient, with each side's backward / forward ratio.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from gradcam_jax.models._convs import conv_general_dilated
+from gradcam_jax.models._depthwise import depthwise_taps, tap_sum
 
 from .bench_cpu import MODELS, before_rewrites, time_rounds
 from .harness import table
@@ -91,6 +98,67 @@ def op_calls(key, torch, rng):
     return calls, flops
 
 
+def backward_calls(key, torch, rng):
+    """The timed calls of one depthwise shape's forward pass and input gradient, ours and torch's."""
+    lhs, rhs, strides, padding, groups = key
+    x = jnp.asarray(rng.standard_normal(lhs).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal(rhs).astype(np.float32))
+    ct = jnp.asarray(rng.standard_normal(tap_sum(x, w, strides, padding).shape).astype(np.float32))
+    fwd = jax.jit(lambda x, w: depthwise_taps(x, w, strides, padding)).lower(x, w).compile()
+
+    def input_grad(conv):
+        fn = jax.jit(lambda x, w, ct: jax.vjp(lambda x: conv(x, w, strides, padding), x)[1](ct))
+        return fn.lower(x, w, ct).compile()
+
+    before, after = input_grad(tap_sum), input_grad(depthwise_taps)
+    calls = {"fwd": lambda: fwd(x, w)}
+    calls.update({"dx before": lambda: before(x, w, ct), "dx after": lambda: after(x, w, ct)})
+    if torch is not None:
+        f = torch.nn.functional
+        xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+        wt = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
+        ctt = torch.from_numpy(np.asarray(ct).transpose(0, 3, 1, 2).copy())
+        pads = [padding[1][0], padding[1][1], padding[0][0], padding[0][1]]
+
+        def torch_fwd():
+            with torch.no_grad():
+                return f.conv2d(f.pad(xt, pads), wt, stride=strides, groups=groups)
+
+        def torch_dx():
+            y = f.conv2d(f.pad(xt, pads), wt, stride=strides, groups=groups)
+            return torch.autograd.grad(y, xt, ctt)[0]
+
+        calls.update({"torch fwd": torch_fwd, "torch dx": torch_dx})
+    return calls
+
+
+def backward_rows(convs, torch, repeats, rng):
+    """Rows of :func:`backward_calls` per depthwise shape, and the per-forward-pass totals."""
+    rows, totals = [], collections.defaultdict(float)
+    for key, count in sorted(convs.items(), key=lambda kv: kv[0][0]):
+        lhs, rhs, strides, _, groups = key
+        if groups == 1:
+            continue
+        calls = backward_calls(key, torch, rng)
+        for c in calls.values():
+            jax.block_until_ready(c())
+        med = {k: statistics.median(v) for k, v in time_rounds(calls, repeats).items()}
+        for k, v in med.items():
+            totals[k] += v * count
+        cells = [f"{rhs[0]}x{rhs[1]}", "x".join(map(str, lhs)), strides[0], count]
+        cells += [f"{med[k] * 1e3:.2f}" for k in calls]
+        cells += [f"{med['dx before'] / med['fwd']:.2f}", f"{med['dx after'] / med['fwd']:.2f}"]
+        if "torch dx" in med:
+            cells.append(f"{med['torch dx'] / med['torch fwd']:.2f}")
+        rows.append(cells)
+        print(" | ".join(map(str, cells)), flush=True)
+    names = list(calls)
+    head = ["kernel", "input NHWC", "stride", "times", *(f"{n} ms" for n in names)]
+    head += ["dx before / fwd", "dx after / fwd", *(["torch dx / fwd"] if "torch dx" in names else [])]
+    summary = [f"{totals[n] * 1e3:.1f}" for n in names]
+    return head, rows, names, summary
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet_lite0", choices=list(MODELS))
@@ -98,6 +166,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backward", action="store_true", help="depthwise input gradients (see the module)")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
     limit_xla_threads(args.threads)
@@ -108,6 +177,21 @@ def main(argv=None):
     x = jnp.zeros((args.batch, args.size, args.size, 3), jnp.float32)
     convs = model_convs(pair, x)
     rng = np.random.default_rng(0)
+    header = (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {pair.label} {args.size} px batch "
+        f"{args.batch}; {args.threads} threads; load average "
+        f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
+    if args.backward:
+        head, rows, names, summary = backward_rows(convs, peers.torch, args.repeats, rng)
+        out = [header, "", table(head, rows, markdown=True), ""]
+        out.append("Depthwise layers, times x occurrences (ms):")
+        out += ["", table(names, [summary], markdown=True)]
+        print("\n".join(out))
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write("\n".join(out) + "\n")
+        return
     rows, totals = [], collections.defaultdict(lambda: collections.defaultdict(float))
     for key, count in sorted(convs.items(), key=lambda kv: (kind(kv[0][0], kv[0][1], kv[0][4]), kv[0][0])):
         calls, flops = op_calls(key, peers.torch, rng)
@@ -127,11 +211,6 @@ def main(argv=None):
     summary = [[label, *(f"{t[n] * 1e3:.1f}" for n in names)] for label, t in totals.items()]
     all_ = [f"{sum(t[n] for t in totals.values()) * 1e3:.1f}" for n in names]
     summary.append(["all convolutions", *all_])
-    header = (
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {pair.label} {args.size} px batch "
-        f"{args.batch}; {args.threads} threads; load average "
-        f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())}"
-    )
     out = [
         header,
         "",
