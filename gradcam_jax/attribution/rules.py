@@ -165,10 +165,12 @@ class AlphaBeta:
             )
 
     def __call__(self, ops: LayerOps, x, r):
-        if ops.layer.nonneg:  # x- = 0
-            sa = r / stabilize(ops.out(x, "pos", "pos"), self.stabilizer)
-            sb = r / stabilize(ops.out(x, "neg", "neg"), self.stabilizer)
-            return x * (self.alpha * ops.back(x, "pos", sa) - self.beta * ops.back(x, "neg", sb))
+        if ops.layer.nonneg:  # x- = 0; with P = L(x; (A W)+): L(x; (A W)-) = z - C - P
+            p = ops.weights(x, "pos")
+            sa = r / stabilize(p + ops.bias("pos"), self.stabilizer)
+            sb = r / stabilize(ops.forward(x) - ops.bias("id") - p + ops.bias("neg"), self.stabilizer)
+            a, b = self.alpha, self.beta
+            return x * (ops.back(x, "pos", a * sa + b * sb) - b * ops.back(x, "id", sb))
         xp, xn = _pos(x), _neg(x)
         sa = r / stabilize(ops.out(xp, "pos", "pos") + ops.out(xn, "neg", "zero"), self.stabilizer)
         sb = r / stabilize(ops.out(xp, "neg", "neg") + ops.out(xn, "pos", "zero"), self.stabilizer)
@@ -188,10 +190,13 @@ class Gamma:
     def __call__(self, ops: LayerOps, x, r):
         ops = LayerOps(ops.layer, self.gamma, ops.z)
         y = ops.forward(x)
-        if ops.layer.nonneg:  # x- = 0
-            s_up = jnp.where(y > 0, r, 0) / stabilize(ops.out(x, "gpos", "gpos"), self.stabilizer)
-            s_down = jnp.where(y < 0, r, 0) / stabilize(ops.out(x, "gneg", "gneg"), self.stabilizer)
-            return x * (ops.back(x, "gpos", s_up) + ops.back(x, "gneg", s_down))
+        if ops.layer.nonneg:  # x- = 0; one modified copy P = L(x; (A W)+), as (A W)- = A W - (A W)+
+            g, p, lin = self.gamma, ops.weights(x, "pos"), y - ops.bias("id")
+            z_up = y + g * (p + ops.bias("pos"))
+            z_down = y + g * (lin - p + ops.bias("neg"))
+            s_up = jnp.where(y > 0, r, 0) / stabilize(z_up, self.stabilizer)
+            s_down = jnp.where(y < 0, r, 0) / stabilize(z_down, self.stabilizer)
+            return x * (ops.back(x, "id", s_up + (1 + g) * s_down) + g * ops.back(x, "pos", s_up - s_down))
         xp, xn = _pos(x), _neg(x)
         z_up = ops.out(xp, "gpos", "gpos") + ops.out(xn, "gneg", "zero")
         z_down = ops.out(xp, "gneg", "gneg") + ops.out(xn, "gpos", "zero")
