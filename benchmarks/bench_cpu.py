@@ -6,6 +6,8 @@ torch eager) and every method (ours against pytorch-grad-cam and Captum), with o
 
 * **before**: the models as they were, every convolution ``jax.lax.conv_general_dilated``
   (traced with ``gradcam_jax.models.*.conv_general_dilated`` swapped back for it);
+  (``--before plain-taps``: the CPU rewrite with ``jax.grad``'s own transpose of the depthwise tap
+  sum, as before ``depthwise_taps`` had its derivative rule; ``--before none``: no such column);
 * **after**: the models as shipped, whose convolutions go through
   ``gradcam_jax.models._convs.conv_general_dilated`` (depthwise as a sum over taps, 3x3 on maps
   smaller than the kernel as im2col + matmul; CPU only).
@@ -36,7 +38,8 @@ import numpy as np
 from jax import lax
 
 import gradcam_jax as gcj
-from gradcam_jax.models import efficientnet_lite, resnet
+from gradcam_jax.models import _blocks, _convs, resnet
+from gradcam_jax.models._depthwise import tap_sum
 
 from .harness import table
 from .peers.common import CAPTUM, PGC
@@ -61,6 +64,20 @@ LABELS = {
 
 
 @contextlib.contextmanager
+def plain_tap_sums():
+    """Trace the models with depthwise convolutions as the plain tap sum, which ``jax.grad`` transposes
+    itself (the CPU rewrite before ``depthwise_taps`` had its own derivative rule)."""
+    saved = _convs.depthwise_taps
+    _convs.depthwise_taps = lambda x, k, strides, padding: tap_sum(x, k, tuple(strides), padding)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _convs.depthwise_taps = saved
+        jax.clear_caches()
+
+
+@contextlib.contextmanager
 def before_rewrites():
     """Trace the models with plain ``lax.conv_general_dilated`` (the code before the rewrites).
 
@@ -68,14 +85,18 @@ def before_rewrites():
     by the model's static structure, which is the same before and after, so without this one
     side would reuse the other's trace.
     """
-    saved = efficientnet_lite.conv_general_dilated, resnet.conv_general_dilated
-    efficientnet_lite.conv_general_dilated = resnet.conv_general_dilated = lax.conv_general_dilated
+    saved = _blocks.conv_general_dilated, resnet.conv_general_dilated
+    _blocks.conv_general_dilated = resnet.conv_general_dilated = lax.conv_general_dilated
     jax.clear_caches()
     try:
         yield
     finally:
-        efficientnet_lite.conv_general_dilated, resnet.conv_general_dilated = saved
+        _blocks.conv_general_dilated, resnet.conv_general_dilated = saved
         jax.clear_caches()
+
+
+def before_context(kind: str):
+    return before_rewrites() if kind == "lax" else plain_tap_sums()
 
 
 def ours(method, pair, x, t, chunk):
@@ -141,8 +162,8 @@ def measure(method, pair, x, xt, t, peers, args) -> dict:
     """One row: compile before and after, warm every call up, then time them in rounds."""
     chunk = args.chunk
     before = None
-    if not args.no_before:
-        with before_rewrites():
+    if args.before != "none":
+        with before_context(args.before):
             before = ours(method, pair, x, t, chunk)
     after = ours(method, pair, x, t, chunk)
     targets = np.asarray(t)
@@ -235,8 +256,8 @@ def sweep(args, peers):
         for size in args.sweep:
             x = jax.device_put(jnp.asarray(pair.preprocess(make_images(args.sweep_batch, size, args.seed))))
             calls = {}
-            if not args.no_before:
-                with before_rewrites():
+            if args.before != "none":
+                with before_context(args.before):
                     calls["before"] = ours("forward", pair, x, None, args.chunk).run
             calls["after"] = ours("forward", pair, x, None, args.chunk).run
             xt = None
@@ -278,7 +299,13 @@ def parse(argv):
     p.add_argument("--sweep", type=ints, default=[], help="sizes for the per-pixel forward sweep")
     p.add_argument("--sweep-batch", type=int, default=1)
     p.add_argument("--settle", type=float, default=0.3, help="seconds of sleep before each timed call")
-    p.add_argument("--no-before", action="store_true", help="skip the 'before' column: saves CPU time")
+    p.add_argument(
+        "--before",
+        choices=["lax", "plain-taps", "none"],
+        default="lax",
+        help="what 'before' is: lax's convolutions (no CPU rewrite), the rewrite with the plain tap sum's "
+        "transpose as its gradient (before depthwise_taps' own rule), or no before column (saves time)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--json", help="write every time here")

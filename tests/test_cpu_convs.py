@@ -15,7 +15,7 @@ from jax import export, lax
 
 import gradcam_jax as gcj
 from gradcam_jax import zoo
-from gradcam_jax.models import efficientnet_lite, resnet
+from gradcam_jax.models import _blocks, resnet
 from gradcam_jax.models._convs import NHWC, conv_general_dilated, depthwise_taps, im2col_conv
 from gradcam_jax.models._depthwise import tap_sum
 from gradcam_jax.models.efficientnet_lite import EfficientNetLite, random_variables, same_padding
@@ -234,7 +234,7 @@ def test_guided_backprop_through_the_rewritten_model(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     fn = lambda x: module.apply(variables, x)  # noqa: E731
     gb = gcj.guided_backprop(fn, x, target=3)
-    monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    monkeypatch.setattr(_blocks, "conv_general_dilated", lax.conv_general_dilated)
     jax.clear_caches()  # the kernels' traces are cached by the model's structure
     gb_lax = gcj.guided_backprop(lambda x: module.apply(variables, x), x, target=3)
     assert float(jnp.abs(gb).max()) > 0
@@ -252,7 +252,7 @@ def test_training_gradients_through_the_rewritten_model(monkeypatch):
         return jnp.sum(module.apply({**variables, "params": params}, x) * ct)
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
-    monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    monkeypatch.setattr(_blocks, "conv_general_dilated", lax.conv_general_dilated)
     jax.clear_caches()  # the trace of the model is cached by its structure
     expected = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
     flat, flat_expected = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)
@@ -272,7 +272,7 @@ def test_lite0_logits_unchanged_and_equal_to_torch(lite0, monkeypatch):
     x = lite0.preprocess(zoo.demo_image(), size=136)
     x = jnp.concatenate([x, x[:, ::-1]])
     new = np.asarray(jax.jit(lite0.module.apply)(lite0.variables, x))
-    monkeypatch.setattr(efficientnet_lite, "conv_general_dilated", lax.conv_general_dilated)
+    monkeypatch.setattr(_blocks, "conv_general_dilated", lax.conv_general_dilated)
     jax.clear_caches()  # the kernels' traces are cached by the model's structure
     old = np.asarray(jax.jit(lite0.module.apply)(lite0.variables, x))
     # Only the order of float32 additions changed: 1e-5 relative to the largest logit (about 13).

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._convs import conv_general_dilated
+from ._blocks import ConvBNAct, same_padding
 from .torch_names import TorchNames
 
 __all__ = [
@@ -68,49 +68,16 @@ BN_EPSILON = 1e-3
 BN_DECAY = 0.99
 
 
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow "SAME" padding of one spatial axis: ``(before, after)``.
+class ConvBN(ConvBNAct):
+    """Convolution (no bias, TensorFlow "SAME" padding) -> BatchNorm (epsilon 1e-3) -> optional ReLU6.
 
-    >>> same_padding(224, 3, 2), same_padding(56, 5, 2), same_padding(14, 5, 1)
-    ((0, 1), (1, 2), (2, 2))
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-class ConvBN(nn.Module):
-    """Convolution (no bias, "SAME" padding) -> BatchNorm -> optional ReLU6.
-
-    Submodules ``conv`` and ``bn``; the module's output is after the activation.
+    Submodules ``conv`` and ``bn``; the module's output is after the activation
+    (:class:`~gradcam_jax.models._blocks.ConvBNAct` with EfficientNet-Lite's constants).
     """
 
-    features: int
-    kernel: int = 1
-    stride: int = 1
-    depthwise: bool = False
-    relu6: bool = True
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        pads = [
-            same_padding(x.shape[1], self.kernel, self.stride),
-            same_padding(x.shape[2], self.kernel, self.stride),
-        ]
-        x = nn.Conv(
-            self.features,
-            (self.kernel, self.kernel),
-            strides=(self.stride, self.stride),
-            padding=pads,
-            use_bias=False,
-            feature_group_count=x.shape[-1] if self.depthwise else 1,
-            # XLA:CPU runs depthwise convolutions as a slow generic loop; this runs them as a
-            # sum over the kernel's taps there (gradcam_jax/models/_convs.py), same numbers.
-            conv_general_dilated=conv_general_dilated,
-            name="conv",
-        )(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON, name="bn")(x)
-        return jax.nn.relu6(x) if self.relu6 else x
+    padding: str = "same"
+    bn_epsilon: float = BN_EPSILON
+    bn_decay: float = BN_DECAY
 
 
 class MBConv(nn.Module):

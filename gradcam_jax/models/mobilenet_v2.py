@@ -26,11 +26,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._convs import conv_general_dilated
+from ._blocks import ConvBNAct
 from .torch_names import TorchNames
 
 __all__ = ["MobileNetV2", "ConvBNReLU6", "InvertedResidual", "SETTINGS", "torch_state_dict_to_flax"]
@@ -50,31 +49,16 @@ BN_EPSILON = 1e-5
 BN_DECAY = 0.9  # torchvision's momentum 0.1
 
 
-class ConvBNReLU6(nn.Module):
-    """Convolution (no bias, symmetric padding) -> BatchNorm -> optional ReLU6 (``conv``, ``bn``)."""
+class ConvBNReLU6(ConvBNAct):
+    """Convolution (no bias, symmetric padding) -> BatchNorm (epsilon 1e-5) -> optional ReLU6.
 
-    features: int
-    kernel: int = 1
-    stride: int = 1
-    depthwise: bool = False
-    relu6: bool = True
+    Submodules ``conv`` and ``bn``: :class:`~gradcam_jax.models._blocks.ConvBNAct` with
+    torchvision's constants.
+    """
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        pad = (self.kernel - 1) // 2
-        x = nn.Conv(
-            self.features,
-            (self.kernel, self.kernel),
-            strides=(self.stride, self.stride),
-            padding=[(pad, pad), (pad, pad)],
-            use_bias=False,
-            feature_group_count=x.shape[-1] if self.depthwise else 1,
-            # the CPU rewrite of depthwise convolutions (models/_convs.py), as EfficientNet-Lite
-            conv_general_dilated=conv_general_dilated,
-            name="conv",
-        )(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_DECAY, epsilon=BN_EPSILON, name="bn")(x)
-        return jax.nn.relu6(x) if self.relu6 else x
+    padding: str = "symmetric"
+    bn_epsilon: float = BN_EPSILON
+    bn_decay: float = BN_DECAY
 
 
 class InvertedResidual(nn.Module):
