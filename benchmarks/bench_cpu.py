@@ -14,8 +14,10 @@ torch eager) and every method (ours against pytorch-grad-cam and Captum), with o
 
 Each round calls before, after, then each peer (the order reversed every other round), so load
 from other processes hits them alike; the table gives medians and the paired ratio (median over
-rounds of peer time / our time: above 1, ours is faster). ``--sweep`` adds the forward pass's
-time per pixel over input sizes (the small-map cliff). Run from the peers' venv
+rounds of peer time / our time: above 1, ours is faster). ``--methods gradients`` (not in the
+default grid) times plain input gradients against torch's ``autograd.grad``: what Captum's
+Guided Backprop computes on ReLU6 networks (it only swaps ``nn.ReLU``). ``--sweep`` adds the
+forward pass's time per pixel over input sizes (the small-map cliff). Run from the peers' venv
 (``benchmarks/setup_peers.sh``)::
 
     /work/bench-venv/bin/python -m benchmarks.bench_cpu                      # the full grid
@@ -44,7 +46,7 @@ from gradcam_jax.models._depthwise import tap_sum
 from .harness import table
 from .peers.common import CAPTUM, PGC
 from .peers.environment import Peers
-from .peers.implementations import TorchBatch, compile_ours, ours_impl, pgc_cam, torch_impls
+from .peers.implementations import TorchBatch, compile_ours, ours_impl, pgc_cam, plain_gradient, torch_impls
 from .peers.measure import Impl
 from .peers.models import build_lite0, build_resnet50, make_images
 from .peers.options import limit_xla_threads
@@ -60,6 +62,7 @@ LABELS = {
     "guided_grad_cam": "Guided Grad-CAM",
     "score_cam": "Score-CAM (all channels)",
     "ablation_cam": "Ablation-CAM (all channels)",
+    "gradients": "plain input gradient",
 }
 
 
@@ -110,6 +113,13 @@ def ours(method, pair, x, t, chunk):
             (pair.tap, x, t),
             "highest",
         )
+    if method == "gradients":  # not in the grid: the like-for-like row for Captum's Guided Backprop on ReLU6
+        return compile_ours(
+            "gradients",
+            lambda v, x, t: gcj.gradients(lambda x: pair.module.apply(v, x), x, t),
+            (pair.variables, x, t),
+            "highest",
+        )
     return ours_impl(method, pair, x, t, chunk, "highest")
 
 
@@ -125,6 +135,9 @@ def peer_calls(method, pair, xt, targets, chunk, peers):
                 return pair.torch_model(xt)
 
         return {"torch": Impl("torch", forward)}
+    if method == "gradients":
+        batch = TorchBatch(torch, pair, xt, targets, chunk, len(targets))
+        return {"torch": Impl("torch", lambda: plain_gradient(batch))}
     if method == "ablation_cam":
         if peers.pgc is None:
             return {}
@@ -205,7 +218,7 @@ def row_cells(model, size, batch, method, res):
         f"{med['after']:.1f}",
         f"{paired('before'):.2f}x" if "before" in med else "-",
         f"{med[PGC]:.1f}" if PGC in med else "-",
-        f"{med[CAPTUM]:.1f}" if CAPTUM in med else ("-" if method != "forward" else f"{med['torch']:.1f}"),
+        f"{med[CAPTUM]:.1f}" if CAPTUM in med else (f"{med['torch']:.1f}" if "torch" in med else "-"),
         f"{paired(best):.2f}x ({best})" if best else "-",
         f"{paired(best, 'cpu'):.2f}x" if best else "-",
         "yes" if best and paired(best) >= 1.0 else ("no" if best else "-"),
