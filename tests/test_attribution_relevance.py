@@ -284,3 +284,25 @@ def test_deeplift_through_max_pooling_matches_captum():
     expected = captum_attr.DeepLift(tnet).attribute(nchw(x), nchw(baseline), target=torch.as_tensor(target))
     got = gcj.deeplift(net, jnp.asarray(x, jnp.float32), target, baseline=jnp.asarray(baseline, jnp.float32))
     close(got, nhwc(expected))
+
+
+@pytest.mark.parametrize("pick", [0, 1])
+def test_lrp_follows_a_cond_whose_index_is_not_the_image(pick):
+    # The second layer sits in a lax.cond on a flag that is traced but does not depend on the
+    # image: relevance goes through the selected branch (zennit's rules in NumPy as reference).
+    w2b = W2[::-1].copy()
+
+    def gated(x, flag):
+        h = jax.nn.relu(x @ jnp.asarray(W1, x.dtype) + jnp.asarray(B1, x.dtype))
+        dense = [lambda v, w=w: v @ jnp.asarray(w, x.dtype) + jnp.asarray(B2, x.dtype) for w in (W2, w2b)]
+        return jax.lax.switch(flag, dense, h)
+
+    w = (W2, w2b)[pick]
+    h = np.maximum(XM @ W1 + B1, 0)
+    y = h @ w + B2
+    r_top = np.zeros_like(y)
+    r_top[np.arange(4), 2] = y[np.arange(4), 2]
+    expected = np_layer("epsilon", XM, W1, B1, np_layer("zplus", h, w, B2, r_top))
+    rules = {"first": Epsilon(0.25), "dense": ZPlus()}
+    run = jax.jit(lambda x, flag: gcj.lrp(lambda v: gated(v, flag), x, 2, rules=rules))
+    close(run(jnp.asarray(XM, jnp.float32), jnp.int32(pick)), expected, 2e-4)
