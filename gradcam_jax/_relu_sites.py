@@ -47,32 +47,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from ._engine import CALLS, closed_parts, sub_closed
+
 __all__ = [
-    "CALLS",
     "Facts",
     "analyse",
-    "closed_parts",
     "count_relus",
     "enters_call",
     "relu_operand",
-    "sub_closed",
 ]
 
 FIXED, ACTIVATION, SQUARE, MOMENT = "fixed", "activation", "square", "moment"
 
-CALLS = {
-    "pjit",
-    "jit",
-    "closed_call",
-    "core_call",
-    "remat2",
-    "checkpoint",
-    "remat",
-    "custom_jvp_call",
-    "custom_vjp_call",
-    "custom_vjp_call_jaxpr",
-    "custom_lin",
-}
 _CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
 # What jax.nn.relu / relu6 / clip are made of: a custom-derivative function built only from
 # these is a (clipped) ReLU and gets our rule; any other one (softplus = logaddexp(x, 0),
@@ -141,19 +127,6 @@ def _eqn_kinds(eqn, kinds: list[str], ins: list[Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Known values (the zero of a ReLU, its clip) and kinds, tracked through a jaxpr
 # --------------------------------------------------------------------------------------------
-
-
-def closed_parts(c):
-    """``(jaxpr, consts)`` of a ClosedJaxpr, or of a bare Jaxpr (no consts)."""
-    return (c.jaxpr, list(c.consts)) if isinstance(c, jcore.ClosedJaxpr) else (c, [])
-
-
-def sub_closed(eqn):
-    """The single sub-jaxpr of a call-like equation (a Jaxpr or ClosedJaxpr), or None."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if key in eqn.params:
-            return eqn.params[key]
-    return None
 
 
 def _concrete(c):

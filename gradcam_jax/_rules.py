@@ -29,22 +29,27 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from ._relu_sites import (
+from ._engine import (
     CALLS,
-    Facts,
-    analyse,
-    closed_parts,
-    count_relus,
-    enters_call,
-    relu_operand,
+    Frame,
+    RuleSet,
+    evaluate,
+    inline_call,
+    rerun_cond,
+    rerun_scan,
+    rerun_while,
     sub_closed,
 )
+from ._relu_sites import Facts, analyse, count_relus, enters_call, relu_operand
 
 __all__ = [
     "Rule",
     "GUIDED",
     "DECONV",
     "transform",
+    "rule_set",
+    "GUIDED_RULES",
+    "DECONV_RULES",
     "count_relus",
     "guided_relu",
     "deconv_relu",
@@ -121,18 +126,8 @@ DECONV = Rule("deconvnet", deconv_relu, _straight_through_min)
 
 
 # --------------------------------------------------------------------------------------------
-# The jaxpr rewrite
+# The rule sets: the ReLU-site replacement on the jaxpr walker (._engine)
 # --------------------------------------------------------------------------------------------
-
-
-def _bind(eqn, invals):
-    params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns = []
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 class _Counter:
@@ -140,130 +135,125 @@ class _Counter:
         self.n = 0
 
 
-def _eval(jaxpr, consts, args, rule: Rule, counter: _Counter, known_args=None, kind_args=None):
-    """Evaluate ``jaxpr`` with every ReLU replaced by ``rule``'s."""
-    env: dict[Any, Any] = {}
-    facts = Facts(jaxpr, consts, known_args, kind_args)
-    relu_outs: set[Any] = set()
+class _Sites:
+    """A frame's state: what is known of its variables, and which outputs are rewritten ReLUs."""
 
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts, strict=False):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args, strict=False):
-        env[v] = a
-
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        ins, kinds = facts.read(eqn)
-        outs = _eval_eqn(eqn, invals, ins, kinds, relu_outs, rule, counter)
-        if outs is None:
-            outs = _bind(eqn, invals)
-        facts.update(eqn, ins, kinds)
-        for v, o in zip(eqn.outvars, outs, strict=False):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+    def __init__(self, frame: Frame):
+        known, kinds = frame.extra if frame.extra is not None else (None, None)
+        self.facts = Facts(frame.jaxpr, frame.consts, known, kinds)
+        self.relu_outs: set[Any] = set()
 
 
-def _eval_eqn(eqn, invals, ins, kinds, relu_outs, rule: Rule, counter: _Counter):
-    """One equation under ``rule``: its outputs, or ``None`` to bind it unchanged."""
-    name = eqn.primitive.name
-    out_aval: Any = eqn.outvars[0].aval if eqn.outvars else None
+def _enter(frame: Frame) -> None:
+    frame.state = _Sites(frame)
 
-    def relu_out(i):
-        v = eqn.invars[i]
-        return isinstance(v, jcore.Var) and v in relu_outs
 
-    operand = relu_operand(eqn, ins, kinds)
-    if operand is not None and name == "max":
-        x = invals[operand]
-        x = jnp.broadcast_to(jnp.asarray(x, out_aval.dtype), out_aval.shape)
-        counter.n += 1
-        relu_outs.add(eqn.outvars[0])
+def _after(frame: Frame, eqn, outs) -> None:
+    facts = frame.state.facts
+    facts.update(eqn, *facts.read(eqn))
+
+
+def _out_aval(eqn) -> Any:
+    return eqn.outvars[0].aval
+
+
+def _max_rule(rule: Rule):
+    def max_rule(frame: Frame, eqn, invals):
+        operand = relu_operand(eqn, *frame.state.facts.read(eqn))
+        if operand is None:
+            return None
+        aval = _out_aval(eqn)
+        x = jnp.broadcast_to(jnp.asarray(invals[operand], aval.dtype), aval.shape)
+        frame.ctx.n += 1
+        frame.state.relu_outs.add(eqn.outvars[0])
         return [rule.relu(x)]
-    if (
-        name == "min"
-        and len(invals) == 2
-        and ((relu_out(0) and ins[1] is not None) or (relu_out(1) and ins[0] is not None))
-    ):
+
+    return max_rule
+
+
+def _min_rule(rule: Rule):
+    """``min(relu(x), c)`` (a ReLU6's clip) takes the rule's clip."""
+
+    def min_rule(frame: Frame, eqn, invals):
+        ins, _ = frame.state.facts.read(eqn)
+        relu_outs = frame.state.relu_outs
+
+        def relu_out(i):
+            v = eqn.invars[i]
+            return isinstance(v, jcore.Var) and v in relu_outs
+
+        if len(invals) != 2 or not (
+            (relu_out(0) and ins[1] is not None) or (relu_out(1) and ins[0] is not None)
+        ):
+            return None
+        aval = _out_aval(eqn)
         y, c = (invals[0], invals[1]) if relu_out(0) else (invals[1], invals[0])
-        y = jnp.broadcast_to(y, out_aval.shape)
-        return [rule.clip(y, jnp.broadcast_to(jnp.asarray(c, out_aval.dtype), out_aval.shape))]
-    if operand is not None:  # clamp(0, x, c)
+        return [
+            rule.clip(
+                jnp.broadcast_to(y, aval.shape), jnp.broadcast_to(jnp.asarray(c, aval.dtype), aval.shape)
+            )
+        ]
+
+    return min_rule
+
+
+def _clamp_rule(rule: Rule):
+    """``clamp(0, x, c)``: the rule's ReLU, then its clip."""
+
+    def clamp_rule(frame: Frame, eqn, invals):
+        if relu_operand(eqn, *frame.state.facts.read(eqn)) is None:
+            return None
         _, x, hi = invals
-        x = jnp.broadcast_to(x, out_aval.shape)
-        counter.n += 1
-        return [rule.clip(rule.relu(x), jnp.broadcast_to(jnp.asarray(hi, out_aval.dtype), out_aval.shape))]
-    if name in CALLS and sub_closed(eqn) is not None:
-        return _eval_call(eqn, invals, ins, kinds, rule, counter)
-    if name == "scan" and count_relus(eqn.params["jaxpr"]) > 0:
-        return _eval_scan(eqn, invals, rule, counter)
-    if name == "while" and (count_relus(eqn.params["body_jaxpr"]) > 0):
-        return _eval_while(eqn, invals, rule, counter)
-    if name == "cond" and any(count_relus(b) > 0 for b in eqn.params["branches"]):
-        return _eval_cond(eqn, invals, rule, counter)
-    return None
+        aval = _out_aval(eqn)
+        frame.ctx.n += 1
+        return [
+            rule.clip(
+                rule.relu(jnp.broadcast_to(x, aval.shape)),
+                jnp.broadcast_to(jnp.asarray(hi, aval.dtype), aval.shape),
+            )
+        ]
+
+    return clamp_rule
 
 
-def _eval_call(eqn, invals, ins, kinds, rule: Rule, counter: _Counter):
-    """A call-like equation: inlined under ``rule`` when it holds ReLUs we may rewrite."""
+def _call_rule(frame: Frame, eqn, invals):
+    """A call-like equation: inlined (custom rule dropped) when it holds ReLUs we may rewrite."""
     sub = sub_closed(eqn)
+    if sub is None:
+        return None
+    ins, kinds = frame.state.facts.read(eqn)
     if not enters_call(eqn) or analyse(sub, ins, kinds)[0] == 0:
-        return _bind(eqn, invals)
-    # Inline the call (dropping any custom derivative rule: the ReLUs inside get ours).
-    sj, sc = closed_parts(sub)
-
-    def inner(*a):
-        return _eval(sj, sc, list(a), rule, counter, ins, kinds)
-
-    if eqn.primitive.name in ("remat2", "checkpoint", "remat"):
-        inner = jax.checkpoint(
-            inner, policy=eqn.params.get("policy"), prevent_cse=eqn.params.get("prevent_cse", True)
-        )
-    return list(inner(*invals))
+        return None
+    return inline_call(frame, eqn, invals, extra=(ins, kinds))
 
 
-def _eval_scan(eqn, invals, rule, counter):
-    p = eqn.params
-    nc, ncarry = p["num_consts"], p["num_carry"]
-    consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
-    body, body_consts = closed_parts(p["jaxpr"])
+def _if_relus(rerun, *keys):
+    """Rebuild a loop / switch under the rule set only when its bodies hold ReLUs."""
 
-    def step(carry, x):
-        out = _eval(body, body_consts, list(consts) + list(carry) + list(x), rule, counter)
-        return out[:ncarry], out[ncarry:]
+    def rule(frame: Frame, eqn, invals):
+        subs = [s for k in keys for s in (eqn.params[k] if k == "branches" else [eqn.params[k]])]
+        return rerun(frame, eqn, invals) if any(count_relus(s) > 0 for s in subs) else None
 
-    carry, ys = jax.lax.scan(
-        step, list(init), list(xs), length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1)
-    )
-    return list(carry) + list(ys)
+    return rule
 
 
-def _eval_while(eqn, invals, rule, counter):
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
-    cj, cc = closed_parts(p["cond_jaxpr"])
-    bj, bc = closed_parts(p["body_jaxpr"])
-
-    def cond(carry):
-        return _eval(cj, cc, list(cconsts) + list(carry), rule, counter)[0]
-
-    def body(carry):
-        return _eval(bj, bc, list(bconsts) + list(carry), rule, counter)
-
-    return list(jax.lax.while_loop(cond, body, list(init)))
+def rule_set(rule: Rule) -> RuleSet:
+    """The walker's rule set that replaces every ReLU site by ``rule``'s ReLU (and clip)."""
+    table: dict[str, Any] = {
+        "max": _max_rule(rule),
+        "min": _min_rule(rule),
+        "clamp": _clamp_rule(rule),
+        "scan": _if_relus(rerun_scan, "jaxpr"),
+        "while": _if_relus(rerun_while, "body_jaxpr"),
+        "cond": _if_relus(rerun_cond, "branches"),
+    }
+    table.update(dict.fromkeys(CALLS, _call_rule))
+    return RuleSet(rule.name, table, enter=_enter, after=_after)
 
 
-def _eval_cond(eqn, invals, rule, counter):
-    index, ops = invals[0], invals[1:]
-    branches = []
-    for b in eqn.params["branches"]:
-        bj, bc = closed_parts(b)
-        branches.append(lambda *a, bj=bj, bc=bc: _eval(bj, bc, list(a), rule, counter))
-    return list(jax.lax.switch(index, branches, *ops))
+GUIDED_RULES = rule_set(GUIDED)
+DECONV_RULES = rule_set(DECONV)
+_RULE_SETS = {id(GUIDED): GUIDED_RULES, id(DECONV): DECONV_RULES}
 
 
 def transform(fn: Callable, rule: Rule) -> Callable:
@@ -272,7 +262,8 @@ def transform(fn: Callable, rule: Rule) -> Callable:
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         counter = _Counter()
         flat = jax.tree_util.tree_leaves(args)
-        outs = _eval(closed.jaxpr, list(closed.consts), flat, rule, counter)
+        rules = _RULE_SETS.get(id(rule)) or rule_set(rule)
+        outs = evaluate(rules, closed, flat, ctx=counter)
         expected = count_relus(closed)
         if counter.n < expected:
             raise NotImplementedError(

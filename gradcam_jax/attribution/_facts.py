@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from .._relu_sites import CALLS, closed_parts, sub_closed
+from .._engine import CALLS, closed_parts, sub_closed
 
 __all__ = ["fold", "nonnegative", "is_relu_call", "known_nonneg"]
 
