@@ -186,17 +186,18 @@ def evaluate(rules: RuleSet, closed, args, ctx=None, extra=None) -> list:
     return [frame.read(v) for v in jaxpr.outvars]
 
 
-def inline_call(frame: Frame, eqn, invals, extra=None) -> list:
+def inline_call(frame: Frame, eqn, invals, extra=None, remat: bool = True) -> list:
     """A call-like equation's sub-jaxpr evaluated under the same rules, in place of the call.
 
-    A custom derivative rule is dropped (the rules inside apply instead); ``remat`` /
-    ``checkpoint`` keeps its policy (the inlined body is wrapped in ``jax.checkpoint``).
+    A custom derivative rule is dropped (the rules inside apply instead); with ``remat``,
+    ``remat`` / ``checkpoint`` keeps its policy (the inlined body is wrapped in
+    ``jax.checkpoint``; only for rule sets whose values are arrays).
     """
 
     def inner(*a):
         return evaluate(frame.rules, sub_closed(eqn), list(a), frame.ctx, extra)
 
-    if eqn.primitive.name in _REMAT:
+    if remat and eqn.primitive.name in _REMAT:
         inner = jax.checkpoint(
             inner, policy=eqn.params.get("policy"), prevent_cse=eqn.params.get("prevent_cse", True)
         )

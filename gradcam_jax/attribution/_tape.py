@@ -1,7 +1,9 @@
 """The relevance engine's tape: a model's jaxpr, flattened, with each equation's kind and layer.
 
-:func:`record` traces ``f(image)`` to a jaxpr and evaluates it, inlining ``jit`` / custom
-derivative calls, into a flat list of :class:`Node` s — the equations that depend on the image.
+:func:`record` traces ``f(image)`` to a jaxpr and evaluates it on the package's one jaxpr
+walker (:mod:`gradcam_jax._engine`, under the :data:`RECORD` rule set), inlining ``jit`` /
+custom derivative calls, into a flat list of :class:`Node` s — the equations that depend on the
+image.
 Each node gets a *kind* that the per-primitive rules of :mod:`.relevance` dispatch on:
 
 * ``"conv"`` / ``"dense"``: ``conv_general_dilated`` / ``dot_general`` of the image-dependent
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from .._relu_sites import CALLS, closed_parts, sub_closed
+from .._engine import CALLS, Frame, RuleSet, bind, bind_eqn, closed_parts, evaluate, inline_call, sub_closed
 from ._facts import fold, is_relu_call, nonnegative
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Layer",
     "Tape",
     "record",
+    "RECORD",
     "replay",
     "all_tapes",
     "on_path",
@@ -62,16 +65,6 @@ _LINEAR = {"conv_general_dilated": "conv", "dot_general": "dense"}
 _SUMS = {"reduce_sum", "reduce_window_sum"}
 _MAXES = {"reduce_window_max", "reduce_max"}
 _AFFINE = {"mul", "div", "add", "sub", "neg"}
-
-
-def bind(prim, params, invals):
-    """Apply a primitive to values, as the equation ``(prim, params)`` would."""
-    bp = prim.get_bind_params(params)
-    subfuns = []
-    if isinstance(bp, tuple):  # older JAX: (subfuns, params)
-        subfuns, bp = bp
-    out = prim.bind(*subfuns, *invals, **bp)
-    return list(out) if prim.multiple_results else [out]
 
 
 class Node:
@@ -180,50 +173,45 @@ def _kind(eqn, active_ins: list[bool]) -> str:
     return "unsupported"
 
 
-def _record(tape: Tape, closed, arg_ids: list[int]) -> list[int]:
-    jaxpr, consts = closed_parts(closed)
-    env: dict[Any, int] = {}
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = tape.new(c, False)
-    for v, i in zip(jaxpr.invars, arg_ids, strict=True):
-        env[v] = i
-
-    def read(v):
-        return tape.new(v.val, False) if isinstance(v, jcore.Literal) else env[v]
-
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        active = [tape.active[i] for i in ins]
-        invals = [tape.vals[i] for i in ins]
-        sub = sub_closed(eqn) if eqn.primitive.name in CALLS else None
-        if not any(active):
-            with eqn.ctx.manager:
-                outs = [tape.new(o, False) for o in bind(eqn.primitive, eqn.params, invals)]
-            if eqn.primitive.name == "platform_index":
-                tape.platform.update(outs)
-        elif eqn.primitive.name == "cond" and ins[0] in tape.platform:
-            outs = _record_platform(tape, eqn, ins, active, invals)
-        elif sub is not None and _is_activation_call(sub, eqn, active):
-            fn = _closed_fn(*closed_parts(sub))
-            outs = [tape.new(fn(*invals), True)]
-            tape.nodes.append(Node(None, None, ins, outs, "activation", fn))
-            tape.nodes[-1].relu = is_relu_call(sub)
-        elif eqn.primitive.name == "cond" and not active[0]:
-            outs = _record_cond(tape, eqn, ins, active, invals)
-        elif sub is not None:
-            outs = _record(tape, sub, ins)
-        else:
-            with eqn.ctx.manager:
-                vals = bind(eqn.primitive, eqn.params, invals)
-            outs = [tape.new(o, True) for o in vals]
-            tape.nodes.append(Node(eqn.primitive, eqn.params, ins, outs, _kind(eqn, active)))
-        for v, o in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+def _record_eqn(frame: Frame, eqn, ins: list[int]) -> list[int]:
+    """The record rule (every primitive): bind the equation on the tape's values, and add a node
+    when it depends on the image; calls are inlined, ``cond`` s and activation calls kept whole."""
+    tape: Tape = frame.ctx
+    active = [tape.active[i] for i in ins]
+    invals = [tape.vals[i] for i in ins]
+    name = eqn.primitive.name
+    sub = sub_closed(eqn) if name in CALLS else None
+    if not any(active):
+        outs = [tape.new(o, False) for o in bind_eqn(eqn, invals)]
+        if name == "platform_index":
+            tape.platform.update(outs)
+        return outs
+    if name == "cond" and ins[0] in tape.platform:
+        return _record_platform(frame, eqn, ins, active, invals)
+    if sub is not None and _is_activation_call(sub, eqn, active):
+        fn = _closed_fn(*closed_parts(sub))
+        outs = [tape.new(fn(*invals), True)]
+        tape.nodes.append(Node(None, None, ins, outs, "activation", fn))
+        tape.nodes[-1].relu = is_relu_call(sub)
+        return outs
+    if name == "cond" and not active[0]:
+        return _record_cond(frame, eqn, ins, active, invals)
+    if sub is not None:
+        return inline_call(frame, eqn, ins, remat=False)
+    outs = [tape.new(o, True) for o in bind_eqn(eqn, invals)]
+    tape.nodes.append(Node(eqn.primitive, eqn.params, ins, outs, _kind(eqn, active)))
+    return outs
 
 
-def _record_platform(tape: Tape, eqn, ins, active, invals) -> list[int]:
+RECORD = RuleSet(
+    "record",
+    fallback=_record_eqn,
+    literal=lambda frame, val: frame.ctx.new(val, False),
+    const=lambda frame, val: frame.ctx.new(val, False),
+)
+
+
+def _record_platform(frame: Frame, eqn, ins, active, invals) -> list[int]:
     """``lax.platform_dependent``: every branch computes the same function; read the plainest one.
 
     The plainest branch has the fewest equations (``conv_general_dilated`` rather than its
@@ -241,7 +229,8 @@ def _record_platform(tape: Tape, eqn, ins, active, invals) -> list[int]:
         or list(only.invars) != list(jaxpr.invars)
         or list(only.outvars) != list(jaxpr.outvars)
     ):
-        return _record(tape, branch, ins[1:])
+        return evaluate(RECORD, branch, ins[1:], ctx=frame.ctx)
+    tape: Tape = frame.ctx
     index = invals[0]
 
     def call(*operands):
@@ -253,7 +242,7 @@ def _record_platform(tape: Tape, eqn, ins, active, invals) -> list[int]:
     return outs
 
 
-def _record_cond(tape: Tape, eqn, ins, active, invals) -> list[int]:
+def _record_cond(frame: Frame, eqn, ins, active, invals) -> list[int]:
     """A ``cond`` whose index does not depend on the image: one tape per branch.
 
     The index is often traced but fixed (``lax.platform_dependent`` picks an implementation);
@@ -263,12 +252,11 @@ def _record_cond(tape: Tape, eqn, ins, active, invals) -> list[int]:
     for branch in eqn.params["branches"]:
         sub = Tape()
         sub.inputs = [sub.new(v, a) for v, a in zip(invals[1:], active[1:], strict=True)]
-        sub.outputs = _record(sub, branch, sub.inputs)
+        sub.outputs = evaluate(RECORD, branch, sub.inputs, ctx=sub)
         _find_layers(sub, first=False)
         branches.append(sub)
-    with eqn.ctx.manager:
-        vals = bind(eqn.primitive, eqn.params, invals)
-    outs = [tape.new(o, True) for o in vals]
+    tape: Tape = frame.ctx
+    outs = [tape.new(o, True) for o in bind_eqn(eqn, invals)]
     node = Node(eqn.primitive, eqn.params, ins, outs, "cond")
     node.branches = branches
     tape.nodes.append(node)
@@ -289,7 +277,7 @@ def record(f, image) -> Tape:
     closed = jax.make_jaxpr(f)(image)
     tape = Tape()
     tape.inputs = [tape.new(image, True)]
-    tape.outputs = _record(tape, closed, tape.inputs)
+    tape.outputs = evaluate(RECORD, closed, tape.inputs, ctx=tape)
     _find_layers(tape)
     return tape
 
