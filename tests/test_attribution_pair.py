@@ -72,6 +72,24 @@ def test_guided_ig_with_max_dist_zero_is_integrated_gradients():
     np.testing.assert_allclose(np.asarray(got), np.asarray(ig), atol=2e-3 * np.abs(np.asarray(ig)).max())
 
 
+def test_guided_ig_with_k_targets_is_k_separate_calls():
+    baseline = np.full_like(X, 0.1)
+    per_class = [np.asarray(gcj.guided_ig(jax_net, X, c, baseline=baseline, steps=6)) for c in (0, 3)]
+    both = np.asarray(gcj.guided_ig(jax_net, X, [0, 3], baseline=baseline, steps=6))  # a list: (B, 2, ...)
+    assert both.shape == (2, 2) + X.shape[1:]
+    for k in range(2):
+        np.testing.assert_allclose(
+            both[:, k], per_class[k], rtol=1e-5, atol=1e-6 * np.abs(per_class[k]).max()
+        )
+    # (B, K) per example, and a callable giving (B, K): the same K paths.
+    rows = np.array([[0, 3], [3, 0]])
+    got = np.asarray(gcj.guided_ig(jax_net, X, rows, baseline=baseline, steps=6))
+    np.testing.assert_allclose(got[0], both[0], rtol=1e-5, atol=1e-6 * np.abs(both).max())
+    np.testing.assert_allclose(got[1], both[1, ::-1], rtol=1e-5, atol=1e-6 * np.abs(both).max())
+    by_fn = np.asarray(gcj.guided_ig(jax_net, X, lambda s: s[:, [0, 3]], baseline=baseline, steps=6))
+    np.testing.assert_allclose(by_fn, both, rtol=1e-5, atol=1e-6 * np.abs(both).max())
+
+
 def test_xrai_matches_pair_on_the_same_attributions():
     x = np.random.default_rng(2).uniform(0, 1, size=(2, 32, 32, 3)).astype(np.float32)
     x[:, 8:20, 10:24] += 0.8  # a bright block: regions with structure

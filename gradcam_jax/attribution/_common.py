@@ -15,16 +15,18 @@ import numpy as np
 
 from .._grads import check_fn_target
 from .._inputs import check_image_array, leaf_index, with_leaf
-from .._targets import TargetSpec, batch_size, pull_back, select_scores, target_spec
+from .._targets import TargetSpec, batch_size, fixed_top, pull_back, select_scores, target_spec
 
 __all__ = [
     "gate",
+    "clean_target",
     "explained_grads",
     "targets_second",
     "per_target",
     "check_key",
     "check_positive_int",
     "check_baseline_shape",
+    "steps_per_chunk",
     "weighted_sum",
 ]
 
@@ -45,6 +47,14 @@ def gate(fn, x, target, input: Any, who: str) -> tuple[int, TargetSpec]:
     spec = target_spec(target, batch_size(x))
     check_fn_target(fn, x, spec, who)
     return leaf, spec
+
+
+def clean_target(call: Callable, x, target: TargetSpec) -> tuple[TargetSpec, jax.Array]:
+    """``(spec, y)``: the target with ``"top"`` fixed on the clean input ``x`` (every perturbed or
+    interpolated copy then explains that class) and its clean scores, ``(B,)`` or ``(B, K)``."""
+    clean = call(x)
+    spec = fixed_top(target, clean)
+    return spec, select_scores(spec, clean)
 
 
 def targets_second(grads, selected):
@@ -102,6 +112,15 @@ def check_baseline_shape(baseline, image, who: str, name: str = "baseline"):
             f"give one value, one per channel, one image, or one per example."
         )
     return jnp.broadcast_to(baseline.astype(image.dtype), image.shape)
+
+
+def steps_per_chunk(chunk_size, steps: int, batch: int, who: str) -> int:
+    """Path steps per chunk for ``chunk_size`` images (steps x batch) at once: all ``steps`` for
+    ``None``, else ``chunk_size // batch`` clipped to ``[1, steps]``."""
+    if chunk_size is None:
+        return steps
+    check_positive_int(chunk_size, "chunk_size", who)
+    return max(1, min(steps, int(chunk_size) // max(batch, 1)))
 
 
 def weighted_sum(f: Callable, xs, weights, per_step: int):

@@ -20,9 +20,18 @@ from .._inputs import input_view, spatial_size
 from .._layout import from_channels_last, parse_layout, to_channels_last
 from .._maps import kernel
 from .._tap import scores_fn
-from .._targets import Target, TargetSpec, fixed_top, nan_where, select_scores
+from .._targets import Target, TargetSpec, nan_where
 from ._blur import apply_blur, blur_matrices
-from ._common import check_baseline_shape, check_positive_int, explained_grads, gate, per_target, weighted_sum
+from ._common import (
+    check_baseline_shape,
+    check_positive_int,
+    clean_target,
+    explained_grads,
+    gate,
+    per_target,
+    steps_per_chunk,
+    weighted_sum,
+)
 
 __all__ = ["BlurOptions", "blur_ig_kernel", "blur_ig", "GuidedOptions", "guided_ig_kernel", "guided_ig"]
 
@@ -44,9 +53,7 @@ def blur_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, *
     call = scores_fn(fn.fn)
     leaf, layout = options.leaf, parse_layout(options.layout)
     image = jax.tree_util.tree_leaves(x)[leaf]
-    clean = call(x)
-    spec = fixed_top(target, clean)
-    y = select_scores(spec, clean)
+    spec, y = clean_target(call, x, target)
     image_cl = to_channels_last(image, layout)
 
     def one(step_mats):
@@ -106,8 +113,7 @@ def blur_ig(
     dtype = jax.tree_util.tree_leaves(x)[leaf].dtype
     mats = [jnp.asarray(m, dtype) for m in blur_matrices(sizes, sigmas[:-1])]
     grad_mats = [jnp.asarray(m, dtype) for m in blur_matrices(sizes, [s + grad_step for s in sigmas[:-1]])]
-    batch = jax.tree_util.tree_leaves(x)[leaf].shape[0]
-    per = steps if chunk_size is None else max(1, check_positive_int(chunk_size, "chunk_size", who) // batch)
+    per = steps_per_chunk(chunk_size, steps, jax.tree_util.tree_leaves(x)[leaf].shape[0], who)
     options = BlurOptions(weights, float(grad_step), per, leaf, view.layout.name)
     return blur_ig_kernel(as_pytree(fn), x, spec, mats, grad_mats, options=options)
 
@@ -164,17 +170,9 @@ def _guided_step(x, grad, x_in, x_base, alpha, options: GuidedOptions, l1_total)
     return x, attr
 
 
-@kernel
-def guided_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: GuidedOptions):
-    """Guided IG under ``jit`` (see :func:`guided_ig`)."""
-    call = scores_fn(fn.fn)
-    leaf = options.leaf
+def guided_path(call: Callable, x, leaf: int, spec: TargetSpec, baseline, options: GuidedOptions):
+    """Guided IG's attributions ``(B, ...)`` for one target per example (``spec`` selects ``(B,)``)."""
     image = jax.tree_util.tree_leaves(x)[leaf]
-    clean = call(x)
-    spec = fixed_top(target, clean)
-    y = select_scores(spec, clean)
-    if y.ndim != 1:
-        raise ValueError("guided_ig: one target per example (the path depends on the target's gradients).")
     l1_total = jnp.sum(jnp.abs(image - baseline), axis=tuple(range(1, image.ndim)))
 
     def one(xs, g, x_in, x_base, alpha, l1):
@@ -189,7 +187,30 @@ def guided_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, opt
         xs, d_attr = step(xs, g, image, baseline, jnp.asarray(alpha, image.dtype), l1_total)
         return xs, attr + d_attr
 
-    _, attr = jax.lax.fori_loop(0, options.steps, body, (baseline, jnp.zeros_like(image)))
+    return jax.lax.fori_loop(0, options.steps, body, (baseline, jnp.zeros_like(image)))[1]
+
+
+def target_column(spec: TargetSpec, k) -> TargetSpec:
+    """Target ``k`` of a K-target spec (``"multi"`` or a callable giving ``(B, K)``) as one per example."""
+    if spec.kind == "multi":
+        return TargetSpec("index", spec.value[:, k])
+    select = spec.value
+    return TargetSpec("fn", lambda scores: select(scores)[:, k])
+
+
+@kernel
+def guided_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: GuidedOptions):
+    """Guided IG under ``jit`` (see :func:`guided_ig`); K targets are K paths, ``vmap``-ed."""
+    call = scores_fn(fn.fn)
+    spec, y = clean_target(call, x, target)
+    if y.ndim == 1:
+        attr = guided_path(call, x, options.leaf, spec, baseline, options)
+    else:
+
+        def column(k):
+            return guided_path(call, x, options.leaf, target_column(spec, k), baseline, options)
+
+        attr = jax.vmap(column, out_axes=1)(jnp.arange(y.shape[1]))
     return nan_where(jnp.isnan(y), attr)
 
 
@@ -214,12 +235,14 @@ def guided_ig(
 
     Args:
       fn, x, input: as in :func:`gradcam_jax.integrated_gradients`.
-      target: one class per example (``None``, an int, ``(B,)``, a callable giving ``(B,)``).
+      target: as in :func:`gradcam_jax.grad_cam`. The path follows the target's gradients, so K
+        targets per example (``(B, K)``, a list of K classes, a callable giving ``(B, K)``) are K
+        paths, run together (``vmap``-ed: K times the work and memory of one target).
       baseline: ``None`` (zeros) or an array broadcastable to the image.
       steps, fraction, max_dist: PAIR's parameters and defaults.
 
     Returns:
-      Attributions shaped like the image, ``(B, ...)``.
+      Attributions shaped like the image, ``(B, ...)`` or ``(B, K, ...)``.
 
     References:
       Kapishnikov et al., "Guided Integrated Gradients: An Adaptive Path Method for Removing
@@ -227,8 +250,6 @@ def guided_ig(
     """
     who = "guided_ig"
     leaf, spec = gate(fn, x, target, input, who)
-    if spec.kind == "multi":
-        raise ValueError(f"{who}: one target per example (the path follows its gradients); call per class.")
     steps = check_positive_int(steps, "steps", who)
     if not 0.0 <= fraction <= 1.0 or not 0.0 <= max_dist <= 1.0:
         raise ValueError(f"{who}: fraction and max_dist must be in [0, 1]; got {fraction}, {max_dist}.")

@@ -22,15 +22,17 @@ from .._inputs import input_view, spatial_size, with_leaf
 from .._layout import from_channels_last, to_channels_last
 from .._maps import kernel
 from .._tap import scores_fn
-from .._targets import Target, TargetSpec, fixed_top, nan_where, select_scores
+from .._targets import Target, TargetSpec, nan_where, select_scores
 from ._blur import apply_blur, blur_matrices
 from ._common import (
     check_baseline_shape,
     check_key,
     check_positive_int,
+    clean_target,
     explained_grads,
     gate,
     per_target,
+    steps_per_chunk,
     weighted_sum,
 )
 
@@ -97,9 +99,7 @@ def path_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options:
     call = scores_fn(fn.fn)
     leaf = options.leaf
     image = jax.tree_util.tree_leaves(x)[leaf]
-    clean = call(x)
-    spec = fixed_top(target, clean)
-    y = select_scores(spec, clean)
+    spec, y = clean_target(call, x, target)
     diff = image - baseline
 
     def grads_at(alpha):
@@ -112,13 +112,6 @@ def path_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options:
     from_base = y - select_scores(spec, call(with_leaf(x, leaf, baseline)))
     axes = tuple(range(y.ndim, attributions.ndim))
     return attributions, jnp.sum(attributions, axis=axes) - from_base
-
-
-def _per_step(chunk_size, steps: int, batch: int, who: str) -> int:
-    if chunk_size is None:
-        return steps
-    check_positive_int(chunk_size, "chunk_size", who)
-    return max(1, min(steps, int(chunk_size) // max(batch, 1)))
 
 
 def _baseline(baseline, image, x, key, layout, input, who: str, blur_sigma: float):
@@ -202,7 +195,7 @@ def integrated_gradients(
     alphas, weights = quadrature(method, steps)
     image = jax.tree_util.tree_leaves(x)[leaf]
     start = _baseline(baseline, image, x, key, layout, input, who, blur_sigma)
-    per = _per_step(chunk_size, steps, image.shape[0], who)
+    per = steps_per_chunk(chunk_size, steps, image.shape[0], who)
     options = PathOptions(tuple(alphas.tolist()), tuple(weights.tolist()), per, leaf, bool(return_delta))
     return path_kernel(as_pytree(fn), x, spec, start, options=options)
 
@@ -256,9 +249,7 @@ def expected_gradients_kernel(
     call = scores_fn(fn.fn)
     leaf = options.leaf
     image = jax.tree_util.tree_leaves(x)[leaf]
-    clean = call(x)
-    spec = fixed_top(target, clean)
-    y = select_scores(spec, clean)
+    spec, y = clean_target(call, x, target)
     idx, alpha, noise = draws
 
     def one(sample):
@@ -328,7 +319,7 @@ def expected_gradients(
     draws = gradient_shap_draws(
         key, image.shape[0], n_samples, baselines.shape[0], image.shape[1:], float(stdev), image.dtype
     )
-    per = _per_step(chunk_size, n_samples, image.shape[0], who)
+    per = steps_per_chunk(chunk_size, n_samples, image.shape[0], who)
     options = SampledPathOptions(n_samples, per, leaf)
     return expected_gradients_kernel(
         as_pytree(fn), x, spec, baselines.astype(image.dtype), draws, options=options

@@ -23,8 +23,8 @@ from .._inputs import image_leaf, image_of, input_gate, spatial_size, with_image
 from .._layout import to_channels_last
 from .._maps import MapOptions, check_images, kernel
 from .._tap import scores_fn
-from .._targets import Target, TargetSpec, batch_size, fixed_top, nan_where, select_scores, target_spec
-from ._common import check_baseline_shape, check_key, check_positive_int, weighted_sum
+from .._targets import Target, TargetSpec, batch_size, nan_where, select_scores, target_spec
+from ._common import check_baseline_shape, check_key, check_positive_int, clean_target, weighted_sum
 
 __all__ = [
     "RiseOptions",
@@ -67,9 +67,7 @@ def rise_kernel(fn: PytreeCallable, x, target: TargetSpec, key, *, options: Rise
     """``sum_i y^c(x * M_i) M_i / (N p)`` under ``jit``, ``per_step`` masks at a time."""
     scores_of = scores_fn(fn.fn)
     view = check_images(x, options.maps, "rise")
-    clean = scores_of(x)
-    spec = fixed_top(target, clean)
-    y = select_scores(spec, clean)
+    spec, y = clean_target(scores_of, x, target)
     image = image_of(x, view)  # (B, H, W, C)
     size = image.shape[1:3]
 
@@ -180,9 +178,7 @@ def kernel_shap_kernel(
     """KernelSHAP under ``jit``: the coalitions' scores, then a weighted least-squares fit."""
     scores_of = scores_fn(fn.fn)
     view = check_images(x, options.maps, "kernel_shap")
-    clean = scores_of(x)
-    spec = fixed_top(target, clean)
-    y = select_scores(spec, clean)
+    spec, y = clean_target(scores_of, x, target)
     image = image_of(x, view)
     fill = to_channels_last(baseline, view.layout)
 
