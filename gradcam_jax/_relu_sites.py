@@ -1,4 +1,4 @@
-"""Which equations of a jaxpr are ReLUs: the site finder of the rule interpreter (:mod:`._rules`).
+"""Which equations of a jaxpr are ReLUs: the site finder of the guided / deconv rule sets (:mod:`._rules`).
 
 A **ReLU site** is a floating-point ``max(x, 0)`` / ``max(0, x)`` or ``clamp(0, x, c)`` (what
 ``jax.nn.relu``, ``relu6``, ``jnp.maximum(x, 0)`` and ``jnp.clip(x, 0, c)`` are made of) whose

@@ -1,7 +1,9 @@
-"""The per-primitive rule interpreter: re-evaluate a function with other backward rules.
+"""Guided Backprop's and Deconvnet's rule sets of the jaxpr walker (:mod:`._engine`).
 
 Guided Backprop and Deconvnet keep a model's forward pass and change only the backward rule
-of ReLU. :func:`transform` traces a function to a jaxpr and evaluates it again with every
+of ReLU. :func:`transform` traces a function to a jaxpr and evaluates it again on the walker,
+under :func:`rule_set` (``GUIDED_RULES`` / ``DECONV_RULES``: a rule for ``max`` / ``min`` /
+``clamp``, the call primitives, ``scan``, ``while`` and ``cond``), with every
 ReLU — ``jax.nn.relu``, ``jax.nn.relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0, c)``,
 ``lax.clamp(0, x, c)`` — replaced by a :class:`Rule`'s ``custom_vjp`` ReLU, inside nested
 ``jit``, ``custom_jvp``/``custom_vjp`` functions, ``remat``, ``scan``, ``while`` and ``cond``

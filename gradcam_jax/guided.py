@@ -10,7 +10,8 @@ of ReLU:
 
 :func:`guided_relu` and :func:`deconv_relu` are those rules as ``jax.custom_vjp`` functions;
 :func:`guided` / :func:`deconvolved` apply them to any JAX function without editing it (the
-jaxpr interpreter of :mod:`gradcam_jax._rules`). Clipped ReLUs (ReLU6) follow the same rules:
+guided / deconv rule sets of :mod:`gradcam_jax._rules` on the jaxpr walker of
+:mod:`gradcam_jax._engine`). Clipped ReLUs (ReLU6) follow the same rules:
 guided passes ``g`` where ``0 < x < c`` and ``g > 0``; deconvnet passes ``g`` where ``g > 0``.
 """
 

@@ -9,7 +9,7 @@ import numpy as np
 
 import gradcam_jax as gcj
 from gradcam_jax import _engine
-from gradcam_jax._engine import RuleSet, evaluate, inline_call, rerun_cond, rerun_scan
+from gradcam_jax._engine import Rule, RuleSet, evaluate, inline_call, rerun_cond, rerun_scan
 
 
 def _double_sin(frame, eqn, invals):
@@ -45,8 +45,8 @@ def test_values_can_be_anything_and_hooks_see_every_equation():
 
 def _sin_rules() -> RuleSet:
     """sin -> 2 sin everywhere, entering jit / custom_jvp calls, scans and conds."""
-    table = {"sin": _double_sin, "scan": rerun_scan, "cond": rerun_cond}
-    table.update(dict.fromkeys(_engine.CALLS, lambda fr, eqn, v: inline_call(fr, eqn, v)))
+    table: dict[str, Rule] = {"sin": _double_sin, "scan": rerun_scan, "cond": rerun_cond}
+    table.update({name: inline_call for name in _engine.CALLS})
     return RuleSet("sin", table)
 
 
