@@ -50,6 +50,18 @@ def apply_resnet(module, variables, x):
     return module.apply(variables, x)
 
 
+def with_heap_peak(call, peaks: list, slot: int):
+    """``call`` whose every run records its peak live-heap growth (bytes) in ``peaks[slot]``."""
+
+    def run():
+        with harness.HeapPeak(interval=0.005) as heap:
+            out = jax.block_until_ready(call())
+        peaks[slot] = max(peaks[slot], heap.growth)
+        return out
+
+    return run
+
+
 def ig_rows(torch, net, fn, x, target, steps: int, chunk: int, rounds: int):
     import captum.attr as captum_attr
 
@@ -70,37 +82,92 @@ def ig_rows(torch, net, fn, x, target, steps: int, chunk: int, rounds: int):
         return [floor_fn(big) for _ in range(calls_per_ig)]
 
     xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tt = torch.as_tensor(np.array(target))
     cig = captum_attr.IntegratedGradients(net)
-    best, best_ibs = None, None
-    for ibs in sorted({b * 8, b * 16, b * steps}):
+    # Captum's internal batch (images per forward+backward) tuned over a few sizes, none above
+    # ours: a larger one only holds more activations (steps x B at once would not fit at 224 px).
+    candidates = sorted({max(b, per * b // 2), per * b})
+    tuning = []
+    for ibs in candidates:
 
         def captum_call(ibs=ibs):
-            return cig.attribute(xt, target=torch.as_tensor(target), n_steps=steps, internal_batch_size=ibs)
+            return cig.attribute(xt, target=tt, n_steps=steps, internal_batch_size=ibs)
 
-        t = harness.median(harness.time_round_robin([captum_call], 1)[0])
-        if best is None or t < best:
-            best, best_ibs = t, ibs
+        tuning.append((harness.median(harness.time_round_robin([captum_call], 1)[0]), ibs))
+    best_ibs = min(tuning)[1]
+    print(
+        "Captum internal_batch_size tuning (one call each, seconds): "
+        + ", ".join(f"{i}: {t:.1f}" for t, i in tuning)
+    )
 
     def captum_best():
-        return cig.attribute(xt, target=torch.as_tensor(target), n_steps=steps, internal_batch_size=best_ibs)
+        return cig.attribute(xt, target=tt, n_steps=steps, internal_batch_size=best_ibs)
 
     jax.block_until_ready(ig(xs))
     jax.block_until_ready(floor())
-    times = harness.time_round_robin([floor, lambda: ig(xs), captum_best], rounds)
+    peaks = [0.0, 0.0, 0.0]
+    calls = [with_heap_peak(c, peaks, i) for i, c in enumerate([floor, lambda: ig(xs), captum_best])]
+    times = harness.time_round_robin(calls, rounds)
     t_floor, t_ig, t_cap = (harness.median(t) for t in times)
+    gib = [f"{p / 2**30:.2f}" for p in peaks]
     return [
-        [f"{steps} fwd+bwd (floor)", f"chunks of {per * b}", f"{t_floor:.2f}", "1.00"],
+        [f"{steps} fwd+bwd (floor)", f"chunks of {per * b}", f"{t_floor:.2f}", "1.00", gib[0]],
         [
             "gcj.integrated_gradients",
             f"chunk_size={chunk}",
             f"{t_ig:.2f}",
             f"{harness.paired_ratio(times[0], times[1]):.2f}",
+            gib[1],
         ],
         [
             "Captum IntegratedGradients",
             f"internal_batch_size={best_ibs}",
             f"{t_cap:.2f}",
             f"{harness.paired_ratio(times[0], times[2]):.2f}",
+            gib[2],
+        ],
+    ]
+
+
+def scan_rows(fn, x, target, steps: int, chunk: int, rounds: int):
+    """The same chunked forward+backward passes called from Python and inside one ``lax.scan``.
+
+    IG's chunks run in a ``lax.scan`` (one compiled model, memory set by the chunk); on XLA:CPU
+    the scan's body runs slower than the same program called once per chunk, and this measures
+    by how much, with nothing of IG in it.
+    """
+    b = x.shape[0]
+    per = max(1, chunk // b)
+    xs = jnp.asarray(x)
+    tgt = np.concatenate([target] * per)
+    alphas = jnp.linspace(0.0, 1.0, per * -(-steps // per)).reshape(-1, per)
+
+    def grads(a):
+        points = (a[:, None, None, None, None] * xs[None]).reshape((-1,) + xs.shape[1:])
+        return jax.grad(lambda u: jnp.sum(fn(u)[jnp.arange(len(tgt)), tgt]))(points)
+
+    one = jax.jit(grads)
+    scanned = jax.jit(
+        lambda al: jax.lax.scan(lambda t, a: (t + grads(a), None), jnp.zeros_like(one(al[0])), al)[0]
+    )
+
+    def python_loop():
+        return [one(a) for a in alphas]
+
+    jax.block_until_ready((python_loop(), scanned(alphas)))
+    times = harness.time_round_robin([python_loop, lambda: scanned(alphas)], rounds)
+    return [
+        [
+            f"{len(alphas)} jitted calls from Python",
+            f"chunks of {per * b}",
+            f"{harness.median(times[0]):.2f}",
+            "1.00",
+        ],
+        [
+            "the same inside one lax.scan",
+            f"chunks of {per * b}",
+            f"{harness.median(times[1]):.2f}",
+            f"{harness.paired_ratio(times[0], times[1]):.2f}",
         ],
     ]
 
@@ -185,7 +252,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=64, help="IG chunk_size (images per step)")
     ap.add_argument("--xrai-steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--only",
+        default="ig,lrp,xrai",
+        help="comma-separated sections to run (ig, lrp, xrai, scan); default ig,lrp,xrai",
+    )
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -197,16 +270,28 @@ def main(argv=None) -> int:
         f"medians of {args.rounds} interleaved rounds on a shared CPU (noisy); ratios paired within rounds"
     )
     head = ["method", "setting", "seconds", "ratio"]
-    print("\nIntegrated Gradients (ratio: floor time / this time = throughput relative to the floor)")
-    print(
-        harness.table(
-            head, ig_rows(torch, net, fn, x, target, args.steps, args.chunk, args.rounds), markdown=True
+    if "ig" in only:
+        print(
+            f"\nIntegrated Gradients, {args.steps} steps (ratio: floor time / this time = throughput "
+            f"relative to the floor; peak heap: the live heap's peak growth during one call, GiB)"
         )
-    )
-    print("\nLRP")
-    print(harness.table(head, lrp_rows(torch, net, fn, x, target, args.rounds), markdown=True))
-    print("\nXRAI, one image (segmentation included on both sides)")
-    print(harness.table(head, xrai_rows(fn, x, target, args.xrai_steps), markdown=True))
+        rows = ig_rows(torch, net, fn, x, target, args.steps, args.chunk, args.rounds)
+        print(harness.table([*head, "peak heap GiB"], rows, markdown=True))
+    if "scan" in only:
+        print(
+            "\nThe same forward+backward chunks from Python and in one lax.scan "
+            "(ratio: Python time / scan time)"
+        )
+        print(
+            harness.table(head, scan_rows(fn, x, target, args.steps, args.chunk, args.rounds), markdown=True)
+        )
+    if "lrp" in only:
+        print("\nLRP")
+        print(harness.table(head, lrp_rows(torch, net, fn, x, target, args.rounds), markdown=True))
+    if "xrai" in only:
+        print("\nXRAI, one image (segmentation included on both sides)")
+        print(harness.table(head, xrai_rows(fn, x, target, args.xrai_steps), markdown=True))
+    print(f"\nprocess peak RSS: {harness.peak_memory()[0] / 2**30:.1f} GiB (all sections together)")
     return 0
 
 
