@@ -19,10 +19,9 @@ to ``flax.linen.Conv(conv_general_dilated=...)`` by the zoo's architectures. On 
 
 Both are exact rewrites of the same sum (only float rounding order differs), made of plain
 ``jax.numpy`` ops, so ``vmap`` and the guided-backprop rewrite see ordinary primitives. The
-depthwise one (:mod:`._depthwise`) has its own reverse-mode rule, a tap sum too, because
-XLA:CPU runs the automatic transpose of the taps several times slower than the forward pass;
-so on CPU the zoo's models support ``jax.grad`` / ``jax.vjp`` (and forward over reverse), not
-``jax.jvp`` of the model itself.
+depthwise one (:mod:`._depthwise`) has its own derivative rule, whose reverse mode is a tap sum
+too, because XLA:CPU runs the automatic transpose of the taps several times slower than the
+forward pass; forward mode, reverse mode and their compositions all work.
 """
 
 from __future__ import annotations
