@@ -147,15 +147,20 @@ def scan_rows(fn, x, target, steps: int, chunk: int, rounds: int):
         return jax.grad(lambda u: jnp.sum(fn(u)[jnp.arange(len(tgt)), tgt]))(points)
 
     one = jax.jit(grads)
-    scanned = jax.jit(
-        lambda al: jax.lax.scan(lambda t, a: (t + grads(a), None), jnp.zeros_like(one(al[0])), al)[0]
-    )
+    shape = jax.eval_shape(grads, alphas[0])
+
+    def scan(al, unroll):
+        zeros = jnp.zeros(shape.shape, shape.dtype)
+        return jax.lax.scan(lambda t, a: (t + grads(a), None), zeros, al, unroll=unroll)[0]
+
+    scanned = jax.jit(functools.partial(scan, unroll=1))
+    unrolled = jax.jit(functools.partial(scan, unroll=True))  # no while loop left: one long program
 
     def python_loop():
         return [one(a) for a in alphas]
 
-    jax.block_until_ready((python_loop(), scanned(alphas)))
-    times = harness.time_round_robin([python_loop, lambda: scanned(alphas)], rounds)
+    jax.block_until_ready((python_loop(), scanned(alphas), unrolled(alphas)))
+    times = harness.time_round_robin([python_loop, lambda: scanned(alphas), lambda: unrolled(alphas)], rounds)
     return [
         [
             f"{len(alphas)} jitted calls from Python",
@@ -168,6 +173,12 @@ def scan_rows(fn, x, target, steps: int, chunk: int, rounds: int):
             f"chunks of {per * b}",
             f"{harness.median(times[1]):.2f}",
             f"{harness.paired_ratio(times[0], times[1]):.2f}",
+        ],
+        [
+            "the same lax.scan, unroll=True",
+            f"chunks of {per * b}",
+            f"{harness.median(times[2]):.2f}",
+            f"{harness.paired_ratio(times[0], times[2]):.2f}",
         ],
     ]
 
