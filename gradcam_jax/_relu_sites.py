@@ -12,7 +12,8 @@ made Guided Backprop on a LayerNorm + GELU model (a ViT, a ConvNeXt) silently re
 "guided" gradients instead of refusing.
 
 How: every variable gets a *kind*, propagated forward through the jaxpr (into ``jit`` and
-custom-derivative calls too):
+custom-derivative calls too) by the jaxpr walker of :mod:`._engine` under the :data:`ANALYSIS`
+rule set, whose values are the kinds:
 
 * ``fixed``: does not depend on the inputs (literals, scalar constants, what is computed from
   them alone);
@@ -47,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from ._engine import CALLS, closed_parts, sub_closed
+from ._engine import CALLS, Frame, RuleSet, closed_parts, evaluate, sub_closed
 
 __all__ = [
+    "ANALYSIS",
     "Facts",
     "analyse",
     "count_relus",
@@ -245,23 +247,55 @@ def enters_call(eqn) -> bool:
     return eqn.primitive.name not in _CUSTOM or _is_pure_clip(sub_closed(eqn))
 
 
+class _Count:
+    def __init__(self):
+        self.n = 0
+
+
+def _enter(frame: Frame) -> None:
+    known, kinds = frame.extra
+    frame.state = Facts(frame.jaxpr, frame.consts, known, kinds)
+
+
+def _analyse_eqn(frame: Frame, eqn, invals) -> list[str]:
+    """The analysis rule (every primitive): count the ReLU sites; the outputs' kinds are the values."""
+    facts: Facts = frame.state
+    ins, kinds = facts.read(eqn)
+    sub = sub_closed(eqn) if eqn.primitive.name in CALLS else None
+    if relu_operand(eqn, ins, kinds) is not None:
+        frame.ctx.n += 1
+        out_kinds = _eqn_kinds(eqn, kinds, ins)
+    elif sub is not None:
+        inner = _Count()
+        out_kinds = evaluate(ANALYSIS, sub, kinds, inner, (ins, kinds))
+        frame.ctx.n += inner.n if enters_call(eqn) else 0
+    else:
+        frame.ctx.n += sum(count_relus(s) for s in jcore.jaxprs_in_params(eqn.params))
+        out_kinds = _eqn_kinds(eqn, kinds, ins)
+    facts.update(eqn, ins, kinds, out_kinds)
+    return [facts.kind(v) for v in eqn.outvars]
+
+
+# The ReLU-site analysis as a rule set of the jaxpr walker: a variable's value is its kind.
+ANALYSIS = RuleSet(
+    "relu-sites",
+    fallback=_analyse_eqn,
+    literal=lambda frame, val: FIXED,
+    const=lambda frame, val: FIXED if _concrete(val) is not None else ACTIVATION,
+    enter=_enter,
+)
+
+
 def analyse(closed, known_args=None, kind_args=None) -> tuple[int, list[str]]:
     """``(number of ReLU sites, kinds of the outputs)`` of a jaxpr, sub-jaxprs included."""
-    jaxpr, consts = closed_parts(closed)
-    facts = Facts(jaxpr, consts, known_args, kind_args)
-    n = 0
-    for eqn in jaxpr.eqns:
-        ins, kinds = facts.read(eqn)
-        out_kinds = None
-        if relu_operand(eqn, ins, kinds) is not None:
-            n += 1
-        elif eqn.primitive.name in CALLS and sub_closed(eqn) is not None:
-            inner, out_kinds = analyse(sub_closed(eqn), ins, kinds)
-            n += inner if enters_call(eqn) else 0
-        else:
-            n += sum(count_relus(sub) for sub in jcore.jaxprs_in_params(eqn.params))
-        facts.update(eqn, ins, kinds, out_kinds)
-    return n, [facts.kind(v) for v in jaxpr.outvars]
+    jaxpr, _ = closed_parts(closed)
+    n = len(jaxpr.invars)
+    known = list(known_args or []) + [None] * (n - len(known_args or []))
+    kinds = list(kind_args or []) + [ACTIVATION] * (n - len(kind_args or []))
+    args = [FIXED if k is not None else kind for k, kind in zip(known[:n], kinds[:n], strict=True)]
+    count = _Count()
+    out_kinds = evaluate(ANALYSIS, closed, args, count, (known_args, kind_args))
+    return count.n, out_kinds
 
 
 def count_relus(jaxpr, known_args: list[Any] | None = None) -> int:

@@ -107,7 +107,7 @@ def test_guided_and_lrp_both_run_on_the_engine(monkeypatch):
     bodies |= {signature(b.jaxpr) for e in eqns if e.primitive.name == "cond" for b in e.params["branches"]}
     g = jax.grad(lambda v: gcj.guided(guided_model)(v)[0, 0])(x)
     assert bool(jnp.all(jnp.isfinite(g)))
-    assert bodies and bodies <= walked["guided"]
+    assert bodies and bodies <= walked["guided"] and bodies <= walked["relu-sites"]
 
     def lrp_model(v):
         h = jax.nn.relu(jax.jit(lambda a: a @ w + 0.1)(v.reshape(1, -1)[:, :4]))
