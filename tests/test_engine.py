@@ -9,7 +9,7 @@ import numpy as np
 
 import gradcam_jax as gcj
 from gradcam_jax import _engine
-from gradcam_jax._engine import Rule, RuleSet, evaluate, inline_call, rerun_cond, rerun_scan
+from gradcam_jax._engine import Rule, RuleSet, evaluate, inline_call, rerun_cond, rerun_scan, rerun_while
 
 
 def _double_sin(frame, eqn, invals):
@@ -45,13 +45,18 @@ def test_values_can_be_anything_and_hooks_see_every_equation():
 
 def _sin_rules() -> RuleSet:
     """sin -> 2 sin everywhere, entering jit / custom_jvp calls, scans and conds."""
-    table: dict[str, Rule] = {"sin": _double_sin, "scan": rerun_scan, "cond": rerun_cond}
+    table: dict[str, Rule] = {
+        "sin": _double_sin,
+        "scan": rerun_scan,
+        "cond": rerun_cond,
+        "while": rerun_while,
+    }
     table.update({name: inline_call for name in _engine.CALLS})
     return RuleSet("sin", table)
 
 
 def test_sub_jaxprs_are_walked_under_the_same_rules():
-    """jit, custom_jvp, scan and cond bodies: every sin doubled, checked against NumPy."""
+    """jit, custom_jvp, remat, scan, while and cond bodies: every sin doubled, against NumPy."""
 
     @jax.custom_jvp
     def f_custom(x):
@@ -65,6 +70,9 @@ def test_sub_jaxprs_are_walked_under_the_same_rules():
 
         c, _ = jax.lax.scan(step, x, None, length=3)
         c = jax.lax.cond(flag > 0, lambda v: jnp.sin(v), lambda v: -v, c)
+        _, c = jax.lax.while_loop(
+            lambda s: s[0] < flag + 1, lambda s: (s[0] + 1, jax.checkpoint(jnp.sin)(s[1])), (0, c)
+        )
         return f_custom(c)
 
     x = np.asarray([0.3, -1.2], np.float32)
@@ -75,6 +83,8 @@ def test_sub_jaxprs_are_walked_under_the_same_rules():
         for _ in range(3):
             c = 2 * np.sin(c) * 0.5 + c
         c = 2 * np.sin(c) if flag else -c
+        for _ in range(flag + 1):
+            c = 2 * np.sin(c)
         np.testing.assert_allclose(np.asarray(out), 2 * np.sin(c) + 1.0, rtol=1e-5)
 
 
