@@ -1,6 +1,9 @@
 """Integrated Gradients, Expected Gradients, Input x Gradient and the noise tunnel against Captum
 (float64, the same weights, the same random draws passed in) and against their axioms."""
 
+import contextlib
+import logging
+
 import captum.attr as captum_attr  # the test extras install torch==2.13.0 and captum
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import pytest
 import torch
 
 import gradcam_jax as gcj
+from gradcam_jax.attribution import path
 from gradcam_jax.attribution.noise import noise_draws
 from gradcam_jax.attribution.path import gradient_shap_draws
 
@@ -42,20 +46,81 @@ def close(got, expected, tol=1e-4):
     assert err <= tol, f"max relative difference {err:.2e} > {tol}"
 
 
-@pytest.mark.parametrize("method", gcj.attribution.path.QUADRATURES)
-def test_integrated_gradients_matches_captum(method):
-    baseline = 0.1 * np.ones_like(X)
+def captum_ig(method, baseline, steps=6):
     ig = captum_attr.IntegratedGradients(TORCH_NET)
     expected, delta = ig.attribute(
-        nchw(X), nchw(baseline), target=torch.as_tensor(T), n_steps=6, method=method,
+        nchw(X), nchw(baseline), target=torch.as_tensor(T), n_steps=steps, method=method,
         return_convergence_delta=True,
     )  # fmt: skip
-    got, got_delta = gcj.integrated_gradients(
-        jax_net, X, T, baseline=baseline, steps=6, method=method, return_delta=True, chunk_size=6
-    )
-    close(got, nhwc(expected))
+    return nhwc(expected), delta.numpy()
+
+
+def check_delta(got_delta, delta):
     outputs = TORCH_NET(nchw(X))[np.arange(2), T].detach().numpy()
-    np.testing.assert_allclose(np.asarray(got_delta), delta.numpy(), atol=1e-4 * np.abs(outputs).max())
+    np.testing.assert_allclose(np.asarray(got_delta), delta, atol=1e-4 * np.abs(outputs).max())
+
+
+@contextlib.contextmanager
+def compilations(caplog, name):
+    """The ``name`` programs XLA compiles inside the block (a list filled on exit)."""
+    found: list[str] = []
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        start = len(caplog.records)
+        yield found
+        found.extend(
+            m
+            for m in (r.getMessage() for r in caplog.records[start:])
+            if m.startswith(f"Compiling jit({name})")
+        )
+
+
+@pytest.mark.parametrize("chunk_loop", ["auto", "device"])
+@pytest.mark.parametrize("method", gcj.attribution.path.QUADRATURES)
+def test_integrated_gradients_matches_captum(method, chunk_loop):
+    # two chunks of 3 steps: "auto" on this CPU runs them from Python, "device" in a lax.scan
+    baseline = 0.1 * np.ones_like(X)
+    expected, delta = captum_ig(method, baseline)
+    got, got_delta = gcj.integrated_gradients(
+        jax_net, X, T, baseline=baseline, steps=6, method=method, return_delta=True, chunk_size=6,
+        chunk_loop=chunk_loop,
+    )  # fmt: skip
+    close(got, expected)
+    check_delta(got_delta, delta)
+
+
+def test_the_host_loop_compiles_one_chunk_kernel_for_every_chunk(caplog, monkeypatch):
+    # 9 steps in chunks of 2 (the last one padded): 5 calls of one compiled chunk kernel, no scan
+    baseline = 0.2 * np.ones_like(X)
+    expected, delta = captum_ig("riemann_trapezoid", baseline, steps=9)
+    calls = []
+    chunk = path.path_chunk_kernel
+    monkeypatch.setattr(path, "path_chunk_kernel", lambda *a, **k: calls.append(1) or chunk(*a, **k))
+    with compilations(caplog, "path_chunk_kernel") as chunks, compilations(caplog, "path_kernel") as scans:
+        got, got_delta = gcj.integrated_gradients(
+            jax_net, X, T, baseline=baseline, steps=9, method="riemann_trapezoid", return_delta=True,
+            chunk_size=4,
+        )  # fmt: skip
+    assert len(calls) == 5 and len(chunks) == 1 and not scans, (len(calls), chunks, scans)
+    close(got, expected)
+    check_delta(got_delta, delta)
+
+
+@pytest.mark.parametrize("chunk_loop", ["auto", "host"])
+def test_under_an_outer_jit_auto_keeps_the_scan(chunk_loop, monkeypatch):
+    baseline = 0.1 * np.ones_like(X)
+    expected, delta = captum_ig("gausslegendre", baseline)
+    if chunk_loop == "auto":
+        monkeypatch.setattr(path, "path_host", lambda *a: pytest.fail("the host loop ran under jit"))
+
+    @jax.jit
+    def explain(x):
+        return gcj.integrated_gradients(
+            jax_net, x, T, baseline=baseline, steps=6, return_delta=True, chunk_size=2, chunk_loop=chunk_loop
+        )
+
+    got, got_delta = explain(X)
+    close(got, expected)
+    check_delta(got_delta, delta)
 
 
 def test_completeness_error_falls_with_steps():
@@ -165,3 +230,5 @@ def test_bad_arguments_are_named():
         gcj.noise_tunnel(gcj.gradients, jax_net, X, T, key=jax.random.key(0), kind="mean")
     with pytest.raises(ValueError, match="out of range"):
         gcj.integrated_gradients(jax_net, X, 9)
+    with pytest.raises(ValueError, match="chunk_loop='python' is not one of"):
+        gcj.integrated_gradients(jax_net, X, T, chunk_loop="python")
