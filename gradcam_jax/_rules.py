@@ -144,6 +144,13 @@ class _Sites:
         known, kinds = frame.extra if frame.extra is not None else (None, None)
         self.facts = Facts(frame.jaxpr, frame.consts, known, kinds)
         self.relu_outs: set[Any] = set()
+        self.last: tuple[Any, Any] = (None, None)  # (eqn, what facts.read said of it)
+
+    def read(self, eqn) -> tuple[list[Any], list[str]]:
+        """``facts.read(eqn)``, once per equation (its rule and ``_after`` both ask)."""
+        if self.last[0] is not eqn:
+            self.last = (eqn, self.facts.read(eqn))
+        return self.last[1]
 
 
 def _enter(frame: Frame) -> None:
@@ -151,8 +158,7 @@ def _enter(frame: Frame) -> None:
 
 
 def _after(frame: Frame, eqn, outs) -> None:
-    facts = frame.state.facts
-    facts.update(eqn, *facts.read(eqn))
+    frame.state.facts.update(eqn, *frame.state.read(eqn))
 
 
 def _out_aval(eqn) -> Any:
@@ -161,7 +167,7 @@ def _out_aval(eqn) -> Any:
 
 def _max_rule(rule: Rule):
     def max_rule(frame: Frame, eqn, invals):
-        operand = relu_operand(eqn, *frame.state.facts.read(eqn))
+        operand = relu_operand(eqn, *frame.state.read(eqn))
         if operand is None:
             return None
         aval = _out_aval(eqn)
@@ -177,7 +183,7 @@ def _min_rule(rule: Rule):
     """``min(relu(x), c)`` (a ReLU6's clip) takes the rule's clip."""
 
     def min_rule(frame: Frame, eqn, invals):
-        ins, _ = frame.state.facts.read(eqn)
+        ins, _ = frame.state.read(eqn)
         relu_outs = frame.state.relu_outs
 
         def relu_out(i):
@@ -203,7 +209,7 @@ def _clamp_rule(rule: Rule):
     """``clamp(0, x, c)``: the rule's ReLU, then its clip."""
 
     def clamp_rule(frame: Frame, eqn, invals):
-        if relu_operand(eqn, *frame.state.facts.read(eqn)) is None:
+        if relu_operand(eqn, *frame.state.read(eqn)) is None:
             return None
         _, x, hi = invals
         aval = _out_aval(eqn)
@@ -223,7 +229,7 @@ def _call_rule(frame: Frame, eqn, invals):
     sub = sub_closed(eqn)
     if sub is None:
         return None
-    ins, kinds = frame.state.facts.read(eqn)
+    ins, kinds = frame.state.read(eqn)
     if not enters_call(eqn) or analyse(sub, ins, kinds)[0] == 0:
         return None
     return inline_call(frame, eqn, invals, extra=(ins, kinds))
