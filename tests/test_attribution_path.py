@@ -146,11 +146,23 @@ def test_input_x_gradient_matches_captum():
     close(gcj.input_x_gradient(jax_net, X, T), nhwc(expected))
 
 
-def test_expected_gradients_matches_gradient_shap_with_the_same_draws(monkeypatch):
+@pytest.mark.parametrize("chunk_size", [None, 2])  # one chunk (one kernel); 4 chunks (from Python)
+def test_expected_gradients_matches_gradient_shap_with_the_same_draws(monkeypatch, chunk_size):
     s, stdev = 4, 0.2
     baselines = np.random.default_rng(5).normal(size=(3, 8, 8, 3)).astype(np.float32)
     key = jax.random.key(7)
-    got = gcj.expected_gradients(jax_net, X, T, baselines=baselines, key=key, n_samples=s, stdev=stdev)
+    calls = []
+    chunk = path.expected_gradients_chunk_kernel
+
+    def counted(*a, **k):
+        calls.append(1)
+        return chunk(*a, **k)
+
+    monkeypatch.setattr(path, "expected_gradients_chunk_kernel", counted)
+    got = gcj.expected_gradients(
+        jax_net, X, T, baselines=baselines, key=key, n_samples=s, stdev=stdev, chunk_size=chunk_size
+    )
+    assert len(calls) == (0 if chunk_size is None else 4)
     idx, alpha, noise = (
         np.asarray(v) for v in gradient_shap_draws(key, 2, s, 3, X.shape[1:], stdev, X.dtype)
     )

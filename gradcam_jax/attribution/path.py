@@ -53,6 +53,7 @@ __all__ = [
     "input_x_gradient",
     "SampledPathOptions",
     "expected_gradients_kernel",
+    "expected_gradients_host",
 ]
 
 QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -311,16 +312,9 @@ class SampledPathOptions:
     leaf: int = 0
 
 
-@kernel
-def expected_gradients_kernel(
-    fn: PytreeCallable, x, target: TargetSpec, baselines, draws, *, options: SampledPathOptions
-):
-    """``mean_s (x + n_s - r_s) * grad(r_s + a_s (x + n_s - r_s))`` under ``jit``."""
-    call = scores_fn(fn.fn)
-    leaf = options.leaf
-    image = jax.tree_util.tree_leaves(x)[leaf]
-    spec, y = clean_target(call, x, target)
-    idx, alpha, noise = draws
+def sampled_integrand(call: Callable, x, spec: TargetSpec, y, baselines, options: SampledPathOptions):
+    """``(r index, a, n) -> (x + n - r) * grad y^c(r + a (x + n - r))`` for one draw per example."""
+    image = jax.tree_util.tree_leaves(x)[options.leaf]
 
     def one(sample):
         i, a, n = sample
@@ -328,12 +322,51 @@ def expected_gradients_kernel(
         ref = baselines[i]
         shape = (-1,) + (1,) * (image.ndim - 1)
         point = ref + a.reshape(shape) * (noisy - ref)
-        _, g = explained_grads(call, x, leaf, spec, point)
+        _, g = explained_grads(call, x, options.leaf, spec, point)
         return per_target(noisy - ref, y) * g
 
+    return one
+
+
+@kernel
+def expected_gradients_kernel(
+    fn: PytreeCallable, x, target: TargetSpec, baselines, draws, *, options: SampledPathOptions
+):
+    """``mean_s (x + n_s - r_s) * grad(r_s + a_s (x + n_s - r_s))`` under ``jit``."""
+    call = scores_fn(fn.fn)
+    spec, y = clean_target(call, x, target)
+    idx, alpha, noise = draws
+    one = sampled_integrand(call, x, spec, y, baselines, options)
     samples = (idx.T, alpha.T, jnp.moveaxis(noise, 1, 0))
     n = options.n_samples
     return nan_where(jnp.isnan(y), weighted_sum(one, samples, np.full(n, 1.0 / n), options.per_step))
+
+
+@kernel
+def expected_gradients_chunk_kernel(
+    fn: PytreeCallable, x, spec, y, baselines, total, samples, weights, *, options
+):
+    """The host loop's chunk of :func:`expected_gradients_kernel`."""
+    one = sampled_integrand(scores_fn(fn.fn), x, spec, y, baselines, options)
+    return accumulate(one, total, samples, weights)
+
+
+def expected_gradients_host(fn: PytreeCallable, x, target, baselines, draws, options: SampledPathOptions):
+    """:func:`expected_gradients_kernel`'s result with the chunks of draws run from Python."""
+    ends = PathOptions((), (), 1, options.leaf, False)
+    spec, y, _, zeros = path_ends_kernel(fn, x, target, None, options=ends)
+
+    def step(total, samples, weights):
+        return expected_gradients_chunk_kernel(
+            fn, x, spec, y, baselines, total, samples, weights, options=options
+        )
+
+    idx, alpha, noise = draws
+    n = options.n_samples
+    samples = (idx.T, alpha.T, jnp.moveaxis(noise, 1, 0))
+    return nan_where(
+        jnp.isnan(y), host_weighted_sum(step, zeros, samples, np.full(n, 1.0 / n), options.per_step)
+    )
 
 
 def expected_gradients(
@@ -346,6 +379,7 @@ def expected_gradients(
     n_samples: int = 5,
     stdev: float = 0.0,
     chunk_size: int | None = None,
+    chunk_loop: str = "auto",
     input: Any = None,
 ):
     """Expected Gradients (GradientSHAP): IG's integrand at random points between random baselines and ``x``.
@@ -365,6 +399,7 @@ def expected_gradients(
       n_samples: draws per example.
       stdev: the noise's standard deviation (0: none).
       chunk_size: images differentiated at once (draws x batch); default all.
+      chunk_loop: as in :func:`integrated_gradients` (on CPU the chunks run from Python).
 
     Returns:
       Attributions shaped like the image, ``(B, ...)`` or ``(B, K, ...)``.
@@ -391,6 +426,7 @@ def expected_gradients(
     )
     per = steps_per_chunk(chunk_size, n_samples, image.shape[0], who)
     options = SampledPathOptions(n_samples, per, leaf)
-    return expected_gradients_kernel(
-        as_pytree(fn), x, spec, baselines.astype(image.dtype), draws, options=options
-    )
+    model, baselines = as_pytree(fn), baselines.astype(image.dtype)
+    if host_chunks(chunk_loop, (model, x, spec, baselines, draws), -(-n_samples // per), who):
+        return expected_gradients_host(model, x, spec, baselines, draws, options)
+    return expected_gradients_kernel(model, x, spec, baselines, draws, options=options)
