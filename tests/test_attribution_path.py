@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gradcam_jax as gcj
+from gradcam_jax.attribution import noise as tunnel
 from gradcam_jax.attribution import path
 from gradcam_jax.attribution.noise import noise_draws
 from gradcam_jax.attribution.path import gradient_shap_draws
@@ -185,10 +186,21 @@ def _captum_noise(monkeypatch, key, n, stdev):
 
 @pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_noise_tunnel_over_saliency_matches_captum(monkeypatch, kind):
+    # two chunks (2 + 1 padded) of noisy copies: run from Python over one chunk kernel on this CPU
     key, n, stdev = jax.random.key(1), 3, 0.3
+    calls = []
+    chunk = tunnel.noise_chunk_kernel
+
+    def counted(*a, **k):
+        calls.append(1)
+        return chunk(*a, **k)
+
+    monkeypatch.setattr(tunnel, "noise_chunk_kernel", counted)
     got = gcj.noise_tunnel(
-        gcj.gradients, jax_net, X, T, key=key, n_samples=n, stdev=stdev, relative=False, kind=kind
-    )
+        gcj.gradients, jax_net, X, T, key=key, n_samples=n, stdev=stdev, relative=False, kind=kind,
+        chunk_size=2,
+    )  # fmt: skip
+    assert len(calls) == 2
     _captum_noise(monkeypatch, key, n, stdev)
     nt = captum_attr.NoiseTunnel(captum_attr.Saliency(TORCH_NET))
     expected = nt.attribute(
@@ -201,7 +213,7 @@ def test_noise_tunnel_over_integrated_gradients_matches_captum(monkeypatch):
     key, n, stdev = jax.random.key(2), 2, 0.2
     got = gcj.noise_tunnel(
         gcj.integrated_gradients, jax_net, X, T, key=key, n_samples=n, stdev=stdev, relative=False,
-        chunk_size=1, steps=4,
+        chunk_size=1, chunk_loop="device", steps=4,
     )  # fmt: skip
     _captum_noise(monkeypatch, key, n, stdev)
     nt = captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(TORCH_NET))

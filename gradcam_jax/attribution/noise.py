@@ -2,7 +2,8 @@
 
 The explainer (any of the library's: a CAM, a pixel method, a path method) is called on
 ``n_samples`` noisy copies of the input inside one jitted kernel; the copies run as ``vmap``-ed
-chunks of ``chunk_size`` samples in a ``lax.scan``, accumulating the sum and the sum of squares.
+chunks of ``chunk_size`` samples in a ``lax.scan``, accumulating the sum and the sum of squares
+(on concrete CPU inputs, from Python over one jitted chunk kernel: :func:`noise_tunnel_host`).
 The class explained is fixed once, on the clean input.
 """
 
@@ -22,9 +23,17 @@ from .._inputs import with_leaf
 from .._maps import kernel
 from .._tap import scores_fn
 from .._targets import Target, TargetSpec, fixed_top
-from ._common import check_key, check_positive_int, gate, weighted_sum
+from ._common import (
+    accumulate,
+    check_key,
+    check_positive_int,
+    gate,
+    host_chunks,
+    host_weighted_sum,
+    weighted_sum,
+)
 
-__all__ = ["KINDS", "NoiseOptions", "noise_tunnel_kernel", "noise_tunnel", "noise_draws"]
+__all__ = ["KINDS", "NoiseOptions", "noise_tunnel_kernel", "noise_tunnel_host", "noise_tunnel", "noise_draws"]
 
 KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -54,12 +63,10 @@ def noise_draws(key, image, n_samples: int, stdev: float, relative: bool):
     return jax.random.normal(key, (n_samples,) + image.shape, jnp.float32).astype(image.dtype) * sigma
 
 
-@kernel
-def noise_tunnel_kernel(
-    explain: PytreeCallable, fn: PytreeCallable, x, target: TargetSpec, noise, *, options: NoiseOptions
+def noisy_explanation(
+    explain: PytreeCallable, fn: PytreeCallable, x, spec: TargetSpec, options: NoiseOptions
 ):
-    """The noise tunnel's aggregate under ``jit`` (see :func:`noise_tunnel`)."""
-    spec = fixed_top(target, scores_fn(fn.fn)(x))
+    """``n -> (e, e^2)``: the explainer on ``x`` with the noise ``n`` added to its image leaf."""
     image = jax.tree_util.tree_leaves(x)[options.leaf]
     extra = {} if options.input is None else {"input": options.input}
 
@@ -68,13 +75,66 @@ def noise_tunnel_kernel(
         a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
         return a, a * a
 
-    n = options.n_samples
-    mean, mean_sq = weighted_sum(one, noise, np.full(n, 1.0 / n), options.per_step)
-    if options.kind == "smoothgrad":
+    return one
+
+
+def aggregate(mean, mean_sq, kind: str):
+    """SmoothGrad's mean, SmoothGrad²'s mean of squares or VarGrad's variance."""
+    if kind == "smoothgrad":
         return mean
-    if options.kind == "smoothgrad_sq":
+    if kind == "smoothgrad_sq":
         return mean_sq
     return mean_sq - mean * mean
+
+
+@kernel
+def noise_tunnel_kernel(
+    explain: PytreeCallable, fn: PytreeCallable, x, target: TargetSpec, noise, *, options: NoiseOptions
+):
+    """The noise tunnel's aggregate under ``jit`` (see :func:`noise_tunnel`), chunks in a ``lax.scan``."""
+    spec = fixed_top(target, scores_fn(fn.fn)(x))
+    n = options.n_samples
+    one = noisy_explanation(explain, fn, x, spec, options)
+    mean, mean_sq = weighted_sum(one, noise, np.full(n, 1.0 / n), options.per_step)
+    return aggregate(mean, mean_sq, options.kind)
+
+
+@kernel
+def noise_ends_kernel(
+    explain: PytreeCallable, fn: PytreeCallable, x, target, first, *, options: NoiseOptions
+):
+    """The host loop's first kernel: the target fixed on the clean input and zero sums."""
+    spec = fixed_top(target, scores_fn(fn.fn)(x))
+    shapes = jax.eval_shape(noisy_explanation(explain, fn, x, spec, options), first)
+    return spec, jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape, v.dtype), shapes)
+
+
+@kernel
+def noise_chunk_kernel(
+    explain: PytreeCallable, fn: PytreeCallable, x, spec, total, noise, weights, *, options
+):
+    """The host loop's chunk: ``total + sum_j weights[j] (e_j, e_j^2)``."""
+    return accumulate(noisy_explanation(explain, fn, x, spec, options), total, noise, weights)
+
+
+@kernel
+def noise_finish_kernel(total, *, options: NoiseOptions):
+    """The host loop's last kernel: :func:`aggregate`."""
+    mean, mean_sq = total
+    return aggregate(mean, mean_sq, options.kind)
+
+
+def noise_tunnel_host(explain: PytreeCallable, fn: PytreeCallable, x, target, noise, options: NoiseOptions):
+    """:func:`noise_tunnel_kernel`'s result with the chunks of noisy copies run from Python
+    (:func:`~gradcam_jax.attribution._common.host_weighted_sum`)."""
+    spec, zeros = noise_ends_kernel(explain, fn, x, target, noise[0], options=options)
+
+    def step(total, chunk, weights):
+        return noise_chunk_kernel(explain, fn, x, spec, total, chunk, weights, options=options)
+
+    n = options.n_samples
+    total = host_weighted_sum(step, zeros, noise, np.full(n, 1.0 / n), options.per_step)
+    return noise_finish_kernel(total, options=options)
 
 
 def noise_tunnel(
@@ -89,6 +149,7 @@ def noise_tunnel(
     kind: str = "smoothgrad",
     relative: bool = True,
     chunk_size: int | None = None,
+    chunk_loop: str = "auto",
     input: Any = None,
     **explainer_options,
 ):
@@ -117,6 +178,9 @@ def noise_tunnel(
       kind: ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"``.
       relative: whether ``stdev`` is a fraction of each example's value range.
       chunk_size: noisy copies (of the whole batch) explained at once; default all.
+      chunk_loop: as in :func:`~gradcam_jax.integrated_gradients`: ``"auto"`` runs several
+        chunks from Python over one jitted chunk kernel on concrete CPU inputs (XLA:CPU runs a
+        ``lax.scan`` body slower), else in one ``lax.scan``; ``"host"`` / ``"device"`` force it.
       explainer_options: passed to ``explainer`` (``upsample=False``, ``steps=16``, ...).
 
     Returns:
@@ -134,6 +198,7 @@ def noise_tunnel(
       https://arxiv.org/abs/1706.03825; Adebayo et al., "Local Explanation Methods for Deep
       Neural Networks Lack Sensitivity to Parameter Values", 2018, https://arxiv.org/abs/1810.03307.
     """
+    # long-function: the docstring documents every option; the body is the checks and one kernel call.
     who = "noise_tunnel"
     if not callable(explainer):
         raise TypeError(
@@ -151,4 +216,7 @@ def noise_tunnel(
     noise = noise_draws(key, image, n_samples, float(stdev), bool(relative))
     explain = functools.partial(explainer, **explainer_options)
     options = NoiseOptions(kind, n_samples, per, leaf, input)
-    return noise_tunnel_kernel(as_pytree(explain), as_pytree(fn_or_tap), x, spec, noise, options=options)
+    explain_p, model = as_pytree(explain), as_pytree(fn_or_tap)
+    if host_chunks(chunk_loop, (explain_p, model, x, spec, noise), -(-n_samples // per), who):
+        return noise_tunnel_host(explain_p, model, x, spec, noise, options)
+    return noise_tunnel_kernel(explain_p, model, x, spec, noise, options=options)
