@@ -14,7 +14,7 @@ import torch
 
 import gradcam_jax as gcj
 from gradcam_jax.attribution import noise as tunnel
-from gradcam_jax.attribution import path
+from gradcam_jax.attribution import pair_paths, path
 from gradcam_jax.attribution.noise import noise_draws
 from gradcam_jax.attribution.path import gradient_shap_draws
 
@@ -239,6 +239,22 @@ def test_smooth_grad_is_the_noise_tunnel():
     sg = gcj.smooth_grad(jax_net, X, T, key=key, n_samples=4, noise_level=0.1, method="guided_backprop")
     nt = gcj.noise_tunnel(gcj.guided_backprop, jax_net, X, T, key=key, n_samples=4, stdev=0.1)
     np.testing.assert_array_equal(np.asarray(sg), np.asarray(nt))
+
+
+def test_blur_ig_host_loop_is_the_scan(monkeypatch):
+    # PAIR's parity for blur_ig (tests/test_attribution_pair.py, 3 chunks) runs the host loop
+    calls = []
+    chunk = pair_paths.blur_ig_chunk_kernel
+
+    def counted(*a, **k):
+        calls.append(1)
+        return chunk(*a, **k)
+
+    monkeypatch.setattr(pair_paths, "blur_ig_chunk_kernel", counted)
+    host = gcj.blur_ig(jax_net, X, T, max_sigma=4, steps=5, chunk_size=4)
+    scan = gcj.blur_ig(jax_net, X, T, max_sigma=4, steps=5, chunk_size=4, chunk_loop="device")
+    assert len(calls) == 3
+    close(host, scan, 1e-5)
 
 
 def test_bad_arguments_are_named():

@@ -23,17 +23,29 @@ from .._tap import scores_fn
 from .._targets import Target, TargetSpec, nan_where
 from ._blur import apply_blur, blur_matrices
 from ._common import (
+    accumulate,
     check_baseline_shape,
     check_positive_int,
     clean_target,
     explained_grads,
     gate,
+    host_chunks,
+    host_weighted_sum,
     per_target,
     steps_per_chunk,
     weighted_sum,
 )
+from .path import PathOptions, path_ends_kernel
 
-__all__ = ["BlurOptions", "blur_ig_kernel", "blur_ig", "GuidedOptions", "guided_ig_kernel", "guided_ig"]
+__all__ = [
+    "BlurOptions",
+    "blur_ig_kernel",
+    "blur_ig_host",
+    "blur_ig",
+    "GuidedOptions",
+    "guided_ig_kernel",
+    "guided_ig",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +59,10 @@ class BlurOptions:
     layout: str
 
 
-@kernel
-def blur_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, *, options: BlurOptions):
-    """``-sum_i (s_{i+1} - s_i) * d blur(x, s_i)/ds * grad(blur(x, s_i))`` under ``jit``."""
-    call = scores_fn(fn.fn)
+def blur_integrand(call: Callable, x, spec: TargetSpec, y, options: BlurOptions):
+    """``(blur mats, mats at s + grad_step) -> d blur(x, s)/ds * grad(blur(x, s))``."""
     leaf, layout = options.leaf, parse_layout(options.layout)
-    image = jax.tree_util.tree_leaves(x)[leaf]
-    spec, y = clean_target(call, x, target)
-    image_cl = to_channels_last(image, layout)
+    image_cl = to_channels_last(jax.tree_util.tree_leaves(x)[leaf], layout)
 
     def one(step_mats):
         m, gm = step_mats
@@ -63,7 +71,33 @@ def blur_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, *
         _, g = explained_grads(call, x, leaf, spec, from_channels_last(blurred, layout))
         return per_target(from_channels_last(dblur, layout), y) * g
 
+    return one
+
+
+@kernel
+def blur_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, *, options: BlurOptions):
+    """``-sum_i (s_{i+1} - s_i) * d blur(x, s_i)/ds * grad(blur(x, s_i))`` under ``jit``."""
+    call = scores_fn(fn.fn)
+    spec, y = clean_target(call, x, target)
+    one = blur_integrand(call, x, spec, y, options)
     total = weighted_sum(one, (mats, grad_mats), options.weights, options.per_step)
+    return nan_where(jnp.isnan(y), -total)
+
+
+@kernel
+def blur_ig_chunk_kernel(fn: PytreeCallable, x, spec, y, total, step_mats, weights, *, options: BlurOptions):
+    """The host loop's chunk of :func:`blur_ig_kernel`."""
+    return accumulate(blur_integrand(scores_fn(fn.fn), x, spec, y, options), total, step_mats, weights)
+
+
+def blur_ig_host(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, options: BlurOptions):
+    """:func:`blur_ig_kernel`'s result with the chunks of blur levels run from Python."""
+    spec, y, _, zeros = path_ends_kernel(fn, x, target, None, options=PathOptions((), (), 1, options.leaf))
+
+    def step(total, step_mats, weights):
+        return blur_ig_chunk_kernel(fn, x, spec, y, total, step_mats, weights, options=options)
+
+    total = host_weighted_sum(step, zeros, (mats, grad_mats), options.weights, options.per_step)
     return nan_where(jnp.isnan(y), -total)
 
 
@@ -77,6 +111,7 @@ def blur_ig(
     grad_step: float = 0.01,
     sqrt: bool = False,
     chunk_size: int | None = None,
+    chunk_loop: str = "auto",
     layout: str | None = None,
     input: Any = None,
 ) -> jax.Array:
@@ -94,6 +129,8 @@ def blur_ig(
       fn, x, target, layout, input: as in :func:`gradcam_jax.integrated_gradients`.
       max_sigma, steps, grad_step, sqrt: the blur path (PAIR's parameters and defaults).
       chunk_size: images (steps x batch) differentiated at once; default all steps.
+      chunk_loop: as in :func:`gradcam_jax.integrated_gradients` (on CPU the chunks run from
+        Python over one jitted chunk kernel; ``"device"``: one ``lax.scan``).
 
     Returns:
       Attributions shaped like the image, ``(B, ...)`` or ``(B, K, ...)``.
@@ -115,7 +152,10 @@ def blur_ig(
     grad_mats = [jnp.asarray(m, dtype) for m in blur_matrices(sizes, [s + grad_step for s in sigmas[:-1]])]
     per = steps_per_chunk(chunk_size, steps, jax.tree_util.tree_leaves(x)[leaf].shape[0], who)
     options = BlurOptions(weights, float(grad_step), per, leaf, view.layout.name)
-    return blur_ig_kernel(as_pytree(fn), x, spec, mats, grad_mats, options=options)
+    model = as_pytree(fn)
+    if host_chunks(chunk_loop, (model, x, spec), -(-steps // per), who):
+        return blur_ig_host(model, x, spec, mats, grad_mats, options)
+    return blur_ig_kernel(model, x, spec, mats, grad_mats, options=options)
 
 
 @dataclasses.dataclass(frozen=True)
