@@ -1,9 +1,6 @@
 """Integrated Gradients, Expected Gradients, Input x Gradient and the noise tunnel against Captum
 (float64, the same weights, the same random draws passed in) and against their axioms."""
 
-import contextlib
-import logging
-
 import captum.attr as captum_attr  # the test extras install torch==2.13.0 and captum
 import jax
 import jax.numpy as jnp
@@ -11,6 +8,7 @@ import nets
 import numpy as np
 import pytest
 import torch
+from compiles import compilations
 
 import gradcam_jax as gcj
 from gradcam_jax.attribution import noise as tunnel
@@ -59,20 +57,6 @@ def captum_ig(method, baseline, steps=6):
 def check_delta(got_delta, delta):
     outputs = TORCH_NET(nchw(X))[np.arange(2), T].detach().numpy()
     np.testing.assert_allclose(np.asarray(got_delta), delta, atol=1e-4 * np.abs(outputs).max())
-
-
-@contextlib.contextmanager
-def compilations(caplog, name):
-    """The ``name`` programs XLA compiles inside the block (a list filled on exit)."""
-    found: list[str] = []
-    with caplog.at_level(logging.WARNING), jax.log_compiles():
-        start = len(caplog.records)
-        yield found
-        found.extend(
-            m
-            for m in (r.getMessage() for r in caplog.records[start:])
-            if m.startswith(f"Compiling jit({name})")
-        )
 
 
 @pytest.mark.parametrize("chunk_loop", ["auto", "device"])

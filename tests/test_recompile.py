@@ -4,15 +4,14 @@ Compilations are counted from JAX's own log (``jax.log_compiles``): each test us
 shape of its own, so kernels compiled by other tests do not hide or add compilations here.
 """
 
-import contextlib
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import nets
 import numpy as np
 import pytest
+from compiles import compilations
 
 import gradcam_jax as gcj
 from gradcam_jax._callables import (
@@ -23,20 +22,6 @@ from gradcam_jax._callables import (
     hashable,
     partition_callable,
 )
-
-
-@contextlib.contextmanager
-def compilations(caplog, name):
-    """Collects the names of the ``name`` programs XLA compiles inside the block (a list)."""
-    found: list[str] = []
-    with caplog.at_level(logging.WARNING), jax.log_compiles():
-        start = len(caplog.records)
-        yield found
-        found.extend(
-            r.getMessage()
-            for r in caplog.records[start:]
-            if r.getMessage().startswith(f"Compiling jit({name})")
-        )
 
 
 def image_tap(size, seed=0):

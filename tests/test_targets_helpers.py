@@ -3,14 +3,13 @@ kind, Grad-CAM through the helpers against NumPy Grad-CAM with the analytic grad
 matching (several detections, no match, ties, labels), and no recompilation for a new mask,
 box or reference."""
 
-import contextlib
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import compilations
 
 import gradcam_jax as gcj
 from gradcam_jax import targets
@@ -227,19 +226,6 @@ def test_box_score_with_decode_on_a_detector():
 
 
 # ------------------------------------------------------------------ no recompilation
-
-
-@contextlib.contextmanager
-def compilations(caplog, name):
-    found: list[str] = []
-    with caplog.at_level(logging.WARNING), jax.log_compiles():
-        start = len(caplog.records)
-        yield found
-        found.extend(
-            m
-            for m in (r.getMessage() for r in caplog.records[start:])
-            if m.startswith(f"Compiling jit({name})")
-        )
 
 
 def test_new_mask_box_reference_do_not_recompile(caplog):
