@@ -91,7 +91,7 @@ SETTINGS = {  # the same, as the page states them
     "integrated_gradients": "`steps=8`",
     "expected_gradients": "two black baselines, `n_samples=4`",
     "blur_ig": "`steps=8`",
-    "guided_ig": "`steps=8`, one call per class (it explains one target per example)",
+    "guided_ig": "`steps=8`; both classes in one call (one adaptive path per class, vmapped)",
     "xrai": "`steps=8`, a 16 x 16 grid of segments (Felzenszwalb's need scikit-image), one call per class",
     "rise": "`n_masks=256`",
     "kernel_shap": "a 7 x 7 grid of superpixels, `n_samples=128`",
@@ -108,7 +108,7 @@ WHERE = {
 }
 
 # Explainers that explain one target per example: called once per class.
-PER_CLASS = {"guided_ig", "xrai"}
+PER_CLASS = {"xrai"}
 
 # Explainers that take another explainer first, with how the gallery calls them.
 WRAPPERS = {
