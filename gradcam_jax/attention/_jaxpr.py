@@ -4,7 +4,8 @@ The attention package reads a model's computation as a jaxpr (``jax.make_jaxpr``
 evaluates it again with probes added. This module holds the pieces every pass needs, for the
 primitives that carry sub-jaxprs: ``jit``/``pjit``, ``closed_call``, ``remat``/``checkpoint``,
 ``custom_jvp_call``, ``custom_vjp_call``, ``scan``, ``cond`` and ``while``. It is kept apart
-from the guided transform's interpreter on purpose: a change there cannot break this one.
+from the rule engine's evaluator (its passes thread probes and dependence labels through the
+walk), but the primitive tables and the binding step are the engine's (:mod:`.._engine`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from jax.extend import core as jcore
+
+from .._engine import CALLS, bind_eqn, closed_parts
 
 __all__ = [
     "CALLS",
@@ -26,22 +29,6 @@ __all__ = [
     "depends",
 ]
 
-#: Call-like primitives: their sub-jaxpr takes the equation's inputs and gives its outputs, 1:1.
-CALLS = frozenset(
-    {
-        "jit",
-        "pjit",
-        "closed_call",
-        "core_call",
-        "remat2",
-        "remat",
-        "checkpoint",
-        "custom_jvp_call",
-        "custom_vjp_call",
-        "custom_vjp_call_jaxpr",
-        "custom_lin",
-    }
-)
 REMAT = frozenset({"remat2", "remat", "checkpoint"})
 
 # Where each primitive keeps its sub-jaxprs (in a fixed order: a path step indexes this list).
@@ -51,13 +38,6 @@ _KEYS = {
     "cond": ("branches",),
 }
 _CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-
-
-def closed_parts(j) -> tuple[Any, list]:
-    """``(jaxpr, consts)`` of a ``ClosedJaxpr`` or a bare ``Jaxpr``."""
-    if isinstance(j, jcore.ClosedJaxpr):
-        return j.jaxpr, list(j.consts)
-    return j, []
 
 
 def sub_jaxprs(eqn) -> list:
@@ -102,17 +82,6 @@ def is_var(v) -> bool:
 
 def read_env(env: dict, v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
-
-
-def bind_eqn(eqn, invals: list) -> list:
-    """Evaluate one equation as it is (the standard ``eval_jaxpr`` step)."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns: Iterable = ()
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def depends(jaxpr, sources_in: Iterable, sources_eqn: dict[int, frozenset] | None = None) -> dict:

@@ -40,7 +40,6 @@ __all__ = [
     "replay",
     "all_tapes",
     "on_path",
-    "bind",
     "node_vjp",
     "UNARY",
     "STRUCTURAL",
