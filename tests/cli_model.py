@@ -10,11 +10,19 @@ conv net of tests/nets.py (random weights):
 import jax
 import jax.numpy as jnp
 import nets
+import numpy as np
 
 import gradcam_jax as gcj
 
 FRUITS = ("apple", "banana", "cherry", "damson", "elderberry")
 SIZE = 16
+
+
+def read_npz(path):
+    """The arrays of a ``--save-maps`` file as a dict, the file closed again (an open ``NpzFile``
+    left to the garbage collector raises a ResourceWarning in whichever later test collects it)."""
+    with np.load(path) as saved:
+        return {name: saved[name] for name in saved.files}
 
 
 def tiny_tap():

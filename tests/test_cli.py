@@ -197,7 +197,7 @@ def test_end_to_end(tmp_path, cache):
     names = ("demo.png", "demo.npz", "cat.png", "cat.npz", "cup.png", "cup.npz")
     assert sorted(res["files"]) == sorted(str(out / f) for f in names)
 
-    maps = np.load(out / "demo.npz")
+    maps = cli_model.read_npz(out / "demo.npz")
     assert maps["grad_cam"].shape == (2, 224, 224)
     left, right = maps["grad_cam"][..., :112].sum(-1).sum(-1), maps["grad_cam"][..., 112:].sum(-1).sum(-1)
     cat_row = list(maps["classes"]).index(285)
@@ -316,7 +316,7 @@ def test_explain_with_a_factory_model(env, tmp_path):
         assert [c["index"] for c in rec["explained"]] == top2.tolist()
         assert [c["name"] for c in rec["explained"]] == [cli_model.FRUITS[c] for c in top2]
         assert [c["name"] for c in rec["top"]] == [cli_model.FRUITS[c] for c in np.argsort(-probs)]
-        maps = np.load(out / f"{Path(path).stem}.npz")["grad_cam"]
+        maps = cli_model.read_npz(out / f"{Path(path).stem}.npz")["grad_cam"]
         np.testing.assert_allclose(maps, gcj.grad_cam(model.tap, x, target=top2[None])[0], atol=1e-5)
 
     # --layer goes through tap_at; a class by name
@@ -330,7 +330,7 @@ def test_explain_with_a_factory_model(env, tmp_path):
     assert res["layer"] == "block1" and res["images"][0]["explained"][0]["name"] == "cherry"
     x = model.preprocess(_read(paths[0]))
     expected = gcj.grad_cam(model.tap_at("block1"), x, target=np.array([[2]]))[0]
-    np.testing.assert_allclose(np.load(out / "img0.npz")["grad_cam"], expected, atol=1e-5)
+    np.testing.assert_allclose(cli_model.read_npz(out / "img0.npz")["grad_cam"], expected, atol=1e-5)
 
 
 def test_factory_model_usage_errors(env, tmp_path, capsys):
@@ -453,7 +453,7 @@ def test_figures_hold_at_most_figure_rows_classes(env, tmp_path, monkeypatch, ca
     res = json.loads((tmp_path / "a" / "results.json").read_text())
     explained = [c["index"] for c in res["images"][0]["explained"]]
     assert res["note"] == note and res["figure_rows"] == 2 and len(explained) == 5
-    saved = np.load(tmp_path / "a" / "img0.npz")
+    saved = cli_model.read_npz(tmp_path / "a" / "img0.npz")
     assert saved["classes"].tolist() == explained[:2] and saved["grad_cam"].shape == (2, 16, 16)
     assert (
         cli.main(["explain", *paths, *common, "--classes", "top2", "--out", str(tmp_path / "b"), "-q"]) == 0
@@ -500,7 +500,7 @@ def test_explain_a_transformer_with_attention_methods(env, tmp_path, capsys):
     model = vit_models.cli_vit()
     x = model.preprocess(_read(paths[0]))
     top2 = np.argsort(-np.asarray(model.logits(x))[0])[:2][None]
-    saved = np.load(out / "img0.npz")
+    saved = cli_model.read_npz(out / "img0.npz")
     rollout = np.asarray(gcj.attention_rollout(model.logits, x))[0]
     np.testing.assert_allclose(saved["attention_rollout"], np.stack([rollout, rollout]), atol=1e-5)
     generic = gcj.generic_attention(model.logits, x, top2)[0]
