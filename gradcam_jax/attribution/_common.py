@@ -27,16 +27,7 @@ __all__ = [
     "check_positive_int",
     "check_baseline_shape",
     "steps_per_chunk",
-    "CHUNK_LOOPS",
-    "host_chunks",
-    "chunked",
-    "accumulate",
-    "weighted_sum",
-    "host_weighted_sum",
 ]
-
-CHUNK_LOOPS = ("auto", "host", "device")
-
 
 def gate(fn, x, target, input: Any, who: str) -> tuple[int, TargetSpec]:
     """The input gate of a pixel-space attribution: ``(image leaf, target spec)``.
@@ -128,82 +119,3 @@ def steps_per_chunk(chunk_size, steps: int, batch: int, who: str) -> int:
         return steps
     check_positive_int(chunk_size, "chunk_size", who)
     return max(1, min(steps, int(chunk_size) // max(batch, 1)))
-
-
-def host_chunks(chunk_loop: str, trees, calls: int, who: str) -> bool:
-    """Whether a chunked sum runs its chunks from Python (``True``) or in one ``lax.scan``.
-
-    ``chunk_loop="auto"``: from Python when there is more than one chunk, no leaf of ``trees``
-    (the model, the input, the target, ...) is a ``jax.core.Tracer`` (not under the caller's
-    ``jit`` / ``vmap`` / ``grad``) and every array is on a CPU device. XLA:CPU runs a model's
-    forward+backward inside a while loop (``lax.scan``) 1.6-1.9x slower than the same program
-    called once per chunk (jaxlib 0.10.2; ``benchmarks/bench_attribution.py --only scan``).
-    ``"host"`` / ``"device"`` force either way (``"host"`` under a trace inlines every chunk).
-    """
-    if chunk_loop not in CHUNK_LOOPS:
-        choices = ", ".join(map(repr, CHUNK_LOOPS))
-        raise ValueError(f"{who}: chunk_loop={chunk_loop!r} is not one of {choices}.")
-    if chunk_loop != "auto":
-        return chunk_loop == "host"
-    if calls < 2:
-        return False
-    leaves = jax.tree_util.tree_leaves(trees)
-    if any(isinstance(v, jax.core.Tracer) for v in leaves):
-        return False
-    platforms = {d.platform for v in leaves if isinstance(v, jax.Array) for d in v.devices()}
-    return (platforms or {jax.default_backend()}) == {"cpu"}
-
-
-def chunked(xs, weights, per_step: int):
-    """``(xs, weights)`` cut into ``calls`` chunks of ``per`` elements: ``(calls, per, ...)``
-    leaves and ``(calls, per)`` float64 weights; the last chunk is padded with copies of the
-    first element at weight 0. NumPy leaves stay NumPy."""
-    weights = np.asarray(weights, np.float64)
-    n = weights.shape[0]
-    per = max(1, min(int(per_step), n))
-    calls = -(-n // per)
-    pad = calls * per - n
-
-    def padded(v):
-        xp = np if isinstance(v, np.ndarray) else jnp
-        v = xp.asarray(v)
-        v = xp.concatenate([v, xp.repeat(v[:1], pad, axis=0)]) if pad else v
-        return v.reshape((calls, per) + v.shape[1:])
-
-    return jax.tree_util.tree_map(padded, xs), np.concatenate([weights, np.zeros(pad)]).reshape(calls, per)
-
-
-def accumulate(f: Callable, total, xc, wc):
-    """``total + sum_j wc[j] * f(xc[j])``: one chunk, ``f`` ``vmap``-ed over its elements."""
-    out = jax.vmap(f)(xc)
-    return jax.tree_util.tree_map(lambda t, o: t + jnp.tensordot(wc.astype(o.dtype), o, 1), total, out)
-
-
-def weighted_sum(f: Callable, xs, weights, per_step: int):
-    """``sum_i weights[i] * f(xs[i])`` (over the leading axis of the pytree ``xs``), ``per_step``
-    elements at a time: ``vmap`` inside a chunk, a ``lax.scan`` over chunks (padded elements get
-    weight 0), so peak memory is set by ``per_step`` and ``f`` is compiled once.
-    """
-    xs_c, w_c = chunked(xs, weights, per_step)
-    first = jax.tree_util.tree_map(lambda v: v[0, 0], xs_c)
-    shape = jax.eval_shape(f, first)
-    total = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
-
-    def body(total, chunk):
-        return accumulate(f, total, *chunk), None
-
-    if w_c.shape[0] == 1:
-        return accumulate(f, total, jax.tree_util.tree_map(lambda v: v[0], xs_c), jnp.asarray(w_c[0]))
-    return jax.lax.scan(body, total, (xs_c, jnp.asarray(w_c)))[0]
-
-
-def host_weighted_sum(step: Callable, total, xs, weights, per_step: int):
-    """:func:`weighted_sum` with the chunks run from Python: ``total = step(total, xc, wc)`` per
-    chunk, ``step`` one jitted kernel (compiled once: every chunk, the padded last one too, has
-    the same shapes) that calls :func:`accumulate`. The calls are dispatched asynchronously and
-    ``total`` stays on the device; peak memory is still set by ``per_step``.
-    """
-    xs_c, w_c = chunked(xs, weights, per_step)
-    for i in range(w_c.shape[0]):
-        total = step(total, jax.tree_util.tree_map(lambda v, i=i: v[i], xs_c), w_c[i])
-    return total

@@ -3,7 +3,8 @@
 The explainer (any of the library's: a CAM, a pixel method, a path method) is called on
 ``n_samples`` noisy copies of the input inside one jitted kernel; the copies run as ``vmap``-ed
 chunks of ``chunk_size`` samples in a ``lax.scan``, accumulating the sum and the sum of squares
-(on concrete CPU inputs, from Python over one jitted chunk kernel: :func:`noise_tunnel_host`).
+(on concrete CPU inputs, from Python over one jitted chunk kernel:
+:func:`gradcam_jax._chunking.run_on_host`).
 The class explained is fixed once, on the clean input.
 """
 
@@ -19,21 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._callables import PytreeCallable, as_pytree
+from .._chunking import Stages, run_chunked, run_on_device
 from .._inputs import with_leaf
 from .._maps import kernel
 from .._tap import scores_fn
 from .._targets import Target, TargetSpec, fixed_top
-from ._common import (
-    accumulate,
-    check_key,
-    check_positive_int,
-    gate,
-    host_chunks,
-    host_weighted_sum,
-    weighted_sum,
-)
+from ._common import check_key, check_positive_int, gate
 
-__all__ = ["KINDS", "NoiseOptions", "noise_tunnel_kernel", "noise_tunnel_host", "noise_tunnel", "noise_draws"]
+__all__ = ["KINDS", "NoiseOptions", "NOISE", "noise_tunnel_kernel", "noise_tunnel", "noise_draws"]
 
 KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -63,28 +57,39 @@ def noise_draws(key, image, n_samples: int, stdev: float, relative: bool):
     return jax.random.normal(key, (n_samples,) + image.shape, jnp.float32).astype(image.dtype) * sigma
 
 
-def noisy_explanation(
-    explain: PytreeCallable, fn: PytreeCallable, x, spec: TargetSpec, options: NoiseOptions
-):
-    """``n -> (e, e^2)``: the explainer on ``x`` with the noise ``n`` added to its image leaf."""
+def noise_start(args, options: NoiseOptions):
+    """The target fixed once, on the clean input."""
+    _, fn, x, target, _ = args
+    return fixed_top(target, scores_fn(fn.fn)(x))
+
+
+def noisy_explanation(args, spec, i, options: NoiseOptions):
+    """``(e, e^2)``: the explainer on ``x`` with noisy copy ``i`` added to its image leaf."""
+    explain, fn, x, _, noise = args
     image = jax.tree_util.tree_leaves(x)[options.leaf]
     extra = {} if options.input is None else {"input": options.input}
-
-    def one(n):
-        a = explain.fn(fn.fn, with_leaf(x, options.leaf, image + n), spec, **extra)
-        a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
-        return a, a * a
-
-    return one
+    a = explain.fn(fn.fn, with_leaf(x, options.leaf, image + noise[i]), spec, **extra)
+    a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
+    return a, a * a
 
 
-def aggregate(mean, mean_sq, kind: str):
+def aggregate(args, spec, total, options: NoiseOptions):
     """SmoothGrad's mean, SmoothGrad²'s mean of squares or VarGrad's variance."""
-    if kind == "smoothgrad":
+    mean, mean_sq = total
+    if options.kind == "smoothgrad":
         return mean
-    if kind == "smoothgrad_sq":
+    if options.kind == "smoothgrad_sq":
         return mean_sq
     return mean_sq - mean * mean
+
+
+NOISE = Stages(
+    noise_start,
+    lambda args, carry, o: o.n_samples,
+    noisy_explanation,
+    aggregate,
+    lambda o: np.full(o.n_samples, 1.0 / o.n_samples),
+)
 
 
 @kernel
@@ -92,49 +97,7 @@ def noise_tunnel_kernel(
     explain: PytreeCallable, fn: PytreeCallable, x, target: TargetSpec, noise, *, options: NoiseOptions
 ):
     """The noise tunnel's aggregate under ``jit`` (see :func:`noise_tunnel`), chunks in a ``lax.scan``."""
-    spec = fixed_top(target, scores_fn(fn.fn)(x))
-    n = options.n_samples
-    one = noisy_explanation(explain, fn, x, spec, options)
-    mean, mean_sq = weighted_sum(one, noise, np.full(n, 1.0 / n), options.per_step)
-    return aggregate(mean, mean_sq, options.kind)
-
-
-@kernel
-def noise_ends_kernel(
-    explain: PytreeCallable, fn: PytreeCallable, x, target, first, *, options: NoiseOptions
-):
-    """The host loop's first kernel: the target fixed on the clean input and zero sums."""
-    spec = fixed_top(target, scores_fn(fn.fn)(x))
-    shapes = jax.eval_shape(noisy_explanation(explain, fn, x, spec, options), first)
-    return spec, jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape, v.dtype), shapes)
-
-
-@kernel
-def noise_chunk_kernel(
-    explain: PytreeCallable, fn: PytreeCallable, x, spec, total, noise, weights, *, options
-):
-    """The host loop's chunk: ``total + sum_j weights[j] (e_j, e_j^2)``."""
-    return accumulate(noisy_explanation(explain, fn, x, spec, options), total, noise, weights)
-
-
-@kernel
-def noise_finish_kernel(total, *, options: NoiseOptions):
-    """The host loop's last kernel: :func:`aggregate`."""
-    mean, mean_sq = total
-    return aggregate(mean, mean_sq, options.kind)
-
-
-def noise_tunnel_host(explain: PytreeCallable, fn: PytreeCallable, x, target, noise, options: NoiseOptions):
-    """:func:`noise_tunnel_kernel`'s result with the chunks of noisy copies run from Python
-    (:func:`~gradcam_jax.attribution._common.host_weighted_sum`)."""
-    spec, zeros = noise_ends_kernel(explain, fn, x, target, noise[0], options=options)
-
-    def step(total, chunk, weights):
-        return noise_chunk_kernel(explain, fn, x, spec, total, chunk, weights, options=options)
-
-    n = options.n_samples
-    total = host_weighted_sum(step, zeros, noise, np.full(n, 1.0 / n), options.per_step)
-    return noise_finish_kernel(total, options=options)
+    return run_on_device(NOISE, (explain, fn, x, target, noise), options, options.per_step)
 
 
 def noise_tunnel(
@@ -216,7 +179,8 @@ def noise_tunnel(
     noise = noise_draws(key, image, n_samples, float(stdev), bool(relative))
     explain = functools.partial(explainer, **explainer_options)
     options = NoiseOptions(kind, n_samples, per, leaf, input)
-    explain_p, model = as_pytree(explain), as_pytree(fn_or_tap)
-    if host_chunks(chunk_loop, (explain_p, model, x, spec, noise), -(-n_samples // per), who):
-        return noise_tunnel_host(explain_p, model, x, spec, noise, options)
-    return noise_tunnel_kernel(explain_p, model, x, spec, noise, options=options)
+    args = (as_pytree(explain), as_pytree(fn_or_tap), x, spec, noise)
+    return run_chunked(
+        noise_tunnel_kernel, NOISE, args, options, n_items=n_samples, per_step=per, chunk_loop=chunk_loop,
+        who=who,
+    )  # fmt: skip

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .._callables import PytreeCallable, as_pytree
+from .._chunking import Stages, run_chunked, run_on_device
 from .._inputs import input_view, spatial_size
 from .._layout import from_channels_last, parse_layout, to_channels_last
 from .._maps import kernel
@@ -23,24 +24,19 @@ from .._tap import scores_fn
 from .._targets import Target, TargetSpec, nan_where
 from ._blur import apply_blur, blur_matrices
 from ._common import (
-    accumulate,
     check_baseline_shape,
     check_positive_int,
     clean_target,
     explained_grads,
     gate,
-    host_chunks,
-    host_weighted_sum,
     per_target,
     steps_per_chunk,
-    weighted_sum,
 )
-from .path import PathOptions, path_ends_kernel
 
 __all__ = [
     "BlurOptions",
+    "BLUR",
     "blur_ig_kernel",
-    "blur_ig_host",
     "blur_ig",
     "GuidedOptions",
     "guided_ig_kernel",
@@ -59,46 +55,35 @@ class BlurOptions:
     layout: str
 
 
-def blur_integrand(call: Callable, x, spec: TargetSpec, y, options: BlurOptions):
-    """``(blur mats, mats at s + grad_step) -> d blur(x, s)/ds * grad(blur(x, s))``."""
+def blur_point(args, carry, i, options: BlurOptions):
+    """Blur level ``i``: ``d blur(x, s_i)/ds * grad y^c(blur(x, s_i))``."""
+    fn, x, _, mats, grad_mats = args
+    spec, y = carry
     leaf, layout = options.leaf, parse_layout(options.layout)
     image_cl = to_channels_last(jax.tree_util.tree_leaves(x)[leaf], layout)
+    m, gm = jax.tree_util.tree_map(lambda v: v[i], (mats, grad_mats))
+    blurred = apply_blur(image_cl, m)
+    dblur = (apply_blur(image_cl, gm) - blurred) / options.grad_step
+    _, g = explained_grads(scores_fn(fn.fn), x, leaf, spec, from_channels_last(blurred, layout))
+    return per_target(from_channels_last(dblur, layout), y) * g
 
-    def one(step_mats):
-        m, gm = step_mats
-        blurred = apply_blur(image_cl, m)
-        dblur = (apply_blur(image_cl, gm) - blurred) / options.grad_step
-        _, g = explained_grads(call, x, leaf, spec, from_channels_last(blurred, layout))
-        return per_target(from_channels_last(dblur, layout), y) * g
 
-    return one
+def blur_start(args, options: BlurOptions):
+    fn, x, target, _, _ = args
+    return clean_target(scores_fn(fn.fn), x, target)
+
+
+def blur_finish(args, carry, total, options: BlurOptions):
+    return nan_where(jnp.isnan(carry[1]), -total)
+
+
+BLUR = Stages(blur_start, lambda args, carry, o: len(o.weights), blur_point, blur_finish, lambda o: o.weights)
 
 
 @kernel
 def blur_ig_kernel(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, *, options: BlurOptions):
     """``-sum_i (s_{i+1} - s_i) * d blur(x, s_i)/ds * grad(blur(x, s_i))`` under ``jit``."""
-    call = scores_fn(fn.fn)
-    spec, y = clean_target(call, x, target)
-    one = blur_integrand(call, x, spec, y, options)
-    total = weighted_sum(one, (mats, grad_mats), options.weights, options.per_step)
-    return nan_where(jnp.isnan(y), -total)
-
-
-@kernel
-def blur_ig_chunk_kernel(fn: PytreeCallable, x, spec, y, total, step_mats, weights, *, options: BlurOptions):
-    """The host loop's chunk of :func:`blur_ig_kernel`."""
-    return accumulate(blur_integrand(scores_fn(fn.fn), x, spec, y, options), total, step_mats, weights)
-
-
-def blur_ig_host(fn: PytreeCallable, x, target: TargetSpec, mats, grad_mats, options: BlurOptions):
-    """:func:`blur_ig_kernel`'s result with the chunks of blur levels run from Python."""
-    spec, y, _, zeros = path_ends_kernel(fn, x, target, None, options=PathOptions((), (), 1, options.leaf))
-
-    def step(total, step_mats, weights):
-        return blur_ig_chunk_kernel(fn, x, spec, y, total, step_mats, weights, options=options)
-
-    total = host_weighted_sum(step, zeros, (mats, grad_mats), options.weights, options.per_step)
-    return nan_where(jnp.isnan(y), -total)
+    return run_on_device(BLUR, (fn, x, target, mats, grad_mats), options, options.per_step)
 
 
 def blur_ig(
@@ -152,10 +137,10 @@ def blur_ig(
     grad_mats = [jnp.asarray(m, dtype) for m in blur_matrices(sizes, [s + grad_step for s in sigmas[:-1]])]
     per = steps_per_chunk(chunk_size, steps, jax.tree_util.tree_leaves(x)[leaf].shape[0], who)
     options = BlurOptions(weights, float(grad_step), per, leaf, view.layout.name)
-    model = as_pytree(fn)
-    if host_chunks(chunk_loop, (model, x, spec), -(-steps // per), who):
-        return blur_ig_host(model, x, spec, mats, grad_mats, options)
-    return blur_ig_kernel(model, x, spec, mats, grad_mats, options=options)
+    args = (as_pytree(fn), x, spec, mats, grad_mats)
+    return run_chunked(
+        blur_ig_kernel, BLUR, args, options, n_items=steps, per_step=per, chunk_loop=chunk_loop, who=who
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ of ``(alpha, weight)`` pairs that run as ``vmap``-ed chunks of ``per_step`` step
 ``lax.scan`` under ``jit`` — peak memory is set by the chunk, the model appears once in the
 compiled program, and the weighted sum is accumulated as the chunks go. On concrete arrays on
 a CPU device the chunks instead run from Python over one jitted chunk kernel
-(:func:`path_host`), since XLA:CPU runs a loop body slower than the same program called once.
+(:func:`gradcam_jax._chunking.run_on_host`), since XLA:CPU runs a loop body slower than the
+same program called once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._callables import PytreeCallable, as_pytree
+from .._chunking import Stages, run_chunked, run_on_device
 from .._inputs import input_view, spatial_size, with_leaf
 from .._layout import from_channels_last, to_channels_last
 from .._maps import kernel
@@ -27,33 +29,29 @@ from .._tap import scores_fn
 from .._targets import Target, TargetSpec, nan_where, select_scores
 from ._blur import apply_blur, blur_matrices
 from ._common import (
-    accumulate,
     check_baseline_shape,
     check_key,
     check_positive_int,
     clean_target,
     explained_grads,
     gate,
-    host_chunks,
-    host_weighted_sum,
     per_target,
     steps_per_chunk,
-    weighted_sum,
 )
 
 __all__ = [
     "QUADRATURES",
     "quadrature",
     "PathOptions",
+    "PATH",
     "path_kernel",
-    "path_host",
     "integrated_gradients",
     "expected_gradients",
     "gradient_shap_draws",
     "input_x_gradient",
     "SampledPathOptions",
+    "SAMPLED",
     "expected_gradients_kernel",
-    "expected_gradients_host",
 ]
 
 QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -108,19 +106,24 @@ def path_ends(call: Callable, x, target: TargetSpec, baseline, options: PathOpti
     return spec, y, select_scores(spec, call(with_leaf(x, options.leaf, baseline)))
 
 
-def path_integrand(call: Callable, x, spec: TargetSpec, baseline, options: PathOptions):
-    """``alpha -> grad y^c(x' + alpha (x - x'))``, ``(B, ...)`` or ``(B, K, ...)``."""
+def path_start(args, options: PathOptions):
+    fn, x, target, baseline = args
+    return path_ends(scores_fn(fn.fn), x, target, baseline, options)
+
+
+def path_point(args, carry, i, options: PathOptions):
+    """``grad y^c(x' + alpha_i (x - x'))``, ``(B, ...)`` or ``(B, K, ...)``."""
+    fn, x, _, baseline = args
     diff = jax.tree_util.tree_leaves(x)[options.leaf] - baseline
-
-    def grads_at(alpha):
-        return explained_grads(call, x, options.leaf, spec, baseline + alpha.astype(diff.dtype) * diff)[1]
-
-    return grads_at
+    alpha = jnp.asarray(np.asarray(options.alphas, np.float64))[i].astype(diff.dtype)
+    return explained_grads(scores_fn(fn.fn), x, options.leaf, carry[0], baseline + alpha * diff)[1]
 
 
-def path_finish(x, baseline, y, y_base, total, options: PathOptions):
+def path_finish(args, carry, total, options: PathOptions):
     """``(x - x') * total`` (NaN where the target is), with the completeness error when
-    ``y_base`` is given: ``sum(attributions) - (y(x) - y(x'))`` per example (and target)."""
+    ``options.delta``: ``sum(attributions) - (y(x) - y(x'))`` per example (and target)."""
+    _, x, _, baseline = args
+    _, y, y_base = carry
     diff = jax.tree_util.tree_leaves(x)[options.leaf] - baseline
     attributions = nan_where(jnp.isnan(y), per_target(diff, y) * total)
     if y_base is None:
@@ -129,50 +132,15 @@ def path_finish(x, baseline, y, y_base, total, options: PathOptions):
     return attributions, jnp.sum(attributions, axis=axes) - (y - y_base)
 
 
+PATH = Stages(path_start, lambda args, carry, o: len(o.alphas), path_point, path_finish, lambda o: o.weights)
+
+
 @kernel
 def path_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: PathOptions):
     """``(x - x') * sum_i w_i grad(x' + alpha_i (x - x'))`` under ``jit``, the chunks in one
     ``lax.scan``; with ``options.delta`` also the completeness error
     ``sum(attributions) - (f(x) - f(x'))`` per example (and target)."""
-    call = scores_fn(fn.fn)
-    spec, y, y_base = path_ends(call, x, target, baseline, options)
-    grads_at = path_integrand(call, x, spec, baseline, options)
-    total = weighted_sum(grads_at, np.asarray(options.alphas), options.weights, options.per_step)
-    return path_finish(x, baseline, y, y_base, total, options)
-
-
-@kernel
-def path_ends_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: PathOptions):
-    """The host loop's first kernel: :func:`path_ends` and the zero total ``y.shape + image[1:]``."""
-    spec, y, y_base = path_ends(scores_fn(fn.fn), x, target, baseline, options)
-    image = jax.tree_util.tree_leaves(x)[options.leaf]
-    return spec, y, y_base, jnp.zeros(y.shape + image.shape[1:], image.dtype)
-
-
-@kernel
-def path_chunk_kernel(fn: PytreeCallable, x, spec: TargetSpec, baseline, total, alphas, weights, *, options):
-    """The host loop's chunk: ``total + sum_j weights[j] grad(x' + alphas[j] (x - x'))``."""
-    return accumulate(path_integrand(scores_fn(fn.fn), x, spec, baseline, options), total, alphas, weights)
-
-
-@kernel
-def path_finish_kernel(x, baseline, y, y_base, total, *, options: PathOptions):
-    """The host loop's last kernel: :func:`path_finish`."""
-    return path_finish(x, baseline, y, y_base, total, options)
-
-
-def path_host(fn: PytreeCallable, x, target: TargetSpec, baseline, options: PathOptions):
-    """:func:`path_kernel`'s result with the chunks run from Python over one jitted chunk kernel
-    (:func:`~gradcam_jax.attribution._common.host_weighted_sum`); the target, the baseline's
-    scores and the completeness error are computed once, outside the chunk loop."""
-    spec, y, y_base, zeros = path_ends_kernel(fn, x, target, baseline, options=options)
-
-    def step(total, alphas, weights):
-        return path_chunk_kernel(fn, x, spec, baseline, total, alphas, weights, options=options)
-
-    alphas = np.asarray(options.alphas, np.float64)
-    total = host_weighted_sum(step, zeros, alphas, options.weights, options.per_step)
-    return path_finish_kernel(x, baseline, y, y_base, total, options=options)
+    return run_on_device(PATH, (fn, x, target, baseline), options, options.per_step)
 
 
 def _baseline(baseline, image, x, key, layout, input, who: str, blur_sigma: float):
@@ -265,10 +233,10 @@ def integrated_gradients(
     start = _baseline(baseline, image, x, key, layout, input, who, blur_sigma)
     per = steps_per_chunk(chunk_size, steps, image.shape[0], who)
     options = PathOptions(tuple(alphas.tolist()), tuple(weights.tolist()), per, leaf, bool(return_delta))
-    model = as_pytree(fn)
-    if host_chunks(chunk_loop, (model, x, spec, start), -(-steps // per), who):
-        return path_host(model, x, spec, start, options)
-    return path_kernel(model, x, spec, start, options=options)
+    args = (as_pytree(fn), x, spec, start)
+    return run_chunked(
+        path_kernel, PATH, args, options, n_items=steps, per_step=per, chunk_loop=chunk_loop, who=who
+    )
 
 
 def input_x_gradient(fn: Callable, x, target: Target = None, *, input: Any = None) -> jax.Array:
@@ -312,20 +280,34 @@ class SampledPathOptions:
     leaf: int = 0
 
 
-def sampled_integrand(call: Callable, x, spec: TargetSpec, y, baselines, options: SampledPathOptions):
-    """``(r index, a, n) -> (x + n - r) * grad y^c(r + a (x + n - r))`` for one draw per example."""
+def sampled_start(args, options: SampledPathOptions):
+    fn, x, target, _, _ = args
+    return clean_target(scores_fn(fn.fn), x, target)
+
+
+def sampled_point(args, carry, i, options: SampledPathOptions):
+    """Draw ``i`` of every example: ``(x + n - r) * grad y^c(r + a (x + n - r))``."""
+    fn, x, _, baselines, (idx, alpha, noise) = args
+    spec, y = carry
     image = jax.tree_util.tree_leaves(x)[options.leaf]
+    noisy = image + noise[:, i]
+    ref = baselines[idx[:, i]]
+    point = ref + alpha[:, i].reshape((-1,) + (1,) * (image.ndim - 1)) * (noisy - ref)
+    _, g = explained_grads(scores_fn(fn.fn), x, options.leaf, spec, point)
+    return per_target(noisy - ref, y) * g
 
-    def one(sample):
-        i, a, n = sample
-        noisy = image + n
-        ref = baselines[i]
-        shape = (-1,) + (1,) * (image.ndim - 1)
-        point = ref + a.reshape(shape) * (noisy - ref)
-        _, g = explained_grads(call, x, options.leaf, spec, point)
-        return per_target(noisy - ref, y) * g
 
-    return one
+def sampled_finish(args, carry, total, options: SampledPathOptions):
+    return nan_where(jnp.isnan(carry[1]), total)
+
+
+SAMPLED = Stages(
+    sampled_start,
+    lambda args, carry, o: o.n_samples,
+    sampled_point,
+    sampled_finish,
+    lambda o: np.full(o.n_samples, 1.0 / o.n_samples),
+)
 
 
 @kernel
@@ -333,40 +315,7 @@ def expected_gradients_kernel(
     fn: PytreeCallable, x, target: TargetSpec, baselines, draws, *, options: SampledPathOptions
 ):
     """``mean_s (x + n_s - r_s) * grad(r_s + a_s (x + n_s - r_s))`` under ``jit``."""
-    call = scores_fn(fn.fn)
-    spec, y = clean_target(call, x, target)
-    idx, alpha, noise = draws
-    one = sampled_integrand(call, x, spec, y, baselines, options)
-    samples = (idx.T, alpha.T, jnp.moveaxis(noise, 1, 0))
-    n = options.n_samples
-    return nan_where(jnp.isnan(y), weighted_sum(one, samples, np.full(n, 1.0 / n), options.per_step))
-
-
-@kernel
-def expected_gradients_chunk_kernel(
-    fn: PytreeCallable, x, spec, y, baselines, total, samples, weights, *, options
-):
-    """The host loop's chunk of :func:`expected_gradients_kernel`."""
-    one = sampled_integrand(scores_fn(fn.fn), x, spec, y, baselines, options)
-    return accumulate(one, total, samples, weights)
-
-
-def expected_gradients_host(fn: PytreeCallable, x, target, baselines, draws, options: SampledPathOptions):
-    """:func:`expected_gradients_kernel`'s result with the chunks of draws run from Python."""
-    ends = PathOptions((), (), 1, options.leaf, False)
-    spec, y, _, zeros = path_ends_kernel(fn, x, target, None, options=ends)
-
-    def step(total, samples, weights):
-        return expected_gradients_chunk_kernel(
-            fn, x, spec, y, baselines, total, samples, weights, options=options
-        )
-
-    idx, alpha, noise = draws
-    n = options.n_samples
-    samples = (idx.T, alpha.T, jnp.moveaxis(noise, 1, 0))
-    return nan_where(
-        jnp.isnan(y), host_weighted_sum(step, zeros, samples, np.full(n, 1.0 / n), options.per_step)
-    )
+    return run_on_device(SAMPLED, (fn, x, target, baselines, draws), options, options.per_step)
 
 
 def expected_gradients(
@@ -426,7 +375,8 @@ def expected_gradients(
     )
     per = steps_per_chunk(chunk_size, n_samples, image.shape[0], who)
     options = SampledPathOptions(n_samples, per, leaf)
-    model, baselines = as_pytree(fn), baselines.astype(image.dtype)
-    if host_chunks(chunk_loop, (model, x, spec, baselines, draws), -(-n_samples // per), who):
-        return expected_gradients_host(model, x, spec, baselines, draws, options)
-    return expected_gradients_kernel(model, x, spec, baselines, draws, options=options)
+    args = (as_pytree(fn), x, spec, baselines.astype(image.dtype), draws)
+    return run_chunked(
+        expected_gradients_kernel, SAMPLED, args, options, n_items=n_samples, per_step=per,
+        chunk_loop=chunk_loop, who=who,
+    )  # fmt: skip

@@ -1,8 +1,9 @@
 """Sampling attributions: RISE (random masks) and KernelSHAP (coalitions of superpixels).
 
 Both run many perturbed forward passes; as for Score-CAM they run ``chunk_size`` perturbed
-images at a time in a ``lax.map`` under ``jit`` (:mod:`gradcam_jax._chunking`), so memory is
-set by the chunk and the model is compiled once. The masks and coalitions are drawn on the
+images at a time (:func:`gradcam_jax._chunking.run_chunked`: a device loop under ``jit``, or
+on CPU one jitted chunk kernel called from Python), so memory is set by the chunk and the
+model is compiled once. The masks and coalitions are drawn on the
 device from an explicit key.
 """
 
@@ -17,22 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._callables import PytreeCallable, as_pytree
-from .._chunking import chunked_vmap, perturbations_per_step
+from .._chunking import Stages, perturbations_per_step, run_chunked, run_on_device
 from .._grads import check_fn_target
 from .._inputs import image_leaf, image_of, input_gate, spatial_size, with_image
 from .._layout import to_channels_last
 from .._maps import MapOptions, check_images, kernel
 from .._tap import scores_fn
 from .._targets import Target, TargetSpec, batch_size, nan_where, select_scores, target_spec
-from ._common import check_baseline_shape, check_key, check_positive_int, clean_target, weighted_sum
+from ._common import check_baseline_shape, check_key, check_positive_int, clean_target
 
 __all__ = [
     "RiseOptions",
+    "RISE",
     "rise_kernel",
     "rise",
     "rise_mask",
     "shap_coalitions",
     "ShapOptions",
+    "SHAP",
     "kernel_shap_kernel",
     "kernel_shap",
 ]
@@ -62,23 +65,38 @@ def rise_mask(key, size: tuple[int, ...], cell: int, p: float):
     return jax.lax.dynamic_slice(up, (dy, dx), (h, w))
 
 
+def rise_start(args, options: RiseOptions):
+    fn, x, target, _ = args
+    return clean_target(scores_fn(fn.fn), x, target)
+
+
+def rise_item(args, carry, i, options: RiseOptions):
+    """Mask ``i``, weighted by the score of the image it masks: ``y^c(x * M_i) M_i``."""
+    fn, x, _, key = args
+    view = check_images(x, options.maps, "rise")
+    image = image_of(x, view)  # (B, H, W, C)
+    mask = rise_mask(jax.random.fold_in(key, i), image.shape[1:3], options.cell, options.p)
+    score = select_scores(carry[0], scores_fn(fn.fn)(with_image(x, view, image * mask[None, :, :, None])))
+    return score.astype(jnp.float32)[..., None, None] * mask
+
+
+def rise_finish(args, carry, total, options: RiseOptions):
+    return nan_where(jnp.isnan(carry[1]), total)
+
+
+RISE = Stages(
+    rise_start,
+    lambda args, carry, o: o.n_masks,
+    rise_item,
+    rise_finish,
+    lambda o: np.full(o.n_masks, 1.0 / (o.n_masks * o.p)),
+)
+
+
 @kernel
 def rise_kernel(fn: PytreeCallable, x, target: TargetSpec, key, *, options: RiseOptions):
     """``sum_i y^c(x * M_i) M_i / (N p)`` under ``jit``, ``per_step`` masks at a time."""
-    scores_of = scores_fn(fn.fn)
-    view = check_images(x, options.maps, "rise")
-    spec, y = clean_target(scores_of, x, target)
-    image = image_of(x, view)  # (B, H, W, C)
-    size = image.shape[1:3]
-
-    def one(i):
-        mask = rise_mask(jax.random.fold_in(key, i), size, options.cell, options.p)
-        score = select_scores(spec, scores_of(with_image(x, view, image * mask[None, :, :, None])))
-        return score.astype(jnp.float32)[..., None, None] * mask
-
-    n = options.n_masks
-    total = weighted_sum(one, jnp.arange(n), np.full(n, 1.0 / (n * options.p)), options.per_step)
-    return nan_where(jnp.isnan(y), total)
+    return run_on_device(RISE, (fn, x, target, key), options, options.per_step)
 
 
 def rise(
@@ -91,6 +109,7 @@ def rise(
     cell: int = 7,
     p: float = 0.5,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     layout: str | None = None,
     input: Any = None,
 ) -> jax.Array:
@@ -107,6 +126,9 @@ def rise(
       key: a ``jax.random`` key (mask ``i`` is drawn from ``fold_in(key, i)``).
       n_masks, cell, p: the number of masks, the grid size, the probability a cell is kept.
       chunk_size: masked images per step (rounded down to whole batches, at least one mask).
+      chunk_loop: as in :func:`gradcam_jax.integrated_gradients`: ``"auto"`` (default) runs
+        several chunks from Python over one jitted chunk kernel on concrete CPU inputs, else in
+        a loop inside one jitted kernel; ``"host"`` / ``"device"`` force either way.
 
     Returns:
       ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets.
@@ -127,7 +149,10 @@ def rise(
     check_fn_target(fn, x, spec, who)
     del view
     options = RiseOptions(n_masks, cell, float(p), perturbations_per_step(chunk_size, batch_size(x)), maps)
-    return rise_kernel(as_pytree(fn), x, spec, key, options=options)
+    return run_chunked(
+        rise_kernel, RISE, (as_pytree(fn), x, spec, key), options, n_items=n_masks,
+        per_step=options.per_step, chunk_loop=chunk_loop, who=who,
+    )  # fmt: skip
 
 
 INF_WEIGHT = 1e6  # Captum's weight of the empty and the full coalition
@@ -163,6 +188,37 @@ class ShapOptions:
     maps: MapOptions = MapOptions()
 
 
+def shap_start(args, options: ShapOptions):
+    return clean_target(scores_fn(args[0].fn), args[1], args[2])
+
+
+def shap_item(args, carry, i, options: ShapOptions):
+    """The scores with coalition ``i``: its segments kept, the others set to the baseline."""
+    fn, x, _, segments, baseline, coalitions, _ = args
+    view = check_images(x, options.maps, "kernel_shap")
+    keep = coalitions[i][segments][..., None] > 0  # (B, H, W, 1)
+    fill = to_channels_last(baseline, view.layout)
+    image = jnp.where(keep, image_of(x, view), fill)
+    return select_scores(carry[0], scores_fn(fn.fn)(with_image(x, view, image)))
+
+
+def shap_finish(args, carry, scores, options: ShapOptions):
+    """The weighted least-squares fit of the coalitions' scores ``(S, B[, K])``, painted."""
+    _, _, _, segments, _, coalitions, weights = args
+    scores = scores.astype(coalitions.dtype)
+    design = jnp.concatenate([coalitions, jnp.ones((coalitions.shape[0], 1), coalitions.dtype)], axis=1)
+    root = jnp.sqrt(weights)[:, None]
+    flat = scores.reshape(scores.shape[0], -1)
+    coef = jnp.linalg.lstsq(design * root, flat * root)[0][: options.n_features]  # (M, B*K)
+    coef = coef.reshape((options.n_features,) + scores.shape[1:])  # (M, B[, K])
+    picked = jnp.moveaxis(coef, 0, -1)  # (B[, K], M)
+    maps = jax.vmap(lambda c, sg: c[..., sg])(picked, segments)  # (B[, K], H, W)
+    return nan_where(jnp.isnan(carry[1]), maps)
+
+
+SHAP = Stages(shap_start, lambda args, carry, o: args[5].shape[0], shap_item, shap_finish)
+
+
 @kernel
 def kernel_shap_kernel(
     fn: PytreeCallable,
@@ -176,25 +232,8 @@ def kernel_shap_kernel(
     options: ShapOptions,
 ):
     """KernelSHAP under ``jit``: the coalitions' scores, then a weighted least-squares fit."""
-    scores_of = scores_fn(fn.fn)
-    view = check_images(x, options.maps, "kernel_shap")
-    spec, y = clean_target(scores_of, x, target)
-    image = image_of(x, view)
-    fill = to_channels_last(baseline, view.layout)
-
-    def one(z):
-        keep = z[segments][..., None] > 0  # (B, H, W, 1)
-        return select_scores(spec, scores_of(with_image(x, view, jnp.where(keep, image, fill))))
-
-    scores = chunked_vmap(one, coalitions, options.per_step).astype(coalitions.dtype)  # (S, B[, K])
-    design = jnp.concatenate([coalitions, jnp.ones((coalitions.shape[0], 1), coalitions.dtype)], axis=1)
-    root = jnp.sqrt(weights)[:, None]
-    flat = scores.reshape(scores.shape[0], -1)
-    coef = jnp.linalg.lstsq(design * root, flat * root)[0][: options.n_features]  # (M, B*K)
-    coef = coef.reshape((options.n_features,) + scores.shape[1:])  # (M, B[, K])
-    picked = jnp.moveaxis(coef, 0, -1)  # (B[, K], M)
-    maps = jax.vmap(lambda c, sg: c[..., sg])(picked, segments)  # (B[, K], H, W)
-    return nan_where(jnp.isnan(y), maps)
+    args = (fn, x, target, segments, baseline, coalitions, weights)
+    return run_on_device(SHAP, args, options, options.per_step)
 
 
 def kernel_shap(
@@ -207,6 +246,7 @@ def kernel_shap(
     n_samples: int = 200,
     baseline: Any = 0.0,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     layout: str | None = None,
     input: Any = None,
 ) -> jax.Array:
@@ -226,6 +266,7 @@ def kernel_shap(
       n_samples: coalitions, including the full and the empty one.
       baseline: the value of removed pixels: a number, or an array broadcastable to the image.
       chunk_size: perturbed images per step.
+      chunk_loop: as in :func:`rise`.
 
     Returns:
       ``float32`` maps ``(B, H, W)`` (``(B, K, H, W)`` for K targets).
@@ -255,5 +296,8 @@ def kernel_shap(
     dtype = jnp.promote_types(image.dtype, jnp.float32)
     z, w = shap_coalitions(key, n_samples, m)
     options = ShapOptions(m, perturbations_per_step(chunk_size, batch), maps)
-    args = (jnp.asarray(seg, jnp.int32), base, z.astype(dtype), w.astype(dtype))
-    return kernel_shap_kernel(as_pytree(fn), x, spec, *args, options=options)
+    args = (as_pytree(fn), x, spec, jnp.asarray(seg, jnp.int32), base, z.astype(dtype), w.astype(dtype))
+    return run_chunked(
+        kernel_shap_kernel, SHAP, args, options, n_items=n_samples, per_step=options.per_step,
+        chunk_loop=chunk_loop, who=who,
+    )  # fmt: skip
