@@ -1,10 +1,11 @@
-"""Captum parity on a ResNet-18: torchvision's architecture written out in torch (random, seeded
-weights), ported to ``gradcam_jax.models.ResNet`` with the benchmark's converter
-(``torch_state_dict_to_flax``), both sides in float64 (the ported model's pooled head runs in
-float32, as the model defines it): IntegratedGradients with its convergence delta, GradientShap
-and NoiseTunnel(IG) with the same draws, InputXGradient, DeepLift (Rescale).
+"""Captum parity on a ResNet-18: torchvision's architecture written out in torch
+(``benchmarks.peers.torch_resnet``; random weights, seeded batch-norm statistics), ported to
+``gradcam_jax.models.ResNet`` with the benchmark's converter (``torch_state_dict_to_flax``), both
+sides in float64 (the ported model's pooled head runs in float32, as the model defines it):
+IntegratedGradients with its convergence delta, GradientShap and NoiseTunnel(IG) with the same
+draws, InputXGradient, DeepLift (Rescale).
 
-The torch ResNet gives every ReLU use its own non-inplace module, as Captum's DeepLift needs.
+That torch ResNet gives every ReLU use its own non-inplace module, as Captum's DeepLift needs.
 Captum's LRP is not compared here: it has no rule for the residual additions (LRP on ResNets is
 checked against zennit by ``benchmarks/compare_lrp.py``). On DeepLift through the stem's max
 pool: Captum's own ``MaxPool2d`` multiplier rule (``deep_lift.maxpool``) does not act where the
@@ -24,74 +25,17 @@ import pytest
 import torch
 
 import gradcam_jax as gcj
+from benchmarks.peers.torch_resnet import ResNet as TorchResNet
+from benchmarks.peers.torch_resnet import randomize_bn
 from gradcam_jax.attribution.noise import noise_draws
 from gradcam_jax.attribution.path import gradient_shap_draws
 from gradcam_jax.models.resnet import ResNet, resnet_for_torch, torch_state_dict_to_flax
 
-tnn = torch.nn
 SIZE, NCLS = 32, 10
 X = np.random.default_rng(21).normal(size=(2, SIZE, SIZE, 3))
 BASE = 0.1 * np.random.default_rng(22).normal(size=(2, SIZE, SIZE, 3))  # no ties at the max pool
-
-
-class Block(tnn.Module):
-    """torchvision's BasicBlock, a separate ReLU module for each use."""
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1, self.relu1 = tnn.BatchNorm2d(width), tnn.ReLU()
-        self.conv2 = tnn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2, self.relu2 = tnn.BatchNorm2d(width), tnn.ReLU()
-        self.downsample = None
-        if stride != 1 or cin != width:
-            self.downsample = tnn.Sequential(
-                tnn.Conv2d(cin, width, 1, stride, bias=False), tnn.BatchNorm2d(width)
-            )
-
-    def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(y)) + shortcut)
-
-
-class TorchResNet18(tnn.Module):
-    """torchvision's resnet18: its layers, strides, padding and parameter names."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1, self.relu = tnn.BatchNorm2d(64), tnn.ReLU()
-        self.maxpool = tnn.MaxPool2d(3, 2, 1)
-        cin = 64
-        for i, width in enumerate((64, 128, 256, 512)):
-            stride = 1 if i == 0 else 2
-            setattr(self, f"layer{i + 1}", tnn.Sequential(Block(cin, width, stride), Block(width, width, 1)))
-            cin = width
-        self.avgpool = tnn.AdaptiveAvgPool2d(1)
-        self.fc = tnn.Linear(512, NCLS)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def seeded(net):
-    """Non-trivial batch-norm statistics (seeded), so the port's BN folding is exercised."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, tnn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return net.double().eval()
-
-
 torch.manual_seed(0)
-TORCH_NET = seeded(TorchResNet18())
+TORCH_NET = randomize_bn(TorchResNet(18, num_classes=NCLS), seed=1).double().eval()
 
 
 def port(net):

@@ -4,7 +4,10 @@ torchvision does not install beside the CPU torch build these machines use, so t
 side of a benchmark builds its ResNet here. Parameter names follow torchvision
 (``conv1``, ``bn1``, ``layer1.0.conv2``, ``layer1.0.downsample.0``, ``fc``), so a torchvision
 state dict loads unchanged, and ``gradcam_jax.models.resnet.torch_state_dict_to_flax`` ports the
-weights into ``gradcam_jax.models.ResNet``. Importing this module imports torch.
+weights into ``gradcam_jax.models.ResNet``. Each ReLU use has its own module (``relu1``,
+``relu2``, ...; no parameters, so the state dict is torchvision's), as Captum's DeepLift and
+module-hook methods need; tests/test_attribution_resnet.py uses it too. Importing this module
+imports torch.
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=False)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        return self.relu(self.bn3(self.conv3(y)) + shortcut)
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        return self.relu3(self.bn3(self.conv3(y)) + shortcut)
 
 
 class BasicBlock(nn.Module):
@@ -48,7 +51,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=False)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.downsample = None
         if stride != 1 or cin != width:
             self.downsample = nn.Sequential(
@@ -57,8 +60,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(y)) + shortcut)
+        y = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(y)) + shortcut)
 
 
 class ResNet(nn.Module):
@@ -67,7 +70,7 @@ class ResNet(nn.Module):
         block = Bottleneck if depth >= 50 else BasicBlock
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=False)
+        self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = 64
         for i, (n, width) in enumerate(zip(STAGES[depth], (64, 128, 256, 512), strict=True)):
