@@ -1,7 +1,8 @@
 """Sliding-window occlusion: the score drop when a window of the input is replaced by a baseline.
 
-The occluded passes are ``vmap``-ed and run ``chunk_size`` images at a time under ``jit``, as
-in :mod:`gradcam_jax.perturbation`; the masks are built inside each chunk.
+The occluded passes are ``vmap``-ed and run ``chunk_size`` images at a time, as in
+:mod:`gradcam_jax.perturbation` (a device loop under ``jit``, or on CPU one jitted chunk kernel
+called from Python); the masks are built inside each chunk.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._callables import PytreeCallable, as_pytree
-from ._chunking import chunked_vmap, perturbations_per_step
+from ._chunking import Stages, perturbations_per_step, run_chunked, run_on_device
 from ._grads import check_fn_target
 from ._inputs import image_leaf, image_of, spatial_size, with_image
 from ._layout import to_channels_last
@@ -32,7 +33,7 @@ from ._targets import (
 )
 from .methods import safe_divide
 
-__all__ = ["occlusion", "window_starts", "OcclusionOptions", "occlusion_kernel"]
+__all__ = ["occlusion", "window_starts", "OcclusionOptions", "OCCLUSION", "occlusion_kernel"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -80,37 +81,64 @@ def _sum_over_windows(drops, masks: list[np.ndarray]):
     return jnp.einsum(eq, drops, *[jnp.asarray(m, jnp.float32) for m in masks], precision=_HIGHEST)
 
 
+def window_grid(x, options: OcclusionOptions):
+    """``(view, masks)``: the image's view and, per spatial axis, which pixels each window
+    position covers, ``(n_d, size_d)`` (NumPy, from shapes)."""
+    view = check_images(x, options.maps, "occlusion")
+    sizes = spatial_size(x, view)
+    return view, [
+        _window_masks(n, w, s) for n, w, s in zip(sizes, options.window, options.stride, strict=True)
+    ]
+
+
+def occlusion_start(args, options: OcclusionOptions):
+    """The clean pass: ``(spec, y^c(x))``."""
+    fn, x, target, _ = args
+    clean_scores = scores_fn(fn.fn)(x)
+    spec = fixed_top(target, clean_scores)
+    return spec, select_scores(spec, clean_scores).astype(jnp.float32)
+
+
+def occlusion_count(args, carry, options: OcclusionOptions) -> int:
+    return int(np.prod([m.shape[0] for m in window_grid(args[1], options)[1]]))
+
+
+def occluded_score(args, carry, p, options: OcclusionOptions):
+    """``y^c`` with window position ``p`` (row-major over the per-axis positions) set to the baseline."""
+    fn, x, _, baseline = args
+    view, masks = window_grid(x, options)
+    image = image_of(x, view)  # (B, *spatial, C)
+    rank = len(masks)
+    at = jnp.unravel_index(p, tuple(m.shape[0] for m in masks))
+    inside = functools.reduce(
+        jnp.logical_and,
+        [
+            jnp.asarray(m)[i].reshape((1,) * d + (m.shape[1],) + (1,) * (rank - d - 1))
+            for d, (m, i) in enumerate(zip(masks, at, strict=True))
+        ],
+    )  # (*spatial)
+    fill = to_channels_last(jnp.broadcast_to(baseline, image_leaf(x, view).shape), view.layout)
+    occluded = jnp.where(inside[None, ..., None], fill, image)
+    return select_scores(carry[0], scores_fn(fn.fn)(with_image(x, view, occluded))).astype(jnp.float32)
+
+
+def occlusion_finish(args, carry, scores, options: OcclusionOptions):
+    """The mean drop ``y^c(x) - y^c(occluded)`` over the windows covering each position."""
+    _, masks = window_grid(args[1], options)
+    y = carry[1]
+    drops = y[None] - scores  # (P, B[, K])
+    total = _sum_over_windows(drops.reshape(tuple(m.shape[0] for m in masks) + drops.shape[1:]), masks)
+    count = jnp.asarray(functools.reduce(np.multiply.outer, [m.sum(0) for m in masks]), jnp.float32)
+    return nan_where(jnp.isnan(y), safe_divide(total, count))  # count: windows covering each position
+
+
+OCCLUSION = Stages(occlusion_start, occlusion_count, occluded_score, occlusion_finish)
+
+
 @kernel
 def occlusion_kernel(fn: PytreeCallable, x, target: TargetSpec, baseline, *, options: OcclusionOptions):
     """Occlusion's maps under ``jit`` (see :func:`occlusion`); ``fn`` is passed as a pytree."""
-    scores_of = scores_fn(fn.fn)
-    clean_scores = scores_of(x)
-    spec = fixed_top(target, clean_scores)
-    y = select_scores(spec, clean_scores).astype(jnp.float32)
-    view = check_images(x, options.maps, "occlusion")
-    image = image_of(x, view)  # (B, *spatial, C)
-    sizes = image.shape[1:-1]
-    masks = [_window_masks(n, w, s) for n, w, s in zip(sizes, options.window, options.stride, strict=True)]
-    counts = [m.shape[0] for m in masks]
-    grid = np.meshgrid(*[np.arange(n) for n in counts], indexing="ij")
-    positions = tuple(jnp.asarray(m[g.reshape(-1)]) for m, g in zip(masks, grid, strict=True))  # (P, size_d)
-    fill = to_channels_last(jnp.broadcast_to(baseline, image_leaf(x, view).shape), view.layout)
-
-    def occluded_score(window_masks):
-        inside = functools.reduce(
-            jnp.logical_and,
-            [
-                m.reshape((1,) * d + (m.shape[0],) + (1,) * (len(sizes) - d - 1))
-                for d, m in enumerate(window_masks)
-            ],
-        )  # (*spatial)
-        occluded = jnp.where(inside[None, ..., None], fill, image)
-        return select_scores(spec, scores_of(with_image(x, view, occluded))).astype(jnp.float32)
-
-    drops = y[None] - chunked_vmap(occluded_score, positions, options.per_step)  # (P, B[, K])
-    total = _sum_over_windows(drops.reshape(tuple(counts) + drops.shape[1:]), masks)
-    count = jnp.asarray(functools.reduce(np.multiply.outer, [m.sum(0) for m in masks]), jnp.float32)
-    return nan_where(jnp.isnan(y), safe_divide(total, count))  # count: windows covering each position
+    return run_on_device(OCCLUSION, (fn, x, target, baseline), options, options.per_step)
 
 
 def _per_axis(v, name: str, rank: int) -> tuple[int, ...]:
@@ -145,6 +173,7 @@ def occlusion(
     stride: int | tuple[int, ...] = 8,
     baseline=0.0,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     layout: str | None = None,
     input: Any = None,
 ) -> jax.Array:
@@ -180,6 +209,9 @@ def occlusion(
       baseline: the fill value: a number, or an array broadcastable to the image in its own
         layout (a blurred copy, a per-channel mean ``(C,)`` for channels-last).
       chunk_size: occluded images per step (rounded down to whole batches, at least one).
+      chunk_loop: as in :func:`gradcam_jax.score_cam`: ``"auto"`` (default) runs several chunks
+        from Python over one jitted chunk kernel on concrete CPU inputs, else in one
+        ``lax.map`` inside one jitted kernel; ``"host"`` / ``"device"`` force either way.
 
     Returns:
       ``float32`` maps ``(B, *spatial)``, or ``(B, K, *spatial)`` for K targets per example.
@@ -197,6 +229,7 @@ def occlusion(
       https://arxiv.org/abs/1311.2901 (§4.2); Captum's ``Occlusion``,
       https://captum.ai/api/occlusion.html.
     """
+    # long-function: the docstring documents every option; the body is the checks and one kernel call.
     if not callable(fn):
         raise TypeError(f"occlusion: fn must be a callable x -> scores (or a tap); got {type(fn).__name__}.")
     maps = MapOptions(layout=layout, input=input)
@@ -210,5 +243,9 @@ def occlusion(
     spec = target_spec(target, batch)
     check_fn_target(fn, x, spec, "occlusion")
     options = OcclusionOptions(win, step, perturbations_per_step(chunk_size, batch), maps)
-    baseline = _check_baseline(baseline, image_leaf(x, view))
-    return occlusion_kernel(as_pytree(fn), x, spec, baseline, options=options)
+    args = (as_pytree(fn), x, spec, _check_baseline(baseline, image_leaf(x, view)))
+    n_items = int(np.prod([len(window_starts(*a)) for a in zip(sizes, win, step, strict=True)]))
+    return run_chunked(
+        occlusion_kernel, OCCLUSION, args, options, n_items=n_items, per_step=options.per_step,
+        chunk_loop=chunk_loop, who="occlusion",
+    )  # fmt: skip

@@ -10,11 +10,13 @@ the input or the activation is perturbed, not by gradients. Their cost is many f
 - :func:`occlusion` (in :mod:`gradcam_jax.occlusion`, re-exported here): one forward pass per
   position of a sliding window.
 
-All the perturbed passes are ``vmap``-ed and run in a ``lax.scan`` over chunks of about
-``chunk_size`` perturbed inputs, so peak memory is set by ``chunk_size`` (and the batch), never
-by the number of channels or windows. The masks are built inside each chunk from the
-layer-resolution activation, so no ``(C, B, H, W)`` tensor is ever materialised. The K targets
-of a ``(B, K)`` target share one set of perturbed passes (K selections of the same scores).
+All the perturbed passes are ``vmap``-ed and run in chunks of about ``chunk_size`` perturbed
+inputs, so peak memory is set by ``chunk_size`` (and the batch), never by the number of
+channels or windows; the chunks loop in a ``lax.map`` inside one jitted kernel or, on concrete
+CPU inputs, from Python over one jitted chunk kernel (:func:`gradcam_jax._chunking.run_chunked`).
+The masks are built inside each chunk from the layer-resolution activation, so no
+``(C, B, H, W)`` tensor is ever materialised. The K targets of a ``(B, K)`` target share one
+set of perturbed passes (K selections of the same scores).
 
 Targets are as in :func:`gradcam_jax.grad_cam`. ``None`` means each example's top class *on the
 unperturbed input* (it is fixed once, not re-chosen on every perturbed input); a callable
@@ -23,127 +25,33 @@ target is applied to the scores of every perturbed batch.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._chunking import chunked_vmap, perturbations_per_step
-from ._grads import check_tap_target
+from ._chunking import Stages, run_on_device
 from ._inputs import image_of, spatial_size, with_image
-from ._maps import MapOptions, check_cam_input, check_images, finish_maps, kernel, map_geometry, to_grid
-from ._smoothing import augmented_maps, check_aug_smooth
-from ._tap import Tap, as_tap
-from ._targets import (
-    Target,
-    TargetSpec,
-    batch_size,
-    fixed_top,
-    select_scores,
-    target_spec,
+from ._maps import MapOptions, check_images, finish_maps, kernel, map_geometry, to_grid
+from ._perturbation_common import (
+    PerturbationOptions,
+    cast_floating,
+    in_dtype,
+    perturbation_options,
+    prepare_perturbation,
+    run_perturbation,
+    smoothed,
+    weighted_channels,
 )
-from .methods import first_component, safe_divide
+from ._tap import Tap
+from ._targets import Target, TargetSpec, fixed_top, select_scores
+from .methods import safe_divide
 from .occlusion import occlusion as occlusion
 from .occlusion import window_starts as window_starts
 from .postprocess import normalize_maps, upsample_to
 
 __all__ = ["score_cam", "ablation_cam", "occlusion", "window_starts"]
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# --------------------------------------------------------------------------------------------
-# Shared pieces
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PerturbationOptions:
-    """The static options of a perturbation CAM kernel."""
-
-    maps: MapOptions
-    per_step: int
-    compute_dtype: Any = None
-    top_n: int | None = None
-    aug: bool = False
-    eigen: bool = False
-
-
-def check_dtype(compute_dtype):
-    if compute_dtype is None:
-        return None
-    dt = jnp.dtype(compute_dtype)
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"compute_dtype must be a floating dtype such as jnp.bfloat16; got {dt}.")
-    return dt
-
-
-def cast_floating(tree, dtype):
-    def cast(leaf):
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.asarray(leaf).astype(dtype)
-        return leaf
-
-    return tree if dtype is None else jax.tree_util.tree_map(cast, tree)
-
-
-def in_dtype(tap: Tap, compute_dtype) -> Tap:
-    """The same split with the floating parameters cast to ``compute_dtype``.
-
-    Weights captured in closures (``split_tap``) are not parameters and keep their dtype; the
-    computation then promotes to the wider dtype.
-    """
-    return tap if compute_dtype is None else tap.with_params(cast_floating(tap.params, compute_dtype))
-
-
-def weighted_channels(weights, a, eigen: bool = False):
-    """``sum_k w_k A^k``: weights ``(N, B)`` or ``(N, B, K)``, ``a`` ``(B, *spatial, N)``.
-
-    ``eigen``: the first principal component of the terms ``w_k A^k`` instead of their sum
-    (``eigen_smooth``; :func:`gradcam_jax.methods.first_component`).
-    """
-    if eigen:
-        w = jnp.moveaxis(weights, 0, -1)  # (B, N) or (B, K, N)
-        if w.ndim == 2:
-            return first_component(w.reshape((w.shape[0],) + (1,) * (a.ndim - 2) + w.shape[-1:]) * a)
-        terms = w.reshape(w.shape[:2] + (1,) * (a.ndim - 2) + w.shape[-1:]) * a[:, None]
-        return jax.vmap(first_component, in_axes=1, out_axes=1)(terms)
-    if weights.ndim == 2:
-        return jnp.einsum("nb,b...n->b...", weights, a, precision=_HIGHEST)
-    return jnp.einsum("nbk,b...n->bk...", weights, a, precision=_HIGHEST)
-
-
-def prepare_perturbation(tap, x, target, who: str, maps: MapOptions, *, images: bool, aug: bool = False):
-    """The checks every perturbation CAM makes in Python, before anything is compiled."""
-    tap = as_tap(tap)
-    if images:
-        check_images(x, maps, who)  # the input gate; Score-CAM masks the image
-    check_cam_input(x, maps, who)
-    if aug:
-        check_aug_smooth(x, maps, who)
-    batch = batch_size(x)
-    spec = target_spec(target, batch)
-    check_tap_target(tap, x, spec, who)
-    return tap, batch, spec
-
-
-def perturbation_options(
-    maps: MapOptions, chunk_size, batch: int, compute_dtype, top_n=None, aug=False, eigen=False
-) -> PerturbationOptions:
-    per_step = perturbations_per_step(chunk_size, batch)
-    return PerturbationOptions(maps, per_step, check_dtype(compute_dtype), top_n, bool(aug), bool(eigen))
-
-
-def smoothed(body, tap: Tap, x, target, options, who: str):
-    """``body(tap, x, target, options)`` (finished maps), averaged over augmented copies of ``x`` when
-    ``options.aug`` (``aug_smooth``; the copies run as one ``vmap``-ed batch)."""
-    if not options.aug:
-        return body(tap, x, target, options)
-    maps, _ = augmented_maps(lambda xa: (body(tap, xa, target, options), None), x, options.maps, who)
-    return maps
-
 
 # --------------------------------------------------------------------------------------------
 # Score-CAM
@@ -158,49 +66,67 @@ def _top_spread_channels(a, top_n: int | None):
     return jnp.take_along_axis(a, keep.reshape((keep.shape[0],) + (1,) * (a.ndim - 2) + (top_n,)), axis=-1)
 
 
-@kernel
-def score_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOptions):
-    """Score-CAM's maps under ``jit`` (see :func:`score_cam`)."""
-    return smoothed(score_cam_maps, tap, x, target, options, "score_cam")
-
-
-def score_cam_maps(tap: Tap, x, target: TargetSpec, options: PerturbationOptions, variant=None, key=None):
-    """Score-CAM's finished maps (traced inside the kernel).
-
-    ``variant`` (static; SS-CAM's and IS-CAM's, :mod:`gradcam_jax.score_variants`) scores
-    ``variant.n`` perturbed copies ``variant.mask(mask, sample, item, key)`` of each channel's
-    mask and averages them; ``item = channel * n + sample`` numbers the masked forwards.
-    """
-    maps = options.maps
+def score_start(args, options: PerturbationOptions):
+    """The clean pass: ``(spec, clean scores, A (B, *spatial, N) float32)``, ``top_n`` applied."""
+    tap, x, target, _ = args
     clean_scores, act = tap(x)
-    spec = fixed_top(target, clean_scores)
+    rank = check_images(x, options.maps, "score_cam").spatial_rank
+    a = to_grid(act, options.maps.drop_tokens, options.maps.grid, rank).astype(jnp.float32)
+    return fixed_top(target, clean_scores), clean_scores, _top_spread_channels(a, options.top_n)
+
+
+def masked_score(args, carry, item, options: PerturbationOptions):
+    """``y^c(x ⊙ M_k)``, ``k = item // n``: the image masked by channel ``k`` upsampled and
+    normalised to [0, 1] (with a variant, its sample ``item % n`` of that mask)."""
+    tap, x, _, key = args
+    spec, _, a = carry
+    maps, variant = options.maps, options.variant
     view = check_images(x, maps, "score_cam")
-    image_size, rank = spatial_size(x, view), view.spatial_rank
-    a = to_grid(act, maps.drop_tokens, maps.grid, rank).astype(jnp.float32)
-    a = _top_spread_channels(a, options.top_n)
-    channels = jnp.moveaxis(a, -1, 0)  # (N, B, *spatial): one layer-resolution map per channel
-    fwd = in_dtype(tap, options.compute_dtype)
+    n = 1 if variant is None else variant.n
+    channel = jnp.take(a, item // n, axis=-1)  # (B, *spatial) at the layer's resolution
+    mask = normalize_maps(upsample_to(channel, spatial_size(x, view), maps.interpolation), view.spatial_rank)
+    if variant is not None:
+        mask = variant.mask(mask, item % n, item, key)
     xin = cast_floating(x, options.compute_dtype)
     image = image_of(xin, view)  # (B, *spatial, C)
+    scores, _ = in_dtype(tap, options.compute_dtype)(
+        with_image(xin, view, image * mask[..., None].astype(image.dtype))
+    )
+    return select_scores(spec, scores).astype(jnp.float32)
 
-    n = 1 if variant is None else variant.n
 
-    def masked_score(item):
-        channel = channels[item // n]
-        mask = normalize_maps(upsample_to(channel, image_size, maps.interpolation), rank)  # in [0, 1]
-        if variant is not None:
-            mask = variant.mask(mask, item % n, item, key)
-        scores, _ = fwd(with_image(xin, view, image * mask[..., None].astype(image.dtype)))
-        return select_scores(spec, scores).astype(jnp.float32)
-
-    items = jnp.arange(channels.shape[0] * n, dtype=jnp.int32)
-    masked = chunked_vmap(masked_score, items, options.per_step)  # (N * n, B) or (N * n, B, K)
-    masked = jnp.mean(masked.reshape((channels.shape[0], n) + masked.shape[1:]), axis=1)
+def score_finish(args, carry, masked, options: PerturbationOptions):
+    """``ReLU(sum_k softmax_k(mean_sample y^c(x ⊙ M_k)) A^k)``, finished; ``masked`` ``(N n, B[, K])``."""
+    x = args[1]
+    spec, clean_scores, a = carry
+    n = 1 if options.variant is None else options.variant.n
+    masked = jnp.mean(masked.reshape((a.shape[-1], n) + masked.shape[1:]), axis=1)
     # softmax_k(y(x*m_k) - y(baseline)) == softmax_k(y(x*m_k)): the baseline is constant in k.
     alpha = jax.nn.softmax(masked, axis=0)
-    size, _ = map_geometry(x, maps, "score_cam")
+    size, _ = map_geometry(x, options.maps, "score_cam")
+    rank = check_images(x, options.maps, "score_cam").spatial_rank
     clean = select_scores(spec, clean_scores)  # NaN here: a NaN map, not a quiet one
-    return finish_maps(weighted_channels(alpha, a, options.eigen), maps, size, rank, clean)
+    return finish_maps(weighted_channels(alpha, a, options.eigen), options.maps, size, rank, clean)
+
+
+SCORE_CAM = Stages(
+    score_start,
+    lambda args, carry, o: carry[2].shape[-1] * (o.variant.n if o.variant else 1),
+    masked_score,
+    score_finish,
+)
+
+
+@kernel
+def score_cam_kernel(tap: Tap, x, target: TargetSpec, key=None, *, options: PerturbationOptions):
+    """Score-CAM's (SS-CAM's, IS-CAM's with ``options.variant``) maps under ``jit`` (see
+    :func:`score_cam`); ``key``: the variant's randomness."""
+
+    def body(tap, x, target, options):
+        return run_on_device(SCORE_CAM, (tap, x, target, key), options, options.per_step)
+
+    who = "score_cam" if options.variant is None else options.variant.who
+    return smoothed(body, tap, x, target, options, who)
 
 
 def score_cam(
@@ -209,6 +135,7 @@ def score_cam(
     target: Target = None,
     *,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     top_n: int | None = None,
     compute_dtype=None,
     upsample: bool = True,
@@ -249,6 +176,12 @@ def score_cam(
         unmasked input. K targets share the masked forwards.
       chunk_size: masked images per step (rounded down to whole batches, at least one batch).
         It changes speed and memory, not the result.
+      chunk_loop: how several chunks run: ``"auto"`` (default) runs them from Python over one
+        jitted chunk kernel (compiled once, dispatched asynchronously, the scores kept on the
+        device) when called on concrete arrays on a CPU device, and in one ``lax.map`` inside
+        one jitted kernel otherwise (under your ``jit`` / ``vmap``, on GPU / TPU, one chunk,
+        ``aug_smooth``): XLA:CPU runs a model's forward inside a loop body slower than the same
+        program called once per chunk. ``"host"`` / ``"device"`` force either way.
       top_n: keep, per example, only the ``top_n`` channels with the largest spatial standard
         deviation of ``A^k`` — the criterion of Faster Score-CAM (tabayashi0117), also
         tf-keras-vis's ``max_N``, which takes the union over the batch where this selects per
@@ -285,7 +218,8 @@ def score_cam(
         raise ValueError(f"top_n must be a positive int (channels kept per example) or None; got {top_n!r}.")
     top_n = None if top_n is None else int(top_n)
     options = perturbation_options(maps, chunk_size, batch, compute_dtype, top_n, aug_smooth, eigen_smooth)
-    return score_cam_kernel(tap, x, spec, options=options)
+    args = (tap, x, spec, None)
+    return run_perturbation(score_cam_kernel, SCORE_CAM, args, options, chunk_loop, "score_cam")
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,40 +227,57 @@ def score_cam(
 # --------------------------------------------------------------------------------------------
 
 
+def head_score(args, spec: TargetSpec, a_new, options: PerturbationOptions):
+    """``y^c`` from the tap's head on the activation ``a_new``, in ``options.compute_dtype``."""
+    tap, x, _ = args
+    dtype = options.compute_dtype
+    return select_scores(spec, in_dtype(tap, dtype).head(cast_floating(x, dtype), a_new)).astype(jnp.float32)
+
+
+def ablation_start(args, options: PerturbationOptions):
+    """The clean pass: ``(spec, A, y^c)``."""
+    tap, x, target = args
+    clean_scores, act = tap(x)
+    spec = fixed_top(target, clean_scores)
+    if options.compute_dtype is None:
+        return spec, act, select_scores(spec, clean_scores).astype(jnp.float32)
+    # The reference score goes through the same path (and dtype) as the ablated ones, so that a
+    # reduced-precision run compares like with like.
+    return spec, act, head_score(args, spec, act.astype(options.compute_dtype), options)
+
+
+def ablated_score(args, carry, k, options: PerturbationOptions):
+    """``y^c_k``: the head's score with channel ``k`` of ``A`` set to zero."""
+    spec, act, _ = carry
+    act_in = act if options.compute_dtype is None else act.astype(options.compute_dtype)
+    ablated = jnp.where(jnp.arange(act.shape[-1]) == k, jnp.zeros((), act_in.dtype), act_in)
+    return head_score(args, spec, ablated, options)
+
+
+def ablation_finish(args, carry, ablated, options: PerturbationOptions):
+    """``ReLU(sum_k (y^c - y^c_k) / y^c A^k)``, finished; ``ablated`` ``(C, B[, K])``."""
+    _, act, y = carry
+    weights = safe_divide(y[None] - ablated, jnp.broadcast_to(y[None], ablated.shape))
+    size, rank = map_geometry(args[1], options.maps, "ablation_cam")
+    a = to_grid(act, options.maps.drop_tokens, options.maps.grid, rank).astype(jnp.float32)
+    rank = 2 if rank is None else rank
+    eigen = options.eigen
+    return finish_maps(weighted_channels(weights, a, eigen), options.maps, size, rank, y)  # NaN y: NaN
+
+
+ABLATION_CAM = Stages(
+    ablation_start, lambda args, carry, o: carry[1].shape[-1], ablated_score, ablation_finish
+)
+
+
 @kernel
 def ablation_cam_kernel(tap: Tap, x, target: TargetSpec, *, options: PerturbationOptions):
     """Ablation-CAM's maps under ``jit`` (see :func:`ablation_cam`)."""
-    return smoothed(ablation_cam_maps, tap, x, target, options, "ablation_cam")
 
+    def body(tap, x, target, options):
+        return run_on_device(ABLATION_CAM, (tap, x, target), options, options.per_step)
 
-def ablation_cam_maps(tap: Tap, x, target: TargetSpec, options: PerturbationOptions):
-    """Ablation-CAM's finished maps (traced inside the kernel)."""
-    dtype = options.compute_dtype
-    clean_scores, act = tap(x)
-    spec = fixed_top(target, clean_scores)
-    head_tap = in_dtype(tap, dtype)
-    xin = cast_floating(x, dtype)
-    act_in = act if dtype is None else act.astype(dtype)
-
-    def head_score(a_new):
-        return select_scores(spec, head_tap.head(xin, a_new)).astype(jnp.float32)
-
-    # The reference score goes through the same path (and dtype) as the ablated ones, so that a
-    # reduced-precision run compares like with like.
-    y = select_scores(spec, clean_scores).astype(jnp.float32) if dtype is None else head_score(act_in)
-    channel_ids = jnp.arange(act.shape[-1])
-
-    def ablated_score(k):
-        return head_score(jnp.where(channel_ids == k, jnp.zeros((), act_in.dtype), act_in))
-
-    ablated = chunked_vmap(ablated_score, channel_ids, options.per_step)  # (C, B) or (C, B, K)
-    weights = safe_divide(y[None] - ablated, jnp.broadcast_to(y[None], ablated.shape))
-    size, rank = map_geometry(x, options.maps, "ablation_cam")
-    a = to_grid(act, options.maps.drop_tokens, options.maps.grid, rank).astype(jnp.float32)
-    rank = 2 if rank is None else rank
-    return finish_maps(
-        weighted_channels(weights, a, options.eigen), options.maps, size, rank, y
-    )  # NaN y: NaN
+    return smoothed(body, tap, x, target, options, "ablation_cam")
 
 
 def ablation_cam(
@@ -335,6 +286,7 @@ def ablation_cam(
     target: Target = None,
     *,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     compute_dtype=None,
     upsample: bool = True,
     normalize: bool = True,
@@ -371,6 +323,8 @@ def ablation_cam(
       x: the input batch (images ``(B, H, W, C)`` when ``upsample=True``).
       target: as in :func:`gradcam_jax.grad_cam`; K targets share the ablated passes.
       chunk_size: ablated examples per step (rounded down to whole batches, at least one).
+      chunk_loop: as in :func:`score_cam` (``"auto"``: on concrete CPU inputs the chunks of head
+        passes run from Python over one jitted chunk kernel).
       compute_dtype: run the head passes (the reference ``y^c`` included) in this dtype (the
         activation and the tap's floating parameters are cast; see :func:`score_cam`).
       upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
@@ -398,4 +352,5 @@ def ablation_cam(
         tap, x, target, "ablation_cam", maps, images=False, aug=aug_smooth
     )
     options = perturbation_options(maps, chunk_size, batch, compute_dtype, None, aug_smooth, eigen_smooth)
-    return ablation_cam_kernel(tap, x, spec, options=options)
+    args = (tap, x, spec)
+    return run_perturbation(ablation_cam_kernel, ABLATION_CAM, args, options, chunk_loop, "ablation_cam")

@@ -12,16 +12,10 @@ from typing import Any
 
 import jax
 
-from ._maps import MapOptions, kernel
-from ._tap import Tap
-from ._targets import Target, TargetSpec
-from .perturbation import (
-    PerturbationOptions,
-    perturbation_options,
-    prepare_perturbation,
-    score_cam_maps,
-    smoothed,
-)
+from ._maps import MapOptions
+from ._perturbation_common import perturbation_options, prepare_perturbation, run_perturbation
+from ._targets import Target
+from .perturbation import SCORE_CAM, score_cam_kernel
 
 __all__ = ["ss_cam", "is_cam"]
 
@@ -33,6 +27,7 @@ class Noisy:
 
     n: int
     noise_std: float
+    who = "ss_cam"
 
     def mask(self, mask, sample, item, key):
         del sample
@@ -47,31 +42,12 @@ class Integrated:
     (torchcam's ``ISCAM``: the coefficients accumulate, up to ``(n + 1) / 2``)."""
 
     n: int
+    who = "is_cam"
 
     def mask(self, mask, sample, item, key):
         del item, key
         s = sample.astype(mask.dtype) + 1.0
         return mask * (s * (s + 1.0) / (2.0 * self.n))
-
-
-@dataclasses.dataclass(frozen=True)
-class VariantOptions:
-    """The static options of :func:`score_variant_kernel`."""
-
-    base: PerturbationOptions
-    variant: Noisy | Integrated
-
-
-@kernel
-def score_variant_kernel(tap: Tap, x, target: TargetSpec, key, *, options: VariantOptions):
-    """SS-CAM's or IS-CAM's maps under ``jit``."""
-
-    def body(tap, x, target, base):
-        return score_cam_maps(tap, x, target, base, options.variant, key)
-
-    return smoothed(
-        body, tap, x, target, options.base, "ss_cam" if isinstance(options.variant, Noisy) else "is_cam"
-    )
 
 
 def _positive_int(value, name: str, who: str) -> int:
@@ -80,12 +56,13 @@ def _positive_int(value, name: str, who: str) -> int:
     return value
 
 
-def _run(tap, x, target, who, maps: MapOptions, variant, key, chunk_size, compute_dtype, aug, eigen, top_n):
+def _run(tap, x, target, maps: MapOptions, variant, key, chunk_size, loop, compute_dtype, aug, eigen, top_n):
+    who = variant.who
     tap, batch, spec = prepare_perturbation(tap, x, target, who, maps, images=True, aug=aug)
     if top_n is not None:
         top_n = _positive_int(top_n, "top_n", who)
-    base = perturbation_options(maps, chunk_size, batch, compute_dtype, top_n, aug, eigen)
-    return score_variant_kernel(tap, x, spec, key, options=VariantOptions(base, variant))
+    options = perturbation_options(maps, chunk_size, batch, compute_dtype, top_n, aug, eigen, variant)
+    return run_perturbation(score_cam_kernel, SCORE_CAM, (tap, x, spec, key), options, loop, who)
 
 
 def ss_cam(
@@ -97,6 +74,7 @@ def ss_cam(
     n_noise: int = 35,
     noise_std: float = 2.0,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     top_n: int | None = None,
     compute_dtype=None,
     upsample: bool = True,
@@ -127,7 +105,7 @@ def ss_cam(
       key: a ``jax.random`` key for the noise (required).
       n_noise: noisy masks per channel.
       noise_std: the noise's standard deviation (masks are in [0, 1]).
-      chunk_size, top_n, compute_dtype: as in :func:`gradcam_jax.score_cam` (``top_n``: only each
+      chunk_size, chunk_loop, top_n, compute_dtype: as in :func:`gradcam_jax.score_cam` (``top_n``: only each
         example's ``top_n`` channels of largest spatial spread are masked).
       upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
         eigen_smooth: as in :func:`gradcam_jax.cam`.
@@ -156,11 +134,11 @@ def ss_cam(
         tap,
         x,
         target,
-        "ss_cam",
         maps,
         variant,
         key,
         chunk_size,
+        chunk_loop,
         compute_dtype,
         aug_smooth,
         eigen_smooth,
@@ -175,6 +153,7 @@ def is_cam(
     *,
     steps: int = 10,
     chunk_size: int = 64,
+    chunk_loop: str = "auto",
     top_n: int | None = None,
     compute_dtype=None,
     upsample: bool = True,
@@ -201,7 +180,7 @@ def is_cam(
     Args:
       tap, x, target: as in :func:`gradcam_jax.score_cam`.
       steps: integration steps per channel.
-      chunk_size, top_n, compute_dtype: as in :func:`gradcam_jax.score_cam` (``top_n``: only each
+      chunk_size, chunk_loop, top_n, compute_dtype: as in :func:`gradcam_jax.score_cam` (``top_n``: only each
         example's ``top_n`` channels of largest spatial spread are masked).
       upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,
         eigen_smooth: as in :func:`gradcam_jax.cam`.
@@ -227,11 +206,11 @@ def is_cam(
         tap,
         x,
         target,
-        "is_cam",
         maps,
         Integrated(n),
         None,
         chunk_size,
+        chunk_loop,
         compute_dtype,
         aug_smooth,
         eigen_smooth,
