@@ -29,6 +29,7 @@ __all__ = [
     "steps_per_chunk",
 ]
 
+
 def gate(fn, x, target, input: Any, who: str) -> tuple[int, TargetSpec]:
     """The input gate of a pixel-space attribution: ``(image leaf, target spec)``.
 
