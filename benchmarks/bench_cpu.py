@@ -8,6 +8,9 @@ torch eager) and every method (ours against pytorch-grad-cam and Captum), with o
   (traced with ``gradcam_jax.models.*.conv_general_dilated`` swapped back for it);
   (``--before plain-taps``: the CPU rewrite with ``jax.grad``'s own transpose of the depthwise tap
   sum, as before ``depthwise_taps`` had its derivative rule; ``--before none``: no such column);
+(``--before device-loop``: Score-/Ablation-CAM compiled under ``jit`` with
+``chunk_loop="device"``, every chunk in one ``lax.map``, while **after** calls them eagerly, as a
+user does: ``chunk_loop="auto"``, on a CPU the chunks from Python over one jitted chunk kernel);
 * **after**: the models as shipped, whose convolutions go through
   ``gradcam_jax.models._convs.conv_general_dilated`` (depthwise as a sum over taps, 3x3 on maps
   smaller than the kernel as im2col + matmul; CPU only).
@@ -102,8 +105,42 @@ def before_context(kind: str):
     return before_rewrites() if kind == "lax" else plain_tap_sums()
 
 
-def ours(method, pair, x, t, chunk):
-    """Our compiled call of ``method`` (the current tracing context decides before/after)."""
+def eager_ours(name, fn, args, precision="highest"):
+    """``fn(*args)`` called as a user calls it, without an outer ``jit`` (the explainer's own
+    kernels: on a CPU, its host chunk loop); compiled by one warm-up call, which ``compile_s``
+    includes."""
+
+    def call():
+        with jax.default_matmul_precision(precision):
+            return fn(*args)
+
+    t = time.perf_counter()
+    jax.block_until_ready(call())
+    return Impl(name, call, sync=jax.block_until_ready, compile_s=time.perf_counter() - t)
+
+
+SLOW_CALLS = {
+    "score_cam": lambda tap, x, t, chunk, loop: gcj.score_cam(tap, x, t, chunk_size=chunk, chunk_loop=loop),
+    "ablation_cam": lambda tap, x, t, chunk, loop: gcj.ablation_cam(
+        tap, x, t, chunk_size=chunk, chunk_loop=loop
+    ),
+}
+
+
+def ours(method, pair, x, t, chunk, loop=None):
+    """Our compiled call of ``method`` (the current tracing context decides before/after).
+
+    ``loop`` (Score-/Ablation-CAM only): ``"device"``, the call compiled under ``jit`` with
+    ``chunk_loop="device"`` (one program, the chunks in a ``lax.map``); ``"auto"``, the explainer
+    called eagerly (on a CPU: the chunks from Python over one jitted chunk kernel).
+    """
+    if method in SLOW and loop is not None:
+        f = SLOW_CALLS[method]
+        if loop == "device":
+            return compile_ours(
+                method, lambda tap, x, t: f(tap, x, t, chunk, loop), (pair.tap, x, t), "highest"
+            )
+        return eager_ours(method, lambda tap, x, t: f(tap, x, t, chunk, loop), (pair.tap, x, t))
     if method == "forward":
         return compile_ours("forward", lambda v, x: pair.module.apply(v, x), (pair.variables, x), "highest")
     if method == "ablation_cam":
@@ -175,10 +212,13 @@ def measure(method, pair, x, xt, t, peers, args) -> dict:
     """One row: compile before and after, warm every call up, then time them in rounds."""
     chunk = args.chunk
     before = None
-    if args.before != "none":
+    loops = args.before == "device-loop"
+    if loops:
+        before = ours(method, pair, x, t, chunk, "device") if method in SLOW else None
+    elif args.before != "none":
         with before_context(args.before):
             before = ours(method, pair, x, t, chunk)
-    after = ours(method, pair, x, t, chunk)
+    after = ours(method, pair, x, t, chunk, "auto" if loops else None)
     targets = np.asarray(t)
     peer = peer_calls(method, pair, xt, targets, chunk, peers)
     for impl in peer.values():
@@ -192,7 +232,7 @@ def measure(method, pair, x, xt, t, peers, args) -> dict:
             if not slow:
                 jax.block_until_ready(call())
         cpu: dict = {}
-        times = time_rounds(calls, 1 if slow else args.repeats, cpu, args.settle)
+        times = time_rounds(calls, args.slow_repeats if slow else args.repeats, cpu, args.settle)
     finally:
         for impl in peer.values():
             if impl.teardown:
@@ -314,11 +354,14 @@ def parse(argv):
     p.add_argument("--settle", type=float, default=0.3, help="seconds of sleep before each timed call")
     p.add_argument(
         "--before",
-        choices=["lax", "plain-taps", "none"],
+        choices=["lax", "plain-taps", "none", "device-loop"],
         default="lax",
         help="what 'before' is: lax's convolutions (no CPU rewrite), the rewrite with the plain tap sum's "
-        "transpose as its gradient (before depthwise_taps' own rule), or no before column (saves time)",
+        "transpose as its gradient (before depthwise_taps' own rule), no before column (saves time), or "
+        "(device-loop) Score-/Ablation-CAM jitted with chunk_loop='device' against 'after' called eagerly "
+        "(chunk_loop='auto': on a CPU the chunks run from Python)",
     )
+    p.add_argument("--slow-repeats", type=int, default=1, help="timed rounds of Score-/Ablation-CAM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--json", help="write every time here")
