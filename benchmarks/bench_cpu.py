@@ -7,7 +7,9 @@ torch eager) and every method (ours against pytorch-grad-cam and Captum), with o
 * **before**: the models as they were, every convolution ``jax.lax.conv_general_dilated``
   (traced with ``gradcam_jax.models.*.conv_general_dilated`` swapped back for it);
   (``--before plain-taps``: the CPU rewrite with ``jax.grad``'s own transpose of the depthwise tap
-  sum, as before ``depthwise_taps`` had its derivative rule; ``--before none``: no such column);
+  sum, as before ``depthwise_taps`` had its derivative rule; ``--before chained-relu6``: Guided
+  Backprop's ReLU6 as the guided ReLU then ``min``, as before ``guided_clipped_relu``;
+  ``--before none``: no such column);
 (``--before device-loop``: Score-/Ablation-CAM compiled under ``jit`` with
 ``chunk_loop="device"``, every chunk in one ``lax.map``, while **after** calls them eagerly, as a
 user does: ``chunk_loop="auto"``, on a CPU the chunks from Python over one jitted chunk kernel);
@@ -43,6 +45,7 @@ import numpy as np
 from jax import lax
 
 import gradcam_jax as gcj
+from gradcam_jax import _rules
 from gradcam_jax.models import _blocks, _convs, resnet
 from gradcam_jax.models._depthwise import tap_sum
 
@@ -101,8 +104,23 @@ def before_rewrites():
         jax.clear_caches()
 
 
+@contextlib.contextmanager
+def chained_relu6():
+    """Trace Guided Backprop with each ReLU6 as the guided ReLU followed by ``min``'s own gradient,
+    the mask rebuilt from the forward's inputs (before ``_rules.guided_clipped_relu``)."""
+    saved = _rules.GUIDED.clipped
+    _rules.GUIDED.clipped = None
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _rules.GUIDED.clipped = saved
+        jax.clear_caches()
+
+
 def before_context(kind: str):
-    return before_rewrites() if kind == "lax" else plain_tap_sums()
+    contexts = {"lax": before_rewrites, "plain-taps": plain_tap_sums, "chained-relu6": chained_relu6}
+    return contexts[kind]()
 
 
 def eager_ours(name, fn, args, precision="highest"):
@@ -354,12 +372,13 @@ def parse(argv):
     p.add_argument("--settle", type=float, default=0.3, help="seconds of sleep before each timed call")
     p.add_argument(
         "--before",
-        choices=["lax", "plain-taps", "none", "device-loop"],
+        choices=["lax", "plain-taps", "none", "device-loop", "chained-relu6"],
         default="lax",
         help="what 'before' is: lax's convolutions (no CPU rewrite), the rewrite with the plain tap sum's "
         "transpose as its gradient (before depthwise_taps' own rule), no before column (saves time), or "
         "(device-loop) Score-/Ablation-CAM jitted with chunk_loop='device' against 'after' called eagerly "
-        "(chunk_loop='auto': on a CPU the chunks run from Python)",
+        "(chunk_loop='auto': on a CPU the chunks run from Python), or (chained-relu6) Guided Backprop's "
+        "ReLU6 as the guided ReLU then min, as before _rules.guided_clipped_relu",
     )
     p.add_argument("--slow-repeats", type=int, default=1, help="timed rounds of Score-/Ablation-CAM")
     p.add_argument("--seed", type=int, default=0)

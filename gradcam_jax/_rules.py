@@ -57,6 +57,8 @@ __all__ = [
     "deconv_relu",
     "guided_relu6",
     "deconv_relu6",
+    "guided_clipped_relu",
+    "stored_for_backward",
 ]
 
 
@@ -108,9 +110,50 @@ def _straight_through_min(y, c):
 _straight_through_min.defvjp(lambda y, c: (jnp.minimum(y, c), c), lambda c, g: (g, jnp.zeros_like(c)))
 
 
+def stored_for_backward(mask):
+    """``mask`` (booleans) written by the forward pass for the backward pass to read, on CPU.
+
+    XLA:CPU fuses elementwise producers into every consumer, duplicating them, and drops
+    ``lax.optimization_barrier`` before fusion. So the backward pass of a ReLU6 after a
+    depthwise tap sum (:mod:`gradcam_jax.models._depthwise`) recomputed that whole sum, twice,
+    to rebuild the mask. XLA:CPU does not fuse a reduction over a major dimension with anything,
+    so ``any`` over ``stack([mask, False])`` is the mask, written once (one byte an element)
+    where it is computed and read back by the backward pass. Other platforms get ``mask``.
+    """
+
+    def cpu(m):
+        return jnp.any(jnp.stack([m, jnp.zeros_like(m)]), axis=0)
+
+    return jax.lax.platform_dependent(mask, cpu=cpu, default=lambda m: m)
+
+
+@jax.custom_vjp
+def guided_clipped_relu(x, c):
+    """``clip(x, 0, c)`` whose backward pass is Guided Backprop's: ``g * (0 < x < c) * (g > 0)``.
+
+    One rule with one mask, for the ReLU6 ``min(max(x, 0), c)`` that would otherwise chain
+    :func:`guided_relu` and ``min``'s own gradient (which splits ``g`` in half where
+    ``x == c`` exactly; here that point, like ``x == 0``, passes nothing). The mask is kept
+    from the forward pass (:func:`stored_for_backward`). ``c`` gets a zero gradient.
+    """
+    return jnp.minimum(jnp.maximum(x, jnp.zeros((), x.dtype)), c)
+
+
+def _guided_clipped_fwd(x, c):
+    return guided_clipped_relu(x, c), (stored_for_backward((x > 0) & (x < c)), c)
+
+
+def _guided_clipped_bwd(res, g):
+    mask, c = res
+    return jnp.where(mask & (g > 0), g, jnp.zeros((), g.dtype)), jnp.zeros_like(c)
+
+
+guided_clipped_relu.defvjp(_guided_clipped_fwd, _guided_clipped_bwd)
+
+
 def guided_relu6(x):
-    """ReLU6 with the guided rule: ``g * (0 < x < 6) * (g > 0)``."""
-    return jnp.minimum(guided_relu(x), jnp.asarray(6, x.dtype))
+    """ReLU6 with the guided rule: ``g * (0 < x < 6) * (g > 0)`` (:func:`guided_clipped_relu`)."""
+    return guided_clipped_relu(x, jnp.asarray(6, x.dtype))
 
 
 def deconv_relu6(x):
@@ -119,11 +162,15 @@ def deconv_relu6(x):
 
 
 class Rule:
-    def __init__(self, name, relu, clip):
-        self.name, self.relu, self.clip = name, relu, clip
+    """A backward rule for ReLUs: ``relu(x)``, ``clip(relu_out, c)`` (the ``min`` of a ReLU6) and,
+    when set, ``clipped(x, c)``: the whole ``min(max(x, 0), c)`` as one function, used instead of
+    ``clip`` after ``relu`` wherever the rewrite sees both."""
+
+    def __init__(self, name, relu, clip, clipped=None):
+        self.name, self.relu, self.clip, self.clipped = name, relu, clip, clipped
 
 
-GUIDED = Rule("guided", guided_relu, lambda y, c: jnp.minimum(y, c))
+GUIDED = Rule("guided", guided_relu, lambda y, c: jnp.minimum(y, c), guided_clipped_relu)
 DECONV = Rule("deconvnet", deconv_relu, _straight_through_min)
 
 
@@ -143,7 +190,7 @@ class _Sites:
     def __init__(self, frame: Frame):
         known, kinds = frame.extra if frame.extra is not None else (None, None)
         self.facts = Facts(frame.jaxpr, frame.consts, known, kinds)
-        self.relu_outs: set[Any] = set()
+        self.relu_outs: dict[Any, Any] = {}  # a rewritten ReLU's output -> its input
         self.last: tuple[Any, Any] = (None, None)  # (eqn, what facts.read said of it)
 
     def read(self, eqn) -> tuple[list[Any], list[str]]:
@@ -173,14 +220,15 @@ def _max_rule(rule: Rule):
         aval = _out_aval(eqn)
         x = jnp.broadcast_to(jnp.asarray(invals[operand], aval.dtype), aval.shape)
         frame.ctx.n += 1
-        frame.state.relu_outs.add(eqn.outvars[0])
+        frame.state.relu_outs[eqn.outvars[0]] = x
         return [rule.relu(x)]
 
     return max_rule
 
 
 def _min_rule(rule: Rule):
-    """``min(relu(x), c)`` (a ReLU6's clip) takes the rule's clip."""
+    """``min(relu(x), c)`` (a ReLU6's clip) takes the rule's clip, or ``clipped(x, c)`` (then the
+    rewritten ``relu(x)`` is dead code unless something else reads it)."""
 
     def min_rule(frame: Frame, eqn, invals):
         ins, _ = frame.state.read(eqn)
@@ -196,6 +244,10 @@ def _min_rule(rule: Rule):
             return None
         aval = _out_aval(eqn)
         y, c = (invals[0], invals[1]) if relu_out(0) else (invals[1], invals[0])
+        c = jnp.asarray(c, aval.dtype)
+        if rule.clipped is not None:
+            x = relu_outs[eqn.invars[0 if relu_out(0) else 1]]
+            return [rule.clipped(jnp.broadcast_to(x, aval.shape), c)]
         return [
             rule.clip(
                 jnp.broadcast_to(y, aval.shape), jnp.broadcast_to(jnp.asarray(c, aval.dtype), aval.shape)
@@ -214,6 +266,8 @@ def _clamp_rule(rule: Rule):
         _, x, hi = invals
         aval = _out_aval(eqn)
         frame.ctx.n += 1
+        if rule.clipped is not None:
+            return [rule.clipped(jnp.broadcast_to(x, aval.shape), jnp.asarray(hi, aval.dtype))]
         return [
             rule.clip(
                 rule.relu(jnp.broadcast_to(x, aval.shape)),

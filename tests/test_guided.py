@@ -11,6 +11,7 @@ import torch
 from conftest import JIT_OR_NOT
 
 import gradcam_jax as gcj
+from gradcam_jax._rules import guided_clipped_relu
 
 # ------------------------------------------------------------------ rules by hand (NumPy)
 
@@ -63,6 +64,44 @@ def test_relu6_rules(rule, fn):
     # The exported custom_vjp ReLU6s follow the same rules.
     got2 = gcj.gradients(lambda x: mlp(x, gcj.guided_relu6 if rule == "guided" else gcj.deconv_relu6), x, 1)
     np.testing.assert_allclose(np.asarray(got2), np_backward(x, 1, rule, clip=6.0), rtol=1e-4, atol=1e-4)
+
+
+# x == 0 and x == c exactly, just inside and outside (0, c), for c = 6 and c = 3.
+EDGES = np.array([-2.0, 0.0, 1e-3, 1.0, 2.999, 3.0, 3.5, 5.999, 6.0, 7.0], np.float32)
+
+
+@JIT_OR_NOT
+def test_guided_relu6_backward_is_one_mask(wrap):
+    # g * (0 < x < c) * (g > 0) by NumPy; the ties x == 0 and x == c pass nothing.
+    x = np.concatenate([EDGES, EDGES])
+    g = np.repeat(np.array([1.5, -0.5], np.float32), EDGES.size)
+    y, pullback = jax.vjp(wrap(gcj.guided_relu6), jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), np.clip(x, 0, 6))
+    np.testing.assert_array_equal(np.asarray(pullback(jnp.asarray(g))[0]), g * ((x > 0) & (x < 6)) * (g > 0))
+    c = jnp.float32(3.0)
+    _, pullback = jax.vjp(wrap(guided_clipped_relu), jnp.asarray(x), c)
+    dx, dc = pullback(jnp.asarray(g))
+    np.testing.assert_array_equal(np.asarray(dx), g * ((x > 0) & (x < 3)) * (g > 0))
+    assert float(dc) == 0.0
+
+
+@pytest.mark.parametrize(
+    "act,c",
+    [
+        (jax.nn.relu6, 6.0),
+        (lambda x: jnp.clip(x, 0.0, 3.0), 3.0),
+        (lambda x: jax.lax.clamp(0.0, x, 3.0), 3.0),
+        (lambda x: jnp.minimum(jnp.maximum(x, 0.0), 3.0), 3.0),
+    ],
+    ids=["relu6", "clip", "clamp", "min_max"],
+)
+def test_every_clipped_relu_gets_the_one_mask_rule(act, c):
+    # The rewrite turns each spelling of a clipped ReLU into guided_clipped_relu: the NumPy formula,
+    # with nothing passed at the ties x == 0 and x == c (where min's own gradient would pass g / 2).
+    x = np.tile(EDGES, 3)
+    w = np.random.default_rng(4).normal(size=x.size).astype(np.float32)
+    got = jax.jit(jax.grad(gcj.guided(lambda x: jnp.sum(jnp.asarray(w) * act(x)))))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), w * ((x > 0) & (x < c)) * (w > 0))
 
 
 def test_exported_relus_have_the_rules():
