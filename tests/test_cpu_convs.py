@@ -5,6 +5,7 @@ from ``jax.lax.conv_general_dilated`` (what the models called before) and from P
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from jax import export, lax
 
 import gradcam_jax as gcj
 from gradcam_jax import zoo
+from gradcam_jax._rules import GUIDED
 from gradcam_jax.models import _blocks, resnet
 from gradcam_jax.models._convs import NHWC, conv_general_dilated, depthwise_taps, im2col_conv
 from gradcam_jax.models._depthwise import tap_sum
@@ -239,6 +241,36 @@ def test_guided_backprop_through_the_rewritten_model(monkeypatch):
     gb_lax = gcj.guided_backprop(lambda x: module.apply(variables, x), x, target=3)
     assert float(jnp.abs(gb).max()) > 0
     np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_lax), rtol=1e-4, atol=1e-6)
+
+
+STRIDE_2_SLICE = re.compile(r" slice\(.*slice=\{\[\d+:\d+(?::1)?\], \[\d+:\d+:2\], \[\d+:\d+:2\]")
+
+
+def strided_taps_in(compiled_text: str) -> int:
+    """Stride-2 slices in an optimised CPU program: one per tap of each stride-2 tap sum computed."""
+    return len(STRIDE_2_SLICE.findall(compiled_text))
+
+
+def test_guided_backprop_reads_the_relu6_mask_instead_of_recomputing_the_tap_sum(monkeypatch):
+    # The small Lite's 5x5 stride-2 depthwise layer is 25 stride-2 slices. With the guided ReLU6's
+    # mask kept from the forward pass (_rules.stored_for_backward), XLA:CPU computes that tap sum
+    # twice (the activation, the mask), not four times as with guided ReLU + min's own gradient.
+    module, variables = _small_lite()
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+    def program():
+        jax.clear_caches()
+        fn = jax.jit(lambda v, x: gcj.guided_backprop(lambda x: module.apply(v, x), x, 3))
+        compiled = fn.lower(variables, x).compile()
+        return compiled(variables, x), strided_taps_in(compiled.as_text())
+
+    gb, taps = program()
+    monkeypatch.setattr(GUIDED, "clipped", None)  # the chained rule, as before guided_clipped_relu
+    gb_chained, taps_chained = program()
+    assert taps == 2 * 25 and taps_chained >= 4 * 25, (taps, taps_chained)
+    # Same maps (random inputs never land exactly on the ReLU6's ties x == 0 or x == 6).
+    assert float(jnp.abs(gb).max()) > 0
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_chained), rtol=1e-5, atol=1e-7)
 
 
 def test_training_gradients_through_the_rewritten_model(monkeypatch):
