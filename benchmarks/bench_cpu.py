@@ -11,8 +11,8 @@ torch eager) and every method (ours against pytorch-grad-cam and Captum), with o
   Backprop's ReLU6 as the guided ReLU then ``min``, as before ``guided_clipped_relu``;
   ``--before none``: no such column);
 (``--before device-loop``: Score-/Ablation-CAM compiled under ``jit`` with
-``chunk_loop="device"``, every chunk in one ``lax.map``, while **after** calls them eagerly, as a
-user does: ``chunk_loop="auto"``, on a CPU the chunks from Python over one jitted chunk kernel);
+``chunk_loop="device"``, every chunk in one ``lax.map``, while **after** calls them eagerly with
+``chunk_loop="host"``: the chunks from Python over one jitted chunk kernel);
 * **after**: the models as shipped, whose convolutions go through
   ``gradcam_jax.models._convs.conv_general_dilated`` (depthwise as a sum over taps, 3x3 on maps
   smaller than the kernel as im2col + matmul; CPU only).
@@ -149,8 +149,8 @@ def ours(method, pair, x, t, chunk, loop=None):
     """Our compiled call of ``method`` (the current tracing context decides before/after).
 
     ``loop`` (Score-/Ablation-CAM only): ``"device"``, the call compiled under ``jit`` with
-    ``chunk_loop="device"`` (one program, the chunks in a ``lax.map``); ``"auto"``, the explainer
-    called eagerly (on a CPU: the chunks from Python over one jitted chunk kernel).
+    ``chunk_loop="device"`` (one program, the chunks in a ``lax.map``); ``"host"``, the explainer
+    called eagerly with ``chunk_loop="host"`` (the chunks from Python over one jitted chunk kernel).
     """
     if method in SLOW and loop is not None:
         f = SLOW_CALLS[method]
@@ -236,7 +236,7 @@ def measure(method, pair, x, xt, t, peers, args) -> dict:
     elif args.before != "none":
         with before_context(args.before):
             before = ours(method, pair, x, t, chunk)
-    after = ours(method, pair, x, t, chunk, "auto" if loops else None)
+    after = ours(method, pair, x, t, chunk, "host" if loops else None)
     targets = np.asarray(t)
     peer = peer_calls(method, pair, xt, targets, chunk, peers)
     for impl in peer.values():
@@ -377,7 +377,7 @@ def parse(argv):
         help="what 'before' is: lax's convolutions (no CPU rewrite), the rewrite with the plain tap sum's "
         "transpose as its gradient (before depthwise_taps' own rule), no before column (saves time), or "
         "(device-loop) Score-/Ablation-CAM jitted with chunk_loop='device' against 'after' called eagerly "
-        "(chunk_loop='auto': on a CPU the chunks run from Python), or (chained-relu6) Guided Backprop's "
+        "with chunk_loop='host' (the chunks from Python), or (chained-relu6) Guided Backprop's "
         "ReLU6 as the guided ReLU then min, as before _rules.guided_clipped_relu",
     )
     p.add_argument("--slow-repeats", type=int, default=1, help="timed rounds of Score-/Ablation-CAM")

@@ -9,9 +9,10 @@ memory is set by ``chunk`` alone and the model appears once in the compiled prog
 ``jit``). An explainer described as :class:`Stages` (a clean pass, one item, a finish) runs
 through :func:`run_chunked`: either in one jitted kernel with the chunks in a ``lax.map`` /
 ``lax.scan`` (:func:`run_on_device`), or from Python over one jitted chunk kernel
-(:func:`run_on_host`) — XLA:CPU runs a model inside a loop body 1.6-1.9x slower than the same
-program called once per chunk (jaxlib 0.10.2; ``benchmarks/bench_attribution.py --only scan``).
-:func:`host_chunks` makes the choice.
+(:func:`run_on_host`) — XLA:CPU runs a model's forward+backward inside a loop body 1.6-1.9x
+slower than the same program called once per chunk (jaxlib 0.10.2;
+``benchmarks/bench_attribution.py --only scan``), though not a forward pass alone (see
+:class:`Stages`). :func:`host_chunks` makes the choice.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def chunked_vmap(f: Callable, xs, per_step: int):
     return map_in_chunks(batch_fn, n, per_step)
 
 
-def host_chunks(chunk_loop: str, trees, calls: int, who: str) -> bool:
+def host_chunks(chunk_loop: str, trees, calls: int, who: str, auto_host: bool = True) -> bool:
     """Whether a chunked explainer runs its chunks from Python (``True``) or on the device.
 
-    ``chunk_loop="auto"``: from Python when there is more than one chunk, no leaf of ``trees``
-    (the model, the input, the target, ...) is a ``jax.core.Tracer`` (not under the caller's
-    ``jit`` / ``vmap`` / ``grad``) and every array is on a CPU device. ``"host"`` / ``"device"``
-    force either way (``"host"`` under a trace inlines every chunk).
+    ``chunk_loop="auto"``: from Python when ``auto_host``, there is more than one chunk, no leaf
+    of ``trees`` (the model, the input, the target, ...) is a ``jax.core.Tracer`` (not under the
+    caller's ``jit`` / ``vmap`` / ``grad``) and every array is on a CPU device. ``"host"`` /
+    ``"device"`` force either way (``"host"`` under a trace inlines every chunk).
     """
     if chunk_loop not in CHUNK_LOOPS:
         choices = ", ".join(map(repr, CHUNK_LOOPS))
@@ -106,7 +107,7 @@ def host_chunks(chunk_loop: str, trees, calls: int, who: str) -> bool:
         )
     if chunk_loop != "auto":
         return chunk_loop == "host"
-    if calls < 2:
+    if calls < 2 or not auto_host:
         return False
     leaves = jax.tree_util.tree_leaves(trees)
     if any(isinstance(v, jax.core.Tracer) for v in leaves):
@@ -125,7 +126,12 @@ class Stages:
     and options only). ``item(args, carry, i, options)``: item ``i`` (an int32 scalar; ``vmap``-ed
     over a chunk) — a pytree. ``finish(args, carry, out, options)``: the result from ``out``,
     the items stacked ``(n, ...)`` when ``weights`` is ``None``, else their weighted sum
-    ``sum_i weights(options)[i] * item_i``.
+    ``sum_i weights(options)[i] * item_i``. ``auto_host``: whether ``chunk_loop="auto"`` runs
+    the chunks from Python on a CPU. Measured on XLA:CPU (jaxlib 0.10.2, EfficientNet-Lite0,
+    96 px, batch 2, one thread), a loop body with a forward *and backward* pass runs slower than
+    the same chunk called from Python (Integrated Gradients: the host loop 1.27x faster), but a
+    forward-only body runs faster (Score-CAM, Ablation-CAM, occlusion: the host loop 0.81-0.88x):
+    the perturbation explainers set ``auto_host=False``.
     """
 
     start: Callable
@@ -133,6 +139,7 @@ class Stages:
     item: Callable
     finish: Callable
     weights: Callable | None = None
+    auto_host: bool = True
 
 
 def chunk_value(stages: Stages, args, carry, options, pos):
@@ -239,6 +246,6 @@ def run_chunked(
     """``kernel(*args, options=options)`` (the explainer's jitted kernel, which calls
     :func:`run_on_device`), or :func:`run_on_host` when :func:`host_chunks` says so for
     ``n_items`` items in chunks of ``per_step``."""
-    if host_chunks(chunk_loop, args, chunk_layout(n_items, per_step)[0], who):
+    if host_chunks(chunk_loop, args, chunk_layout(n_items, per_step)[0], who, stages.auto_host):
         return run_on_host(stages, args, options, per_step)
     return kernel(*args, options=options)

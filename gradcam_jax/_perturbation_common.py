@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._chunking import Stages, host_chunks, perturbations_per_step, run_chunked
-from ._grads import check_tap_target, tap_shapes
+from ._chunking import Stages, host_chunks, perturbations_per_step, run_on_host
+from ._grads import check_tap_target
 from ._maps import MapOptions, check_cam_input, check_images
 from ._smoothing import augmented_maps, check_aug_smooth
 from ._tap import Tap, as_tap
@@ -113,21 +113,16 @@ def perturbation_options(
 
 
 def run_perturbation(kernel, stages: Stages, args: tuple, options: PerturbationOptions, chunk_loop, who: str):
-    """``kernel(*args, options=options)`` or its chunks from Python (:func:`run_chunked`), one item
-    per channel of the tap's activation (times ``options.variant.n``; at most ``top_n``)."""
-    channels = tap_shapes(args[0], args[1])[1].shape[-1]
-    if options.top_n is not None:
-        channels = min(channels, options.top_n)
-    n_items = channels * (1 if options.variant is None else options.variant.n)
-    if options.aug and host_chunks(chunk_loop, (), n_items, who):
+    """``kernel(*args, options=options)``, or its chunks from Python with ``chunk_loop="host"``
+    (:func:`run_chunked`; these stages have ``auto_host=False``). ``aug_smooth`` ``vmap``-s the
+    whole computation over augmented copies, so its chunks always loop on the device."""
+    host = host_chunks(chunk_loop, args, 2, who, stages.auto_host)
+    if options.aug and host:
         raise ValueError(
             f"{who}: chunk_loop='host' does not combine with aug_smooth=True (the augmented copies are "
             f"vmap-ed around the whole computation, so its chunks loop on the device); pass 'auto'."
         )
-    loop = "device" if options.aug else chunk_loop
-    return run_chunked(
-        kernel, stages, args, options, n_items=n_items, per_step=options.per_step, chunk_loop=loop, who=who
-    )
+    return run_on_host(stages, args, options, options.per_step) if host else kernel(*args, options=options)
 
 
 def smoothed(body, tap: Tap, x, target, options, who: str):

@@ -2,7 +2,7 @@
 
 The occluded passes are ``vmap``-ed and run ``chunk_size`` images at a time, as in
 :mod:`gradcam_jax.perturbation` (a device loop under ``jit``, or on CPU one jitted chunk kernel
-called from Python); the masks are built inside each chunk.
+called from Python with ``chunk_loop="host"``); the masks are built inside each chunk.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def occlusion_finish(args, carry, scores, options: OcclusionOptions):
     return nan_where(jnp.isnan(y), safe_divide(total, count))  # count: windows covering each position
 
 
-OCCLUSION = Stages(occlusion_start, occlusion_count, occluded_score, occlusion_finish)
+OCCLUSION = Stages(occlusion_start, occlusion_count, occluded_score, occlusion_finish, auto_host=False)
 
 
 @kernel
@@ -209,9 +209,9 @@ def occlusion(
       baseline: the fill value: a number, or an array broadcastable to the image in its own
         layout (a blurred copy, a per-channel mean ``(C,)`` for channels-last).
       chunk_size: occluded images per step (rounded down to whole batches, at least one).
-      chunk_loop: as in :func:`gradcam_jax.score_cam`: ``"auto"`` (default) runs several chunks
-        from Python over one jitted chunk kernel on concrete CPU inputs, else in one
-        ``lax.map`` inside one jitted kernel; ``"host"`` / ``"device"`` force either way.
+      chunk_loop: as in :func:`gradcam_jax.score_cam`: ``"auto"`` (default) and ``"device"``
+        loop over the chunks in one ``lax.map`` inside one jitted kernel (faster on XLA:CPU for
+        these forward-only chunks); ``"host"`` from Python over one jitted chunk kernel.
 
     Returns:
       ``float32`` maps ``(B, *spatial)``, or ``(B, K, *spatial)`` for K targets per example.

@@ -12,8 +12,8 @@ the input or the activation is perturbed, not by gradients. Their cost is many f
 
 All the perturbed passes are ``vmap``-ed and run in chunks of about ``chunk_size`` perturbed
 inputs, so peak memory is set by ``chunk_size`` (and the batch), never by the number of
-channels or windows; the chunks loop in a ``lax.map`` inside one jitted kernel or, on concrete
-CPU inputs, from Python over one jitted chunk kernel (:func:`gradcam_jax._chunking.run_chunked`).
+channels or windows; the chunks loop in a ``lax.map`` inside one jitted kernel or, with
+``chunk_loop="host"``, from Python over one jitted chunk kernel (:mod:`gradcam_jax._chunking`).
 The masks are built inside each chunk from the layer-resolution activation, so no
 ``(C, B, H, W)`` tensor is ever materialised. The K targets of a ``(B, K)`` target share one
 set of perturbed passes (K selections of the same scores).
@@ -114,6 +114,7 @@ SCORE_CAM = Stages(
     lambda args, carry, o: carry[2].shape[-1] * (o.variant.n if o.variant else 1),
     masked_score,
     score_finish,
+    auto_host=False,  # forward-only chunks: "auto" keeps the device loop (see _chunking.Stages)
 )
 
 
@@ -176,12 +177,13 @@ def score_cam(
         unmasked input. K targets share the masked forwards.
       chunk_size: masked images per step (rounded down to whole batches, at least one batch).
         It changes speed and memory, not the result.
-      chunk_loop: how several chunks run: ``"auto"`` (default) runs them from Python over one
-        jitted chunk kernel (compiled once, dispatched asynchronously, the scores kept on the
-        device) when called on concrete arrays on a CPU device, and in one ``lax.map`` inside
-        one jitted kernel otherwise (under your ``jit`` / ``vmap``, on GPU / TPU, one chunk,
-        ``aug_smooth``): XLA:CPU runs a model's forward inside a loop body slower than the same
-        program called once per chunk. ``"host"`` / ``"device"`` force either way.
+      chunk_loop: how several chunks run: ``"auto"`` (default) and ``"device"``: in one
+        ``lax.map`` inside one jitted kernel; ``"host"``: from Python over one jitted chunk
+        kernel (compiled once, dispatched asynchronously, the scores kept on the device; not
+        with ``aug_smooth``). Unlike the gradient paths of
+        :func:`~gradcam_jax.integrated_gradients`, whose ``"auto"`` picks the host loop on a
+        CPU, these forward-only chunks ran 1.1-1.25x *faster* in the device loop on XLA:CPU
+        (jaxlib 0.10.2, EfficientNet-Lite0, 96 px; ``benchmarks/README.md``).
       top_n: keep, per example, only the ``top_n`` channels with the largest spatial standard
         deviation of ``A^k`` — the criterion of Faster Score-CAM (tabayashi0117), also
         tf-keras-vis's ``max_N``, which takes the union over the batch where this selects per
@@ -266,7 +268,7 @@ def ablation_finish(args, carry, ablated, options: PerturbationOptions):
 
 
 ABLATION_CAM = Stages(
-    ablation_start, lambda args, carry, o: carry[1].shape[-1], ablated_score, ablation_finish
+    ablation_start, lambda args, carry, o: carry[1].shape[-1], ablated_score, ablation_finish, auto_host=False
 )
 
 
@@ -323,8 +325,8 @@ def ablation_cam(
       x: the input batch (images ``(B, H, W, C)`` when ``upsample=True``).
       target: as in :func:`gradcam_jax.grad_cam`; K targets share the ablated passes.
       chunk_size: ablated examples per step (rounded down to whole batches, at least one).
-      chunk_loop: as in :func:`score_cam` (``"auto"``: on concrete CPU inputs the chunks of head
-        passes run from Python over one jitted chunk kernel).
+      chunk_loop: as in :func:`score_cam` (``"auto"``: the device loop; ``"host"``: the chunks
+        of head passes from Python over one jitted chunk kernel).
       compute_dtype: run the head passes (the reference ``y^c`` included) in this dtype (the
         activation and the tap's floating parameters are cast; see :func:`score_cam`).
       upsample, normalize, relu, interpolation, drop_tokens, grid, layout, input, aug_smooth,

@@ -1,7 +1,7 @@
 """The chunk loop of the perturbation explainers (``chunk_loop=``): from Python over one jitted
 chunk kernel ("host") or inside one jitted kernel ("device") — the same maps, the chunk kernel
-compiled once, "auto" choosing the device loop under a trace — and Score-CAM, Ablation-CAM and
-occlusion on the host loop against the formulas computed by hand in NumPy."""
+compiled once, "auto" choosing the host loop only for gradient chunks on concrete CPU inputs —
+and Score-CAM, Ablation-CAM and occlusion on the host loop against the formulas by hand in NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +62,11 @@ def test_the_host_loop_gives_the_device_loops_maps(name, monkeypatch):
     assert not calls
     host = np.asarray(RUNS[name]("host"))
     assert len(calls) == 3, calls
-    auto = np.asarray(RUNS[name]("auto"))  # concrete arrays on a CPU, 3 chunks: the host loop
-    assert len(calls) == 6, calls
+    auto = np.asarray(RUNS[name]("auto"))  # forward-only chunks: the device loop, even on a CPU
+    assert len(calls) == 3, calls
     assert host.shape == device.shape and np.isfinite(device).all()
     np.testing.assert_allclose(host, device, rtol=1e-5, atol=1e-5 * np.abs(device).max())
-    np.testing.assert_array_equal(auto, host)
+    np.testing.assert_array_equal(auto, device)
 
 
 def test_the_chunk_kernel_compiles_once_for_every_chunk(caplog, monkeypatch):
@@ -75,9 +75,9 @@ def test_the_chunk_kernel_compiles_once_for_every_chunk(caplog, monkeypatch):
     x = np.random.default_rng(2).normal(size=(3, 8, 8, 3)).astype(np.float32)
     calls = counted_chunks(monkeypatch)
     with compilations(caplog, "chunk_kernel") as chunks, compilations(caplog, "score_cam_kernel") as whole:
-        first = gcj.score_cam(TAP, x, 1, chunk_size=9)
+        first = gcj.score_cam(TAP, x, 1, chunk_size=9, chunk_loop="host")
     with compilations(caplog, "") as again:
-        second = gcj.score_cam(TAP, x, 1, chunk_size=9)
+        second = gcj.score_cam(TAP, x, 1, chunk_size=9, chunk_loop="host")
     assert len(calls) == 6 and len(chunks) == 1 and not whole, (calls, chunks, whole)
     assert not again, again
     np.testing.assert_array_equal(first, second)
@@ -93,10 +93,15 @@ def test_under_jit_auto_loops_on_the_device_and_host_still_works(monkeypatch):
     np.testing.assert_allclose(auto, device, rtol=1e-5, atol=1e-6)
 
 
-def test_one_chunk_runs_in_one_kernel(monkeypatch):
+def test_auto_runs_gradient_chunks_from_python_and_forward_chunks_on_the_device(monkeypatch):
     calls = counted_chunks(monkeypatch)
-    gcj.score_cam(TAP, X, 0)  # 8 channels x 2 images fit in the default chunk of 64
+    gcj.score_cam(TAP, X, 0, chunk_size=6)  # 3 chunks of masked forwards
+    gcj.occlusion(model, X, 1, window=3, stride=2, chunk_size=14)
     assert not calls
+    gcj.integrated_gradients(model, X, 0, steps=6, chunk_size=4)  # 3 chunks of forward+backward
+    assert len(calls) == 3
+    gcj.integrated_gradients(model, X, 0, steps=6, chunk_size=12)  # one chunk: one kernel
+    assert len(calls) == 3
 
 
 def test_bad_chunk_loops_are_refused_before_compiling():
@@ -138,7 +143,9 @@ def minmax(m):
 
 def test_score_cam_on_the_host_loop_is_the_formula(monkeypatch):
     calls = counted_chunks(monkeypatch)
-    got = gcj.score_cam(TOY_TAP, TOY_X, 2, chunk_size=1, normalize=False)  # one channel per chunk
+    got = gcj.score_cam(
+        TOY_TAP, TOY_X, 2, chunk_size=1, normalize=False, chunk_loop="host"
+    )  # 1 channel per chunk
     assert len(calls) == 2
     a = toy_features_np(TOY_X.astype(np.float64))[0]
     scores = np.array([toy_head_np(toy_features_np(TOY_X * minmax(a[..., k])[None, :, :, None]))[0, 2]
@@ -150,7 +157,7 @@ def test_score_cam_on_the_host_loop_is_the_formula(monkeypatch):
 
 def test_ablation_cam_on_the_host_loop_is_the_formula(monkeypatch):
     calls = counted_chunks(monkeypatch)
-    got = gcj.ablation_cam(TOY_TAP, TOY_X, 0, chunk_size=1, normalize=False, relu=False)
+    got = gcj.ablation_cam(TOY_TAP, TOY_X, 0, chunk_size=1, normalize=False, relu=False, chunk_loop="host")
     assert len(calls) == 2
     a = toy_features_np(TOY_X.astype(np.float64))
     y = toy_head_np(a)[0, 0]
@@ -162,7 +169,7 @@ def test_ablation_cam_on_the_host_loop_is_the_formula(monkeypatch):
 
 def test_occlusion_on_the_host_loop_is_the_mean_drop(monkeypatch):
     calls = counted_chunks(monkeypatch)
-    got = gcj.occlusion(TOY_TAP, TOY_X, 1, window=2, stride=2, baseline=0.5, chunk_size=1)
+    got = gcj.occlusion(TOY_TAP, TOY_X, 1, window=2, stride=2, baseline=0.5, chunk_size=1, chunk_loop="host")
     assert len(calls) == 4  # 2 x 2 windows, one per chunk
     y = toy_head_np(toy_features_np(TOY_X.astype(np.float64)))[0, 1]
     expected = np.zeros((4, 4))

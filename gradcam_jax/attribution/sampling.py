@@ -1,9 +1,9 @@
 """Sampling attributions: RISE (random masks) and KernelSHAP (coalitions of superpixels).
 
 Both run many perturbed forward passes; as for Score-CAM they run ``chunk_size`` perturbed
-images at a time (:func:`gradcam_jax._chunking.run_chunked`: a device loop under ``jit``, or
-on CPU one jitted chunk kernel called from Python), so memory is set by the chunk and the
-model is compiled once. The masks and coalitions are drawn on the
+images at a time (:func:`gradcam_jax._chunking.run_chunked`: a device loop, or with
+``chunk_loop="host"`` one jitted chunk kernel called from Python), so memory is set by the
+chunk and the model is compiled once. The masks and coalitions are drawn on the
 device from an explicit key.
 """
 
@@ -90,6 +90,7 @@ RISE = Stages(
     rise_item,
     rise_finish,
     lambda o: np.full(o.n_masks, 1.0 / (o.n_masks * o.p)),
+    auto_host=False,  # forward-only chunks: "auto" keeps the device loop (see _chunking.Stages)
 )
 
 
@@ -126,9 +127,9 @@ def rise(
       key: a ``jax.random`` key (mask ``i`` is drawn from ``fold_in(key, i)``).
       n_masks, cell, p: the number of masks, the grid size, the probability a cell is kept.
       chunk_size: masked images per step (rounded down to whole batches, at least one mask).
-      chunk_loop: as in :func:`gradcam_jax.integrated_gradients`: ``"auto"`` (default) runs
-        several chunks from Python over one jitted chunk kernel on concrete CPU inputs, else in
-        a loop inside one jitted kernel; ``"host"`` / ``"device"`` force either way.
+      chunk_loop: as in :func:`gradcam_jax.score_cam`: ``"auto"`` (default) and ``"device"``
+        loop over the chunks inside one jitted kernel (faster on XLA:CPU for forward-only
+        chunks); ``"host"`` from Python over one jitted chunk kernel.
 
     Returns:
       ``float32`` maps ``(B, H, W)``, or ``(B, K, H, W)`` for K targets.
@@ -216,7 +217,7 @@ def shap_finish(args, carry, scores, options: ShapOptions):
     return nan_where(jnp.isnan(carry[1]), maps)
 
 
-SHAP = Stages(shap_start, lambda args, carry, o: args[5].shape[0], shap_item, shap_finish)
+SHAP = Stages(shap_start, lambda args, carry, o: args[5].shape[0], shap_item, shap_finish, auto_host=False)
 
 
 @kernel
