@@ -7,7 +7,9 @@ under :func:`rule_set` (``GUIDED_RULES`` / ``DECONV_RULES``: a rule for ``max`` 
 ReLU — ``jax.nn.relu``, ``jax.nn.relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0, c)``,
 ``lax.clamp(0, x, c)`` — replaced by a :class:`Rule`'s ``custom_vjp`` ReLU, inside nested
 ``jit``, ``custom_jvp``/``custom_vjp`` functions, ``remat``, ``scan``, ``while`` and ``cond``
-as well. ``jax.nn`` is never patched and the model is never edited.
+as well. ``jax.nn`` is never patched and the model is never edited. A clipped ReLU
+(``min(relu(x), c)``, ``clamp(0, x, c)``) becomes the rule's ``clipped`` function when it has
+one: Guided Backprop's :func:`guided_clipped_relu`, one mask kept from the forward pass.
 
 Only rectifiers of activations are ReLUs (:mod:`._relu_sites` finds them): the clamp of a
 variance at zero inside ``LayerNorm`` / ``GroupNorm`` / ``BatchNorm`` (``max(0, var)``) is a
@@ -111,14 +113,21 @@ _straight_through_min.defvjp(lambda y, c: (jnp.minimum(y, c), c), lambda c, g: (
 
 
 def stored_for_backward(mask):
-    """``mask`` (booleans) written by the forward pass for the backward pass to read, on CPU.
+    """``mask`` written by the forward pass for the backward pass to read (on CPU; elsewhere ``mask``).
 
-    XLA:CPU fuses elementwise producers into every consumer, duplicating them, and drops
-    ``lax.optimization_barrier`` before fusion. So the backward pass of a ReLU6 after a
-    depthwise tap sum (:mod:`gradcam_jax.models._depthwise`) recomputed that whole sum, twice,
-    to rebuild the mask. XLA:CPU does not fuse a reduction over a major dimension with anything,
-    so ``any`` over ``stack([mask, False])`` is the mask, written once (one byte an element)
-    where it is computed and read back by the backward pass. Other platforms get ``mask``.
+    XLA:CPU fuses elementwise producers into every consumer, duplicating them, and removes
+    ``lax.optimization_barrier`` before fusion. A backward pass that needs the mask of a ReLU6
+    after a depthwise tap sum (:mod:`gradcam_jax.models._depthwise`) therefore recomputed the
+    whole tap sum inside its own fusions: each stride-2 tap sum of EfficientNet-Lite0's Guided
+    Backprop was computed four times. XLA:CPU fuses nothing into or out of a reduction over a
+    major axis, so ``any(stack([mask, False]), axis=0)``, which equals ``mask``, is computed once
+    where the mask is, written (one byte an element) and read back by the backward pass.
+
+    Args:
+      mask: a boolean array of any shape.
+
+    Returns:
+      ``mask``, the same values and shape.
     """
 
     def cpu(m):
@@ -131,10 +140,22 @@ def stored_for_backward(mask):
 def guided_clipped_relu(x, c):
     """``clip(x, 0, c)`` whose backward pass is Guided Backprop's: ``g * (0 < x < c) * (g > 0)``.
 
-    One rule with one mask, for the ReLU6 ``min(max(x, 0), c)`` that would otherwise chain
-    :func:`guided_relu` and ``min``'s own gradient (which splits ``g`` in half where
-    ``x == c`` exactly; here that point, like ``x == 0``, passes nothing). The mask is kept
-    from the forward pass (:func:`stored_for_backward`). ``c`` gets a zero gradient.
+    One rule with one mask for the clipped ReLU ``min(max(x, 0), c)`` (ReLU6 for ``c = 6``),
+    which would otherwise chain :func:`guided_relu` and ``min``'s own gradient. ``min`` splits
+    ``g`` in half where ``x == c`` exactly; here that point, like ``x == 0``, passes nothing.
+    The mask is kept from the forward pass (:func:`stored_for_backward`). Guided Backprop:
+    Springenberg et al., ICLR 2015 workshop, https://arxiv.org/abs/1412.6806.
+
+    Args:
+      x: the pre-activation, any shape.
+      c: the upper clip, broadcastable to ``x`` (its gradient is zero).
+
+    Returns:
+      ``clip(x, 0, c)``, shaped like ``x``.
+
+    >>> x = jnp.array([-1.0, 0.0, 3.0, 6.0, 8.0])
+    >>> jax.grad(lambda x: jnp.sum(guided_clipped_relu(x, jnp.float32(6)) * jnp.array([1, 1, 1, 1, -1.0])))(x)
+    Array([0., 0., 1., 0., 0.], dtype=float32)
     """
     return jnp.minimum(jnp.maximum(x, jnp.zeros((), x.dtype)), c)
 
