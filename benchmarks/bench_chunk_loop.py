@@ -40,10 +40,9 @@ def explain(method, args, loop, tap, variables, x, t):
         return gcj.score_cam(tap, x, t, top_n=args.top_n, **kw)
     if method == "ablation_cam":
         return gcj.ablation_cam(tap, x, t, **kw)
-    module = args.module  # static: the Flax module (its weights are ``variables``)
-
-    def model(v):
-        return module.apply(variables, v)
+    # A partial, not a closure: the explainers see its weights as leaves (a closure's would be
+    # baked into the eager calls' programs as constants, unlike the jitted call's).
+    model = functools.partial(args.module.apply, variables)
 
     if method == "occlusion":
         return gcj.occlusion(model, x, t, window=16, stride=8, **kw)

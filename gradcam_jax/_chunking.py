@@ -130,7 +130,8 @@ class Stages:
     the chunks from Python on a CPU. Measured on XLA:CPU (jaxlib 0.10.2, EfficientNet-Lite0,
     96 px, batch 2, one thread), a loop body with a forward *and backward* pass runs slower than
     the same chunk called from Python (Integrated Gradients: the host loop 1.27x faster), but a
-    forward-only body runs faster (Score-CAM, Ablation-CAM, occlusion: the host loop 0.81-0.88x):
+    forward-only body runs faster (Score-CAM, Ablation-CAM, occlusion, RISE: the host loop at
+    0.78-0.96x the device loop's speed; ``benchmarks/README.md``, "The chunk loop of Score-CAM"):
     the perturbation explainers set ``auto_host=False``.
     """
 

@@ -269,25 +269,23 @@ def _min_rule(rule: Rule):
         if rule.clipped is not None:
             x = relu_outs[eqn.invars[0 if relu_out(0) else 1]]
             return [rule.clipped(jnp.broadcast_to(x, aval.shape), c)]
-        return [
-            rule.clip(
-                jnp.broadcast_to(y, aval.shape), jnp.broadcast_to(jnp.asarray(c, aval.dtype), aval.shape)
-            )
-        ]
+        return [rule.clip(jnp.broadcast_to(y, aval.shape), jnp.broadcast_to(c, aval.shape))]
 
     return min_rule
 
 
 def _clamp_rule(rule: Rule):
-    """``clamp(0, x, c)``: the rule's ReLU, then its clip."""
+    """``clamp(0, x, c)``: the rule's ReLU, then its clip; ``clipped(x, c)`` when ``c`` is a
+    constant (a traced bound, a learned clip say, keeps its own gradient through the clip)."""
 
     def clamp_rule(frame: Frame, eqn, invals):
-        if relu_operand(eqn, *frame.state.read(eqn)) is None:
+        ins, kinds = frame.state.read(eqn)
+        if relu_operand(eqn, ins, kinds) is None:
             return None
         _, x, hi = invals
         aval = _out_aval(eqn)
         frame.ctx.n += 1
-        if rule.clipped is not None:
+        if rule.clipped is not None and ins[2] is not None:
             return [rule.clipped(jnp.broadcast_to(x, aval.shape), jnp.asarray(hi, aval.dtype))]
         return [
             rule.clip(

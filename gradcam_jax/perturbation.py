@@ -182,8 +182,8 @@ def score_cam(
         kernel (compiled once, dispatched asynchronously, the scores kept on the device; not
         with ``aug_smooth``). Unlike the gradient paths of
         :func:`~gradcam_jax.integrated_gradients`, whose ``"auto"`` picks the host loop on a
-        CPU, these forward-only chunks ran 1.1-1.25x *faster* in the device loop on XLA:CPU
-        (jaxlib 0.10.2, EfficientNet-Lite0, 96 px; ``benchmarks/README.md``).
+        CPU, these forward-only chunks ran faster in the device loop on XLA:CPU (the host loop at
+        0.78-0.96x its speed; :class:`~gradcam_jax._chunking.Stages`).
       top_n: keep, per example, only the ``top_n`` channels with the largest spatial standard
         deviation of ``A^k`` — the criterion of Faster Score-CAM (tabayashi0117), also
         tf-keras-vis's ``max_N``, which takes the union over the batch where this selects per

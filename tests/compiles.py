@@ -1,9 +1,12 @@
-"""Counting XLA compilations in tests, from JAX's own log (``jax.log_compiles``)."""
+"""Counting in tests: XLA compilations, from JAX's own log (``jax.log_compiles``), and the calls
+of the host chunk loop's chunk kernel."""
 
 import contextlib
 import logging
 
 import jax
+
+from gradcam_jax import _chunking as chunking
 
 
 @contextlib.contextmanager
@@ -19,3 +22,17 @@ def compilations(caplog, name):
             for m in (r.getMessage() for r in caplog.records[start:])
             if m.startswith(f"Compiling jit({name})")
         )
+
+
+def counted_chunks(monkeypatch):
+    """A list that gets, per call of the host loop's chunk kernel (``_chunking.chunk_kernel``),
+    the :class:`~gradcam_jax._chunking.Stages` it ran."""
+    calls: list = []
+    chunk = chunking.chunk_kernel
+
+    def counted(*a, **k):
+        calls.append(k["plan"].stages)
+        return chunk(*a, **k)
+
+    monkeypatch.setattr(chunking, "chunk_kernel", counted)
+    return calls

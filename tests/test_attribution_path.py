@@ -8,7 +8,7 @@ import nets
 import numpy as np
 import pytest
 import torch
-from compiles import compilations
+from compiles import compilations, counted_chunks
 
 import gradcam_jax as gcj
 import gradcam_jax._chunking as chunking
@@ -36,19 +36,6 @@ def nchw(a):
 
 def nhwc(t):
     return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def counted_chunks(monkeypatch, stages):
-    """The calls of the host loop's chunk kernel (``_chunking.chunk_kernel``) for ``stages``."""
-    calls = []
-    chunk = chunking.chunk_kernel
-
-    def counted(*a, **k):
-        calls.append(k["plan"].stages is stages)
-        return chunk(*a, **k)
-
-    monkeypatch.setattr(chunking, "chunk_kernel", counted)
-    return calls
 
 
 def close(got, expected, tol=1e-4):
@@ -91,13 +78,13 @@ def test_the_host_loop_compiles_one_chunk_kernel_for_every_chunk(caplog, monkeyp
     # 9 steps in chunks of 2 (the last one padded): 5 calls of one compiled chunk kernel, no scan
     baseline = 0.2 * np.ones_like(X)
     expected, delta = captum_ig("riemann_trapezoid", baseline, steps=9)
-    calls = counted_chunks(monkeypatch, path.PATH)
+    calls = counted_chunks(monkeypatch)
     with compilations(caplog, "chunk_kernel") as chunks, compilations(caplog, "path_kernel") as scans:
         got, got_delta = gcj.integrated_gradients(
             jax_net, X, T, baseline=baseline, steps=9, method="riemann_trapezoid", return_delta=True,
             chunk_size=4,
         )  # fmt: skip
-    assert calls == [True] * 5 and len(chunks) == 1 and not scans, (calls, chunks, scans)
+    assert calls == [path.PATH] * 5 and len(chunks) == 1 and not scans, (calls, chunks, scans)
     close(got, expected)
     check_delta(got_delta, delta)
 
@@ -148,11 +135,11 @@ def test_expected_gradients_matches_gradient_shap_with_the_same_draws(monkeypatc
     s, stdev = 4, 0.2
     baselines = np.random.default_rng(5).normal(size=(3, 8, 8, 3)).astype(np.float32)
     key = jax.random.key(7)
-    calls = counted_chunks(monkeypatch, path.SAMPLED)
+    calls = counted_chunks(monkeypatch)
     got = gcj.expected_gradients(
         jax_net, X, T, baselines=baselines, key=key, n_samples=s, stdev=stdev, chunk_size=chunk_size
     )
-    assert calls == ([] if chunk_size is None else [True] * 4)
+    assert calls == ([] if chunk_size is None else [path.SAMPLED] * 4)
     idx, alpha, noise = (
         np.asarray(v) for v in gradient_shap_draws(key, 2, s, 3, X.shape[1:], stdev, X.dtype)
     )
@@ -177,12 +164,12 @@ def _captum_noise(monkeypatch, key, n, stdev):
 def test_noise_tunnel_over_saliency_matches_captum(monkeypatch, kind):
     # two chunks (2 + 1 padded) of noisy copies: run from Python over one chunk kernel on this CPU
     key, n, stdev = jax.random.key(1), 3, 0.3
-    calls = counted_chunks(monkeypatch, tunnel.NOISE)
+    calls = counted_chunks(monkeypatch)
     got = gcj.noise_tunnel(
         gcj.gradients, jax_net, X, T, key=key, n_samples=n, stdev=stdev, relative=False, kind=kind,
         chunk_size=2,
     )  # fmt: skip
-    assert calls == [True, True]
+    assert calls == [tunnel.NOISE] * 2
     _captum_noise(monkeypatch, key, n, stdev)
     nt = captum_attr.NoiseTunnel(captum_attr.Saliency(TORCH_NET))
     expected = nt.attribute(
@@ -225,10 +212,10 @@ def test_smooth_grad_is_the_noise_tunnel():
 
 def test_blur_ig_host_loop_is_the_scan(monkeypatch):
     # PAIR's parity for blur_ig (tests/test_attribution_pair.py, 3 chunks) runs the host loop
-    calls = counted_chunks(monkeypatch, pair_paths.BLUR)
+    calls = counted_chunks(monkeypatch)
     host = gcj.blur_ig(jax_net, X, T, max_sigma=4, steps=5, chunk_size=4)
     scan = gcj.blur_ig(jax_net, X, T, max_sigma=4, steps=5, chunk_size=4, chunk_loop="device")
-    assert calls == [True] * 3
+    assert calls == [pair_paths.BLUR] * 3
     close(host, scan, 1e-5)
 
 

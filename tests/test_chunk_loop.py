@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import nets
 import numpy as np
 import pytest
-from compiles import compilations
+from compiles import compilations, counted_chunks
 
 import gradcam_jax as gcj
 import gradcam_jax._chunking as chunking
@@ -21,19 +21,6 @@ TAP = gcj.split_tap(FEATURES, HEAD)
 
 def model(x):
     return HEAD(FEATURES(x))
-
-
-def counted_chunks(monkeypatch):
-    """How many times the host loop's chunk kernel runs."""
-    calls = []
-    chunk = chunking.chunk_kernel
-
-    def counted(*a, **k):
-        calls.append(1)
-        return chunk(*a, **k)
-
-    monkeypatch.setattr(chunking, "chunk_kernel", counted)
-    return calls
 
 
 # Each runs in 3 chunks, the last one padded: 8 channels 3 at a time (chunk_size 6 for a batch of
@@ -86,8 +73,10 @@ def test_under_jit_auto_loops_on_the_device_and_host_still_works(monkeypatch):
     host = jax.jit(lambda x: gcj.ablation_cam(TAP, x, 1, chunk_size=6, chunk_loop="host"))(X)
     np.testing.assert_allclose(host, expected, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(chunking, "run_on_host", lambda *a: pytest.fail("the host loop ran under jit"))
-    auto = jax.jit(lambda x: gcj.occlusion(model, x, 1, window=3, stride=2, chunk_size=14))(X)
-    device = gcj.occlusion(model, X, 1, window=3, stride=2, chunk_size=14, chunk_loop="device")
+    # Integrated Gradients' "auto" takes the host loop on concrete CPU inputs (3 chunks here), and
+    # the device loop under the caller's jit.
+    auto = jax.jit(lambda x: gcj.integrated_gradients(model, x, 0, steps=6, chunk_size=4))(X)
+    device = gcj.integrated_gradients(model, X, 0, steps=6, chunk_size=4, chunk_loop="device")
     np.testing.assert_allclose(auto, device, rtol=1e-5, atol=1e-6)
 
 

@@ -104,6 +104,22 @@ def test_every_clipped_relu_gets_the_one_mask_rule(act, c):
     np.testing.assert_array_equal(np.asarray(got), w * ((x > 0) & (x < c)) * (w > 0))
 
 
+@pytest.mark.parametrize(
+    "clipped",
+    [lambda x, h: jax.lax.clamp(0.0, x, h), lambda x, h: jnp.minimum(jnp.maximum(x, 0.0), h)],
+    ids=["clamp", "min_max"],
+)
+def test_a_traced_clip_bound_keeps_its_gradient(clipped):
+    # A learned upper bound h: d/dh sum(w * clip(x, 0, h)) = sum of w where x > h, by NumPy,
+    # through the guided rewrite too (only a constant bound takes guided_clipped_relu).
+    x = np.array([-1.0, 0.5, 2.0, 5.0, 8.0], np.float32)
+    w = np.array([1.0, 2.0, 3.0, 4.0, -5.0], np.float32)
+    h = jnp.float32(3.0)
+    loss = lambda x, h: jnp.sum(jnp.asarray(w) * clipped(x, h))  # noqa: E731
+    dh = jax.grad(gcj.guided(loss), argnums=1)(jnp.asarray(x), h)
+    assert float(dh) == float(w[x > 3.0].sum())
+
+
 def test_exported_relus_have_the_rules():
     x = jnp.array([-1.0, 2.0, 3.0, -4.0])
     g = jnp.array([1.0, 1.0, -1.0, -1.0])

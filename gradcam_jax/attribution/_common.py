@@ -15,11 +15,14 @@ import numpy as np
 
 from .._grads import check_fn_target
 from .._inputs import check_image_array, leaf_index, with_leaf
-from .._targets import TargetSpec, batch_size, fixed_top, pull_back, select_scores, target_spec
+from .._tap import scores_fn
+from .._targets import TargetSpec, batch_size, fixed_top, nan_where, pull_back, select_scores, target_spec
 
 __all__ = [
     "gate",
     "clean_target",
+    "clean_start",
+    "nan_finish",
     "explained_grads",
     "targets_second",
     "per_target",
@@ -54,6 +57,19 @@ def clean_target(call: Callable, x, target: TargetSpec) -> tuple[TargetSpec, jax
     clean = call(x)
     spec = fixed_top(target, clean)
     return spec, select_scores(spec, clean)
+
+
+def clean_start(args, options) -> tuple[TargetSpec, jax.Array]:
+    """The ``start`` of a chunked attribution (:class:`~gradcam_jax._chunking.Stages`) whose
+    arguments begin ``(fn, x, target, ...)``: :func:`clean_target` of ``fn``'s scores."""
+    fn, x, target = args[:3]
+    return clean_target(scores_fn(fn.fn), x, target)
+
+
+def nan_finish(args, carry, total, options):
+    """The ``finish`` that returns the chunks' sum, NaN where the target is missing (the carry of
+    :func:`clean_start` holds NaN clean scores there)."""
+    return nan_where(jnp.isnan(carry[1]), total)
 
 
 def targets_second(grads, selected):

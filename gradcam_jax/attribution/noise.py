@@ -144,6 +144,8 @@ def noise_tunnel(
       chunk_loop: as in :func:`~gradcam_jax.integrated_gradients`: ``"auto"`` runs several
         chunks from Python over one jitted chunk kernel on concrete CPU inputs (XLA:CPU runs a
         ``lax.scan`` body slower), else in one ``lax.scan``; ``"host"`` / ``"device"`` force it.
+        ``"auto"`` does not look inside ``explainer``: for a forward-only one (Score-CAM,
+        occlusion), whose chunks ran faster in the device loop, pass ``chunk_loop="device"``.
       explainer_options: passed to ``explainer`` (``upsample=False``, ``steps=16``, ...).
 
     Returns:

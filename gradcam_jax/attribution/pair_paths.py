@@ -26,6 +26,7 @@ from ._blur import apply_blur, blur_matrices
 from ._common import (
     check_baseline_shape,
     check_positive_int,
+    clean_start,
     clean_target,
     explained_grads,
     gate,
@@ -68,16 +69,13 @@ def blur_point(args, carry, i, options: BlurOptions):
     return per_target(from_channels_last(dblur, layout), y) * g
 
 
-def blur_start(args, options: BlurOptions):
-    fn, x, target, _, _ = args
-    return clean_target(scores_fn(fn.fn), x, target)
-
-
 def blur_finish(args, carry, total, options: BlurOptions):
     return nan_where(jnp.isnan(carry[1]), -total)
 
 
-BLUR = Stages(blur_start, lambda args, carry, o: len(o.weights), blur_point, blur_finish, lambda o: o.weights)
+BLUR = Stages(
+    clean_start, lambda args, carry, o: len(o.weights), blur_point, blur_finish, lambda o: o.weights
+)
 
 
 @kernel

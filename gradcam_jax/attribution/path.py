@@ -32,9 +32,11 @@ from ._common import (
     check_baseline_shape,
     check_key,
     check_positive_int,
+    clean_start,
     clean_target,
     explained_grads,
     gate,
+    nan_finish,
     per_target,
     steps_per_chunk,
 )
@@ -280,11 +282,6 @@ class SampledPathOptions:
     leaf: int = 0
 
 
-def sampled_start(args, options: SampledPathOptions):
-    fn, x, target, _, _ = args
-    return clean_target(scores_fn(fn.fn), x, target)
-
-
 def sampled_point(args, carry, i, options: SampledPathOptions):
     """Draw ``i`` of every example: ``(x + n - r) * grad y^c(r + a (x + n - r))``."""
     fn, x, _, baselines, (idx, alpha, noise) = args
@@ -297,15 +294,11 @@ def sampled_point(args, carry, i, options: SampledPathOptions):
     return per_target(noisy - ref, y) * g
 
 
-def sampled_finish(args, carry, total, options: SampledPathOptions):
-    return nan_where(jnp.isnan(carry[1]), total)
-
-
 SAMPLED = Stages(
-    sampled_start,
+    clean_start,
     lambda args, carry, o: o.n_samples,
     sampled_point,
-    sampled_finish,
+    nan_finish,
     lambda o: np.full(o.n_samples, 1.0 / o.n_samples),
 )
 

@@ -25,7 +25,7 @@ from .._layout import to_channels_last
 from .._maps import MapOptions, check_images, kernel
 from .._tap import scores_fn
 from .._targets import Target, TargetSpec, batch_size, nan_where, select_scores, target_spec
-from ._common import check_baseline_shape, check_key, check_positive_int, clean_target
+from ._common import check_baseline_shape, check_key, check_positive_int, clean_start, nan_finish
 
 __all__ = [
     "RiseOptions",
@@ -65,11 +65,6 @@ def rise_mask(key, size: tuple[int, ...], cell: int, p: float):
     return jax.lax.dynamic_slice(up, (dy, dx), (h, w))
 
 
-def rise_start(args, options: RiseOptions):
-    fn, x, target, _ = args
-    return clean_target(scores_fn(fn.fn), x, target)
-
-
 def rise_item(args, carry, i, options: RiseOptions):
     """Mask ``i``, weighted by the score of the image it masks: ``y^c(x * M_i) M_i``."""
     fn, x, _, key = args
@@ -80,15 +75,11 @@ def rise_item(args, carry, i, options: RiseOptions):
     return score.astype(jnp.float32)[..., None, None] * mask
 
 
-def rise_finish(args, carry, total, options: RiseOptions):
-    return nan_where(jnp.isnan(carry[1]), total)
-
-
 RISE = Stages(
-    rise_start,
+    clean_start,
     lambda args, carry, o: o.n_masks,
     rise_item,
-    rise_finish,
+    nan_finish,
     lambda o: np.full(o.n_masks, 1.0 / (o.n_masks * o.p)),
     auto_host=False,  # forward-only chunks: "auto" keeps the device loop (see _chunking.Stages)
 )
@@ -189,10 +180,6 @@ class ShapOptions:
     maps: MapOptions = MapOptions()
 
 
-def shap_start(args, options: ShapOptions):
-    return clean_target(scores_fn(args[0].fn), args[1], args[2])
-
-
 def shap_item(args, carry, i, options: ShapOptions):
     """The scores with coalition ``i``: its segments kept, the others set to the baseline."""
     fn, x, _, segments, baseline, coalitions, _ = args
@@ -217,7 +204,7 @@ def shap_finish(args, carry, scores, options: ShapOptions):
     return nan_where(jnp.isnan(carry[1]), maps)
 
 
-SHAP = Stages(shap_start, lambda args, carry, o: args[5].shape[0], shap_item, shap_finish, auto_host=False)
+SHAP = Stages(clean_start, lambda args, carry, o: args[5].shape[0], shap_item, shap_finish, auto_host=False)
 
 
 @kernel
