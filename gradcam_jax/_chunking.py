@@ -128,11 +128,12 @@ class Stages:
     the items stacked ``(n, ...)`` when ``weights`` is ``None``, else their weighted sum
     ``sum_i weights(options)[i] * item_i``. ``auto_host``: whether ``chunk_loop="auto"`` runs
     the chunks from Python on a CPU. Measured on XLA:CPU (jaxlib 0.10.2, EfficientNet-Lite0,
-    96 px, batch 2, one thread), a loop body with a forward *and backward* pass runs slower than
-    the same chunk called from Python (Integrated Gradients: the host loop 1.27x faster), but a
-    forward-only body runs faster (Score-CAM, Ablation-CAM, occlusion, RISE: the host loop at
-    0.78-0.96x the device loop's speed; ``benchmarks/README.md``, "The chunk loop of Score-CAM"):
-    the perturbation explainers set ``auto_host=False``.
+    96 px, batch 2, one thread), a loop body with a forward *and backward* pass runs no faster
+    than the same chunk called from Python, and much slower on large programs (Integrated
+    Gradients on ResNet-50, 224 px, batch 8: 0.98x the floor's throughput from Python, 0.57x in
+    a ``lax.scan``), but a forward-only body runs faster (Score-CAM, Ablation-CAM, occlusion,
+    RISE: the host loop at 0.78-0.96x the device loop's speed; ``benchmarks/README.md``, "The
+    chunk loop of Score-CAM"): the perturbation explainers set ``auto_host=False``.
     """
 
     start: Callable
