@@ -162,10 +162,16 @@ def add(total, part):
 
 
 def run_on_device(stages: Stages, args, options, per_step: int):
-    """The stages traced into the caller's kernel, the chunks in one ``lax.map`` (items) or
-    ``lax.scan`` (a weighted sum) — or inline for one chunk."""
+    """The stages traced into the caller's kernel, the chunks in one ``lax.map`` (items, through
+    :func:`map_in_chunks`) or ``lax.scan`` (a weighted sum) — or inline for one chunk."""
     carry = stages.start(args, options)
     n = stages.count(args, carry, options)
+    if stages.weights is None:
+
+        def items(idx):
+            return jax.vmap(lambda i: stages.item(args, carry, i, options))(idx)
+
+        return stages.finish(args, carry, map_in_chunks(items, n, per_step), options)
     calls, per = chunk_layout(n, per_step)
     pos = jnp.arange(calls * per, dtype=jnp.int32).reshape(calls, per)
 
@@ -174,14 +180,9 @@ def run_on_device(stages: Stages, args, options, per_step: int):
 
     if calls == 1:
         out = part(pos[0])
-    elif stages.weights is None:
-        out = jax.lax.map(part, pos)
-        out = jax.tree_util.tree_map(lambda y: y.reshape((calls * per,) + y.shape[2:]), out)
     else:
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(part, pos[0]))
         out = jax.lax.scan(lambda t, p: (add(t, part(p)), None), zeros, pos)[0]
-    if stages.weights is None:
-        out = jax.tree_util.tree_map(lambda y: y[:n], out)
     return stages.finish(args, carry, out, options)
 
 
