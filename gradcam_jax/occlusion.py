@@ -244,8 +244,7 @@ def occlusion(
     check_fn_target(fn, x, spec, "occlusion")
     options = OcclusionOptions(win, step, perturbations_per_step(chunk_size, batch), maps)
     args = (as_pytree(fn), x, spec, _check_baseline(baseline, image_leaf(x, view)))
-    n_items = int(np.prod([len(window_starts(*a)) for a in zip(sizes, win, step, strict=True)]))
     return run_chunked(
-        occlusion_kernel, OCCLUSION, args, options, n_items=n_items, per_step=options.per_step,
-        chunk_loop=chunk_loop, who="occlusion",
+        occlusion_kernel, OCCLUSION, args, options, n_items=occlusion_count(args, None, options),
+        per_step=options.per_step, chunk_loop=chunk_loop, who="occlusion",
     )  # fmt: skip
